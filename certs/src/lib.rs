@@ -1,0 +1,27 @@
+//! Identities and certificates for meshbox.
+//!
+//! This crate owns everything cryptographic that the control plane and the
+//! dataplane share: SPIFFE identities (`spiffe://td/ns/N/sa/S`), the
+//! certificate authority that signs workload certificates (self-made root, or a
+//! user-supplied `cacerts` CA), CSR validation and generation, PEM handling, and
+//! the rustls configurations that authenticate peers by SPIFFE identity.
+//!
+//! It does no I/O except reading and writing the CA's own files, and knows
+//! nothing about who is *allowed* a certificate: authorization is the caller's
+//! job (the control plane's CA service).
+
+pub mod ca;
+pub mod csr;
+pub mod pem;
+pub mod spiffe;
+pub mod tls;
+
+pub use ca::{CaError, CertificateAuthority, IssuedCertificate};
+pub use csr::{CsrError, ValidatedCsr, WorkloadKey};
+pub use spiffe::{SpiffeId, SpiffeIdError};
+
+/// Installs ring as rustls' process-wide crypto provider if none is set yet.
+/// Every binary calls this once at start-up; calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
