@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, PublicKeyData, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::CertificateDer;
@@ -181,7 +181,14 @@ impl CertificateAuthority {
         let root = single_cert(cert_pem.as_bytes(), Path::new(ROOT_CERT_FILE))?;
         let key = KeyPair::from_pem(key_pem)
             .map_err(|e| CaError::Invalid(format!("{ROOT_KEY_FILE}: {e}")))?;
-        Self::assemble(root.clone(), key, vec![], vec![root], CaSource::SelfSigned, policy)
+        Self::assemble(
+            root.clone(),
+            key,
+            vec![],
+            vec![root],
+            CaSource::SelfSigned,
+            policy,
+        )
     }
 
     /// A user-supplied CA in Istio's `cacerts` layout: `ca-cert.pem` and
@@ -205,7 +212,14 @@ impl CertificateAuthority {
             .into_iter()
             .filter(|c| c != &signing && !roots.contains(c))
             .collect();
-        Self::assemble(signing, key, intermediates, roots, CaSource::Plugged, policy)
+        Self::assemble(
+            signing,
+            key,
+            intermediates,
+            roots,
+            CaSource::Plugged,
+            policy,
+        )
     }
 
     fn assemble(
@@ -232,7 +246,9 @@ impl CertificateAuthority {
         }
         let signing_not_after = parsed.validity().not_after.to_datetime();
         if signing_not_after <= OffsetDateTime::now_utc() {
-            return Err(CaError::Invalid("the signing certificate has expired".into()));
+            return Err(CaError::Invalid(
+                "the signing certificate has expired".into(),
+            ));
         }
         // The path signing -> intermediates -> one of the roots must verify,
         // or every leaf we hand out would be useless.
@@ -528,8 +544,8 @@ mod tests {
         let (ca, _, _) = CertificateAuthority::create_root(policy()).unwrap();
         let key = WorkloadKey::generate().unwrap();
         let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
-        let csr = ValidatedCsr::from_pem(key.csr_pem(&id).unwrap().as_bytes(), "cluster.local")
-            .unwrap();
+        let csr =
+            ValidatedCsr::from_pem(key.csr_pem(&id).unwrap().as_bytes(), "cluster.local").unwrap();
         let issued = ca.sign(&csr, Some(Duration::from_secs(3600))).unwrap();
         assert_eq!(issued.chain_der.len(), 2, "leaf + root");
         let cert = leaf(&issued);
@@ -570,7 +586,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.join(ROOT_KEY_FILE)).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.join(ROOT_KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "root key must not be readable by others");
         }
         fs::remove_dir_all(&dir).unwrap();
@@ -590,7 +609,11 @@ mod tests {
         fs::create_dir_all(dir).unwrap();
         fs::write(dir.join(CA_CERT_FILE), inter.pem()).unwrap();
         fs::write(dir.join(CA_KEY_FILE), key.serialize_pem()).unwrap();
-        fs::write(dir.join(CERT_CHAIN_FILE), format!("{}{}", inter.pem(), root_pem)).unwrap();
+        fs::write(
+            dir.join(CERT_CHAIN_FILE),
+            format!("{}{}", inter.pem(), root_pem),
+        )
+        .unwrap();
         fs::write(dir.join(ROOT_CERT_FILE), &root_pem).unwrap();
         root_pem
     }
@@ -611,8 +634,12 @@ mod tests {
             .iter()
             .map(|c| X509Certificate::from_der(c).unwrap().1)
             .collect();
-        parsed[0].verify_signature(Some(parsed[1].public_key())).unwrap();
-        parsed[1].verify_signature(Some(parsed[2].public_key())).unwrap();
+        parsed[0]
+            .verify_signature(Some(parsed[1].public_key()))
+            .unwrap();
+        parsed[1]
+            .verify_signature(Some(parsed[2].public_key()))
+            .unwrap();
 
         // A key that does not belong to ca-cert.pem is refused at load time.
         let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

@@ -52,7 +52,8 @@ pub struct ValidatedCsr {
 impl ValidatedCsr {
     /// Parses and checks a PEM CSR for `trust_domain`.
     pub fn from_pem(pem: &[u8], trust_domain: &str) -> Result<Self, CsrError> {
-        let der = CertificateSigningRequestDer::from_pem_slice(pem).map_err(|_| CsrError::NotPem)?;
+        let der =
+            CertificateSigningRequestDer::from_pem_slice(pem).map_err(|_| CsrError::NotPem)?;
         Self::from_der(der.as_ref(), trust_domain)
     }
 
@@ -198,7 +199,9 @@ mod tests {
     #[test]
     fn refuses_foreign_trust_domain() {
         let key = WorkloadKey::generate().unwrap();
-        let pem = key.csr_pem(&id("spiffe://evil.example/ns/default/sa/web")).unwrap();
+        let pem = key
+            .csr_pem(&id("spiffe://evil.example/ns/default/sa/web"))
+            .unwrap();
         assert!(matches!(
             ValidatedCsr::from_pem(pem.as_bytes(), "cluster.local"),
             Err(CsrError::ForeignTrustDomain { .. })
@@ -211,7 +214,8 @@ mod tests {
             ValidatedCsr::from_pem(b"hello", "cluster.local").unwrap_err(),
             CsrError::NotPem
         );
-        let not_a_csr = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
+        let not_a_csr =
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
         assert!(matches!(
             ValidatedCsr::from_pem(not_a_csr.as_bytes(), "cluster.local"),
             Err(CsrError::NotCsr(_))

@@ -28,7 +28,9 @@ pub enum SpiffeIdError {
     TrustDomain(String),
     #[error("path must be /ns/<namespace>/sa/<service account>, got {0:?}")]
     Path(String),
-    #[error("invalid {what} {value:?}: use letters, digits, '.', '-' and '_' (at most {MAX_SEGMENT_LEN})")]
+    #[error(
+        "invalid {what} {value:?}: use letters, digits, '.', '-' and '_' (at most {MAX_SEGMENT_LEN})"
+    )]
     Segment { what: &'static str, value: String },
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use x509_parser::extensions::GeneralName;
@@ -189,7 +189,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
         match spiffe_id_of(end_entity) {
-            Some(id) if id.trust_domain() == self.trust_domain => Ok(ClientCertVerified::assertion()),
+            Some(id) if id.trust_domain() == self.trust_domain => {
+                Ok(ClientCertVerified::assertion())
+            }
             Some(id) => Err(rustls::Error::General(format!(
                 "client identity {id} is outside trust domain {}",
                 self.trust_domain
@@ -307,7 +309,10 @@ mod tests {
         }
     }
 
-    fn identity(ca: &CertificateAuthority, id: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    fn identity(
+        ca: &CertificateAuthority,
+        id: &str,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = WorkloadKey::generate().unwrap();
         let issued = ca.sign_for_key(&id.parse().unwrap(), &key, None).unwrap();
         (issued.chain_der, key.private_key_der())
@@ -321,8 +326,13 @@ mod tests {
         let (server_chain, server_key) = identity(&ca, "spiffe://cluster.local/ns/a/sa/server");
         let (client_chain, client_key) = identity(&ca, "spiffe://cluster.local/ns/b/sa/client");
         let server = || {
-            workload_server_config(server_chain.clone(), server_key.clone_key(), &roots, "cluster.local")
-                .unwrap()
+            workload_server_config(
+                server_chain.clone(),
+                server_key.clone_key(),
+                &roots,
+                "cluster.local",
+            )
+            .unwrap()
         };
 
         let good = workload_client_config(
@@ -349,8 +359,10 @@ mod tests {
         assert!(handshake(wrong_expectation, server()).is_err());
 
         // A client from another CA is refused by the server.
-        let (other_ca, _, _) = CertificateAuthority::create_root(CaPolicy::new("cluster.local")).unwrap();
-        let (foreign_chain, foreign_key) = identity(&other_ca, "spiffe://cluster.local/ns/b/sa/client");
+        let (other_ca, _, _) =
+            CertificateAuthority::create_root(CaPolicy::new("cluster.local")).unwrap();
+        let (foreign_chain, foreign_key) =
+            identity(&other_ca, "spiffe://cluster.local/ns/b/sa/client");
         let foreign = workload_client_config(
             foreign_chain,
             foreign_key,

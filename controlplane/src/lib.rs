@@ -1,1 +1,20 @@
+//! The meshbox control plane (a "mini istiod").
+//!
+//! It turns what users declare (Kubernetes objects from a cluster, or the same
+//! YAML from a folder) into the state each node proxy needs, and serves it:
+//! - [`ca`]: the certificate authority service (Istio's `CreateCertificate`
+//!   over gRPC, and `POST /api/v1/certificates` for curl);
+//! - [`auth`]: bearer tokens, minted locally or checked with TokenReview;
+//! - [`api`]: the REST API on 15014;
+//! - [`serving`]: the TLS listeners and their self-renewing certificate;
+//! - [`run`]: wiring all of it together for `controlplane run`.
+//!
+//! Everything cryptographic lives in the `meshbox-certs` crate; this crate
+//! decides *who* gets *what*.
 
+pub mod api;
+pub mod auth;
+pub mod ca;
+pub mod metrics;
+pub mod run;
+pub mod serving;

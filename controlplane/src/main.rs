@@ -1,1 +1,93 @@
-fn main(){}
+//! `controlplane`: run the meshbox control plane, or mint a token for it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meshbox_controlplane::auth::local::LocalTokens;
+use meshbox_controlplane::ca::parse_ttl;
+use meshbox_controlplane::run::{RunConfig, run};
+
+#[derive(Parser)]
+#[command(name = "controlplane", version, about = "The meshbox control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: CA and xDS on 15012, REST API on 15014.
+    Run(Box<RunConfig>),
+    /// Print a bearer token this control plane accepts (standalone mode).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("subject").required(true))]
+struct TokenArgs {
+    /// The control plane's state directory (holds the token signing key).
+    #[arg(long, env = "MESHBOX_STATE_DIR")]
+    state_dir: PathBuf,
+    /// A token for one workload: it may get certificates for this identity only.
+    #[arg(long, group = "subject")]
+    identity: Option<String>,
+    /// A token for a node proxy: it may get certificates for pods on this node.
+    #[arg(long, group = "subject")]
+    node: Option<String>,
+    /// How long the token is valid (s, m, h or d).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    ttl: Duration,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    parse_ttl(raw)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(config) => {
+            init_tracing(&config.log_format);
+            meshbox_certs::install_crypto_provider();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(run(*config))
+        }
+        Command::Token(args) => {
+            let tokens = LocalTokens::load_or_create(&args.state_dir, &args.trust_domain)
+                .context("loading the token signing key")?;
+            let token = match (&args.identity, &args.node) {
+                (Some(identity), _) => {
+                    let id = identity
+                        .parse()
+                        .with_context(|| format!("--identity {identity:?}"))?;
+                    tokens.mint_for_identity(&id, args.ttl)?
+                }
+                (None, Some(node)) => tokens.mint_for_node(node, args.ttl)?,
+                (None, None) => anyhow::bail!("give --identity or --node"),
+            };
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

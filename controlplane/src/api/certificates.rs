@@ -1,0 +1,152 @@
+//! `GET /api/v1/ca/root`, `POST /api/v1/certificates`, `GET /api/v1/certificates`.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, ApiState};
+use crate::ca::{IssueRequest, MAX_CSR_BYTES, parse_ttl};
+
+const PEM_CONTENT_TYPE: &str = "application/x-pem-file";
+/// Most audit entries one response returns.
+const MAX_AUDIT_ENTRIES: usize = 1000;
+
+pub async fn root(State(state): State<ApiState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, PEM_CONTENT_TYPE)],
+        state.issuer.ca().roots_pem(),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub struct IssueParams {
+    ttl: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IssuedJson {
+    identity: String,
+    serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    not_before: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    not_after: time::OffsetDateTime,
+    cert_chain: Vec<String>,
+}
+
+pub async fn issue(
+    State(state): State<ApiState>,
+    params: Result<Query<IssueParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    // The body is read before anything else is checked, and an oversized one is
+    // drained (up to a bound): answering before the upload ends makes HTTP/2
+    // clients such as curl report a stream error instead of our JSON.
+    let csr = read_bounded(body).await?;
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let json = match params.format.as_deref() {
+        None | Some("pem") => false,
+        Some("json") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown format {other:?}: use pem or json"
+            )));
+        }
+    };
+    let ttl = params
+        .ttl
+        .as_deref()
+        .map(parse_ttl)
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    if ttl.is_some_and(|t| t.is_zero()) {
+        return Err(ApiError::bad_request(
+            "ttl must be positive, e.g. ?ttl=3600s",
+        ));
+    }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or_default());
+    let caller = state.auth.authenticate_header(authorization).await?;
+
+    let issued = state.issuer.issue(
+        &caller,
+        IssueRequest {
+            csr_pem: &csr,
+            ttl,
+            impersonate: None,
+            via: "rest",
+        },
+    )?;
+    if json {
+        Ok(Json(IssuedJson {
+            identity: issued.subject,
+            serial: issued.serial,
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            cert_chain: issued.chain_pem,
+        })
+        .into_response())
+    } else {
+        Ok((
+            [
+                (header::CONTENT_TYPE, PEM_CONTENT_TYPE.to_owned()),
+                (
+                    header::HeaderName::from_static("x-certificate-not-after"),
+                    issued
+                        .not_after
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default(),
+                ),
+            ],
+            issued.chain_pem.concat(),
+        )
+            .into_response())
+    }
+}
+
+#[derive(Serialize)]
+struct RecentJson {
+    certificates: Vec<crate::ca::audit::AuditEntry>,
+}
+
+pub async fn recent(State(state): State<ApiState>) -> impl IntoResponse {
+    Json(RecentJson {
+        certificates: state.issuer.audit().recent(MAX_AUDIT_ENTRIES),
+    })
+}
+
+/// Most bytes of an oversized body we read and throw away before answering 413.
+const MAX_DRAIN_BYTES: usize = 1024 * 1024;
+
+/// Reads at most [`MAX_CSR_BYTES`]; a larger body is a 413.
+async fn read_bounded(mut body: Body) -> Result<bytes::Bytes, ApiError> {
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen <= MAX_CSR_BYTES {
+                buf.extend_from_slice(&data);
+            } else if seen > MAX_DRAIN_BYTES {
+                break;
+            }
+        }
+    }
+    if seen > MAX_CSR_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the CSR must be at most 64 KiB ({MAX_CSR_BYTES} bytes)"),
+        ));
+    }
+    Ok(buf.freeze())
+}

@@ -1,0 +1,73 @@
+//! The REST API on port 15014: certificates with curl, and (as the model
+//! grows) inspection of what the control plane serves. JSON everywhere
+//! except the PEM endpoints; errors are `{"error": code, "message": text}`.
+
+mod certificates;
+mod error;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::auth::Authenticator;
+use crate::ca::CertificateIssuer;
+use crate::metrics::Metrics;
+pub use error::ApiError;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub issuer: Arc<CertificateIssuer>,
+    pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+    /// True once every source has delivered its first state.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The OpenAPI document, kept beside the code it describes.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/v1/ca/root", get(certificates::root))
+        .route(
+            "/api/v1/certificates",
+            get(certificates::recent).post(certificates::issue),
+        )
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /api/openapi.json") })
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<ApiState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (axum::http::StatusCode::OK, "ready\n")
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first state from every source\n",
+        )
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON)
+}

@@ -1,0 +1,257 @@
+//! `controlplane run`: loads the CA, picks the mode (standalone from a
+//! manifest folder, or Kubernetes), and starts the listeners.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use meshbox_certs::ca::{CaPolicy, CertificateAuthority};
+use tokio::net::TcpListener;
+
+use crate::api::{self, ApiState};
+use crate::auth::Authenticator;
+use crate::auth::local::LocalTokens;
+use crate::auth::token_review::TokenReviewer;
+use crate::ca::grpc::CaGrpc;
+use crate::ca::{CertificateIssuer, NodeRoster, RateLimit, parse_ttl};
+use crate::metrics::Metrics;
+use crate::serving::{ServingCertificate, ServingNames, serve_plain, serve_tls};
+
+fn duration(raw: &str) -> Result<Duration, String> {
+    parse_ttl(raw)
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunConfig {
+    /// Standalone mode: read Kubernetes YAML from this folder instead of a
+    /// cluster, and watch it for changes.
+    #[arg(long, env = "MESHBOX_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// Where the root CA and the token key are kept.
+    #[arg(long, env = "MESHBOX_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// A user-supplied CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem, root-cert.pem). Default: STATE_DIR/cacerts if present.
+    #[arg(long)]
+    pub cacerts_dir: Option<PathBuf>,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// xDS and CA over TLS.
+    #[arg(long, default_value = "[::]:15012")]
+    pub grpc_addr: SocketAddr,
+    /// REST API, metrics and health over HTTPS.
+    #[arg(long, default_value = "[::]:15014")]
+    pub rest_addr: SocketAddr,
+    /// xDS and CA without TLS, for development only (Istio uses 15010).
+    #[arg(long)]
+    pub xds_plaintext_addr: Option<SocketAddr>,
+    /// An extra DNS name or IP for the serving certificate (repeatable).
+    #[arg(long = "server-san")]
+    pub server_sans: Vec<String>,
+    /// Lifetime of a workload certificate when the request names none.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub default_cert_ttl: Duration,
+    /// Longest workload certificate lifetime; longer requests are capped.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub max_cert_ttl: Duration,
+    /// Lifetime of the control plane's own serving certificate (renewed at half).
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    pub serving_cert_ttl: Duration,
+    /// Certificate requests per second allowed to one caller.
+    #[arg(long, default_value_t = 100)]
+    pub ca_rate_limit: u32,
+    /// Requests one caller may make in a burst above the rate.
+    #[arg(long, default_value_t = 200)]
+    pub ca_rate_burst: u32,
+    /// Issuances kept for GET /api/v1/certificates.
+    #[arg(long, default_value_t = 1000)]
+    pub audit_log_size: usize,
+    /// The control plane's own namespace (Kubernetes mode).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "meshbox-system")]
+    pub namespace: String,
+    /// The control plane's Service name, for the serving certificate.
+    #[arg(long, default_value = "meshbox-controlplane")]
+    pub service_name: String,
+    /// Service accounts (namespace/name) of node proxies, which may ask for
+    /// the identities of pods on their node (Kubernetes mode).
+    #[arg(
+        long = "node-proxy-service-account",
+        default_values = ["meshbox-system/meshbox-dataplane", "istio-system/ztunnel"]
+    )]
+    pub node_proxy_service_accounts: Vec<String>,
+    /// Audiences a service-account token must carry (Kubernetes mode).
+    #[arg(long = "token-audience", default_values = ["istio-ca"])]
+    pub token_audiences: Vec<String>,
+    /// `text` or `json` logs.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
+}
+
+/// A roster that knows no pods: node tokens get nothing until a source of
+/// pods is wired.
+struct NoPods;
+
+impl NodeRoster for NoPods {
+    fn has_identity_on_node(&self, _node: &str, _identity: &meshbox_certs::SpiffeId) -> bool {
+        false
+    }
+}
+
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    meshbox_certs::spiffe::check_trust_domain(&config.trust_domain).context("--trust-domain")?;
+    if config.max_cert_ttl.is_zero() || config.default_cert_ttl.is_zero() {
+        bail!("--max-cert-ttl and --default-cert-ttl must be positive");
+    }
+
+    let kube_client = match &config.config_dir {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--config-dir {}: not a directory", dir.display());
+            }
+            None
+        }
+        None => Some(connect_to_cluster().await?),
+    };
+
+    let policy = CaPolicy {
+        trust_domain: config.trust_domain.clone(),
+        default_ttl: config.default_cert_ttl,
+        max_ttl: config.max_cert_ttl,
+    };
+    let cacerts = config
+        .cacerts_dir
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join("cacerts"));
+    let ca = Arc::new(
+        CertificateAuthority::load_or_create(&config.state_dir, Some(&cacerts), policy)
+            .context("loading the CA")?,
+    );
+    tracing::info!(source = ?ca.source(), trust_domain = %config.trust_domain, "CA ready");
+
+    let auth = Arc::new(match &kube_client {
+        None => Authenticator::Local(
+            LocalTokens::load_or_create(&config.state_dir, &config.trust_domain)
+                .context("loading the token signing key")?,
+        ),
+        Some(client) => Authenticator::Kubernetes(Box::new(TokenReviewer::new(
+            client.clone(),
+            &config.trust_domain,
+            config.token_audiences.clone(),
+            config.node_proxy_service_accounts.clone(),
+        ))),
+    });
+
+    let roster: Arc<dyn NodeRoster> = Arc::new(NoPods);
+    let metrics = Metrics::new();
+    let issuer = Arc::new(CertificateIssuer::new(
+        ca.clone(),
+        roster,
+        RateLimit {
+            per_second: config.ca_rate_limit,
+            burst: config.ca_rate_burst,
+        },
+        config.audit_log_size,
+        metrics.ca.clone(),
+    ));
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let names = ServingNames::new(&config.service_name, &config.namespace, &config.server_sans);
+    let serving = ServingCertificate::start(ca.clone(), names, config.serving_cert_ttl)
+        .context("issuing the serving certificate")?;
+
+    let grpc_routes = tonic::service::Routes::new(CaGrpc::server(issuer.clone(), auth.clone()));
+    let grpc_app = grpc_routes.into_axum_router();
+    let rest_app = api::router(ApiState {
+        issuer: issuer.clone(),
+        auth: auth.clone(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    });
+
+    let grpc_listener = bind(config.grpc_addr).await?;
+    let rest_listener = bind(config.rest_addr).await?;
+    let grpc_tls = serving.server_config(ca.roots(), &config.trust_domain, &[b"h2"])?;
+    let rest_tls =
+        serving.server_config(ca.roots(), &config.trust_domain, &[b"h2", b"http/1.1"])?;
+    tracing::info!(addr = %grpc_listener.local_addr()?, "serving xDS and CA (gRPC over TLS)");
+    tracing::info!(addr = %rest_listener.local_addr()?, "serving the REST API (HTTPS)");
+    tokio::spawn(serve_tls(grpc_listener, grpc_tls, grpc_app.clone()));
+    tokio::spawn(serve_tls(rest_listener, rest_tls, rest_app));
+    if let Some(addr) = config.xds_plaintext_addr {
+        let listener = bind(addr).await?;
+        tracing::warn!(addr = %listener.local_addr()?, "serving xDS and CA WITHOUT TLS (development only)");
+        tokio::spawn(serve_plain(listener, grpc_app));
+    }
+
+    let housekeeping = issuer.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            housekeeping.forget_idle_callers();
+        }
+    });
+
+    ready.store(true, Ordering::Release);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+/// Kubernetes mode needs a reachable API server; say how to run without one.
+async fn connect_to_cluster() -> anyhow::Result<kube::Client> {
+    const HOW: &str = "no --config-dir was given, so the control plane runs in Kubernetes mode, \
+        but no Kubernetes cluster is reachable. To run standalone, point it at a folder of \
+        Kubernetes YAML: controlplane run --config-dir examples/bookinfo --state-dir STATE_DIR";
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => bail!("{HOW}\n(cause: {e})"),
+    };
+    match tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await {
+        Ok(Ok(version)) => {
+            tracing::info!(version = %version.git_version, "connected to Kubernetes");
+            Ok(client)
+        }
+        Ok(Err(e)) => bail!("{HOW}\n(cause: {e})"),
+        Err(_) => bail!("{HOW}\n(cause: the API server did not answer within 5s)"),
+    }
+}
+
+/// Binds `addr`; an IPv6 wildcard falls back to IPv4 where IPv6 is off.
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::debug!(error = %e, "IPv6 unavailable; listening on IPv4 only");
+            TcpListener::bind(v4)
+                .await
+                .with_context(|| format!("binding {v4}"))
+        }
+        Err(e) => Err(e).with_context(|| format!("binding {addr}")),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
