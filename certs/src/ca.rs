@@ -196,15 +196,44 @@ impl CertificateAuthority {
     /// the root, `root-cert.pem` holds the trusted root(s).
     pub fn from_cacerts(dir: &Path, policy: CaPolicy) -> Result<Self, CaError> {
         let path = |f: &str| dir.join(f);
-        let signing = single_cert(read(&path(CA_CERT_FILE))?.as_bytes(), &path(CA_CERT_FILE))?;
-        let key_pem = read(&path(CA_KEY_FILE))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| CaError::Invalid(format!("{}: {e}", path(CA_KEY_FILE).display())))?;
-        let roots = certs_in(&path(ROOT_CERT_FILE))?;
         let chain = if path(CERT_CHAIN_FILE).exists() {
-            certs_in(&path(CERT_CHAIN_FILE))?
+            read(&path(CERT_CHAIN_FILE))?
         } else {
+            String::new()
+        };
+        Self::from_cacerts_pem(
+            &read(&path(CA_CERT_FILE))?,
+            &read(&path(CA_KEY_FILE))?,
+            &chain,
+            &read(&path(ROOT_CERT_FILE))?,
+            policy,
+        )
+    }
+
+    /// [`from_cacerts`](Self::from_cacerts) from the four files' contents
+    /// (e.g. the keys of a Kubernetes Secret); `cert_chain` may be empty.
+    pub fn from_cacerts_pem(
+        ca_cert: &str,
+        ca_key: &str,
+        cert_chain: &str,
+        root_cert: &str,
+        policy: CaPolicy,
+    ) -> Result<Self, CaError> {
+        let signing = single_cert(ca_cert.as_bytes(), Path::new(CA_CERT_FILE))?;
+        let key = KeyPair::from_pem(ca_key)
+            .map_err(|e| CaError::Invalid(format!("{CA_KEY_FILE}: {e}")))?;
+        let roots =
+            pem::parse_certificates(root_cert.as_bytes()).map_err(|source| CaError::Pem {
+                path: ROOT_CERT_FILE.into(),
+                source,
+            })?;
+        let chain = if cert_chain.trim().is_empty() {
             vec![]
+        } else {
+            pem::parse_certificates(cert_chain.as_bytes()).map_err(|source| CaError::Pem {
+                path: CERT_CHAIN_FILE.into(),
+                source,
+            })?
         };
         // cert-chain.pem may or may not start with ca-cert.pem and end with
         // the root; keep only the certificates strictly between the two.
@@ -436,13 +465,6 @@ fn random_serial(rng: &SystemRandom) -> Result<SerialNumber, CaError> {
 
 fn read(path: &Path) -> Result<String, CaError> {
     fs::read_to_string(path).map_err(|source| CaError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn certs_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    pem::parse_certificates(read(path)?.as_bytes()).map_err(|source| CaError::Pem {
         path: path.to_owned(),
         source,
     })

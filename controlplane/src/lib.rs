@@ -2,6 +2,12 @@
 //!
 //! It turns what users declare (Kubernetes objects from a cluster, or the same
 //! YAML from a folder) into the state each node proxy needs, and serves it:
+//! - [`model`]: the mesh model, a pure index from Kubernetes objects ([`k8s`]
+//!   holds the CRD types) to Istio's workload-API resources;
+//! - [`source`]: what feeds the model (a manifest folder or Kubernetes
+//!   watchers), through the shared [`store`];
+//! - [`cluster`]: what the control plane keeps in the cluster (its CA
+//!   Secret, the root-certificate ConfigMaps);
 //! - [`ca`]: the certificate authority service (Istio's `CreateCertificate`
 //!   over gRPC, and `POST /api/v1/certificates` for curl);
 //! - [`auth`]: bearer tokens, minted locally or checked with TokenReview;
@@ -15,6 +21,11 @@
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod cluster;
+pub mod k8s;
 pub mod metrics;
+pub mod model;
 pub mod run;
 pub mod serving;
+pub mod source;
+pub mod store;

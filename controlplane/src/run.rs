@@ -17,8 +17,12 @@ use crate::auth::local::LocalTokens;
 use crate::auth::token_review::TokenReviewer;
 use crate::ca::grpc::CaGrpc;
 use crate::ca::{CertificateIssuer, NodeRoster, RateLimit, parse_ttl};
+use crate::cluster;
 use crate::metrics::Metrics;
+use crate::model::MeshConfig;
 use crate::serving::{ServingCertificate, ServingNames, serve_plain, serve_tls};
+use crate::source::{self, manifests::ManifestFolder};
+use crate::store::MeshStore;
 
 fn duration(raw: &str) -> Result<Duration, String> {
     parse_ttl(raw)
@@ -85,19 +89,18 @@ pub struct RunConfig {
     /// Audiences a service-account token must carry (Kubernetes mode).
     #[arg(long = "token-audience", default_values = ["istio-ca"])]
     pub token_audiences: Vec<String>,
+    /// Cluster name, used in workload uids (`{cluster}//Pod/{ns}/{name}`).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// DNS suffix of Service hostnames.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Namespace whose selector-less AuthorizationPolicies apply mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    pub root_namespace: String,
     /// `text` or `json` logs.
     #[arg(long, default_value = "text")]
     pub log_format: String,
-}
-
-/// A roster that knows no pods: node tokens get nothing until a source of
-/// pods is wired.
-struct NoPods;
-
-impl NodeRoster for NoPods {
-    fn has_identity_on_node(&self, _node: &str, _identity: &meshbox_certs::SpiffeId) -> bool {
-        false
-    }
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -125,10 +128,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .cacerts_dir
         .clone()
         .unwrap_or_else(|| config.state_dir.join("cacerts"));
-    let ca = Arc::new(
-        CertificateAuthority::load_or_create(&config.state_dir, Some(&cacerts), policy)
+    let ca = Arc::new(match &kube_client {
+        None => CertificateAuthority::load_or_create(&config.state_dir, Some(&cacerts), policy)
             .context("loading the CA")?,
-    );
+        Some(client) => cluster::load_or_create_ca(client.clone(), &config.namespace, policy)
+            .await
+            .context("loading the CA from the cluster")?,
+    });
     tracing::info!(source = ?ca.source(), trust_domain = %config.trust_domain, "CA ready");
 
     let auth = Arc::new(match &kube_client {
@@ -144,7 +150,31 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ))),
     });
 
-    let roster: Arc<dyn NodeRoster> = Arc::new(NoPods);
+    let store = MeshStore::new(MeshConfig {
+        cluster_id: config.cluster_id.clone(),
+        trust_domain: config.trust_domain.clone(),
+        cluster_domain: config.cluster_domain.clone(),
+        root_namespace: config.root_namespace.clone(),
+        network: String::new(),
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    match (&config.config_dir, &kube_client) {
+        (Some(dir), _) => {
+            source::run_manifests(ManifestFolder::new(dir), store.clone(), ready.clone()).await?;
+        }
+        (None, Some(client)) => {
+            let sync = source::kubernetes::start(client.clone(), store.clone());
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                sync.wait().await;
+                ready.store(true, Ordering::Release);
+                tracing::info!("every Kubernetes watcher has listed once; ready");
+            });
+            cluster::publish_root_configmaps(client.clone(), ca.roots_pem());
+        }
+        (None, None) => unreachable!("Kubernetes mode always has a client"),
+    }
+    let roster: Arc<dyn NodeRoster> = store.clone();
     let metrics = Metrics::new();
     let issuer = Arc::new(CertificateIssuer::new(
         ca.clone(),
@@ -156,8 +186,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.audit_log_size,
         metrics.ca.clone(),
     ));
-    let ready = Arc::new(AtomicBool::new(false));
-
     let names = ServingNames::new(&config.service_name, &config.namespace, &config.server_sans);
     let serving = ServingCertificate::start(ca.clone(), names, config.serving_cert_ttl)
         .context("issuing the serving certificate")?;
@@ -169,6 +197,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         auth: auth.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        store: store.clone(),
     });
 
     let grpc_listener = bind(config.grpc_addr).await?;
@@ -195,7 +224,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     });
 
-    ready.store(true, Ordering::Release);
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())

@@ -4,6 +4,7 @@
 
 mod certificates;
 mod error;
+mod mesh;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,7 @@ use axum::routing::get;
 use crate::auth::Authenticator;
 use crate::ca::CertificateIssuer;
 use crate::metrics::Metrics;
+use crate::store::MeshStore;
 pub use error::ApiError;
 
 /// Everything the handlers share.
@@ -27,6 +29,7 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// True once every source has delivered its first state.
     pub ready: Arc<AtomicBool>,
+    pub store: Arc<MeshStore>,
 }
 
 /// The OpenAPI document, kept beside the code it describes.
@@ -43,6 +46,19 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/certificates",
             get(certificates::recent).post(certificates::issue),
         )
+        .route("/api/v1/workloads", get(mesh::list_workloads))
+        .route(
+            "/api/v1/workloads/{namespace}/{name}",
+            get(mesh::get_workload),
+        )
+        .route("/api/v1/services", get(mesh::list_services))
+        .route(
+            "/api/v1/services/{namespace}/{name}",
+            get(mesh::get_service),
+        )
+        .route("/api/v1/policies", get(mesh::list_policies))
+        .route("/api/v1/waypoints", get(mesh::list_waypoints))
+        .route("/api/v1/status", get(mesh::status))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/openapi.json") })
         .with_state(state)
 }

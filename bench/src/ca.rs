@@ -1,0 +1,383 @@
+//! CA issuance: certificates per second through the real control plane's
+//! gRPC `CreateCertificate` (TLS, token check, CSR validation, signing) with
+//! concurrent clients, next to raw ECDSA P-256 signing with the same crypto
+//! library (ring) on the same cores in the same run.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use meshbox_certs::{SpiffeId, WorkloadKey};
+use meshbox_proto::ca::IstioCertificateRequest;
+use meshbox_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+use crate::report::Section;
+
+#[derive(clap::Args)]
+pub struct CaArgs {
+    /// Concurrent gRPC clients (each with its own connection).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Seconds each throughput phase runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Issuances before the second memory reading (the audit log is bounded,
+    /// so memory must not grow with this).
+    #[arg(long, default_value_t = 100_000)]
+    memory_issuances: u64,
+}
+
+const IDENTITY: &str = "spiffe://cluster.local/ns/bench/sa/client";
+
+struct ControlPlane {
+    child: Child,
+    grpc: SocketAddr,
+    state: PathBuf,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first with `cargo build --release -p meshbox-controlplane`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn start_control_plane() -> anyhow::Result<ControlPlane> {
+    let bin = sibling_binary("controlplane")?;
+    let state = std::env::temp_dir().join(format!("meshbox-bench-ca-{}", std::process::id()));
+    let config = state.join("config");
+    std::fs::create_dir_all(&config)?;
+    let mut child = Command::new(&bin)
+        .args([
+            "run",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--rest-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--ca-rate-limit",
+            "1000000000",
+            "--ca-rate-burst",
+            "1000000000",
+        ])
+        .arg("--config-dir")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("RUST_LOG", "warn,meshbox_controlplane::run=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting controlplane")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let grpc = loop {
+        let Some(Ok(line)) = lines.next() else {
+            bail!("controlplane exited before serving");
+        };
+        if line.contains("serving xDS and CA (gRPC over TLS)")
+            && let Some(addr) = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|a| a.split_whitespace().next())
+        {
+            break addr.parse()?;
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok(ControlPlane { child, grpc, state })
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Raw ECDSA P-256 signatures per second on `threads` threads.
+fn raw_sign_rate(threads: usize, duration: Duration) -> f64 {
+    let rng = SystemRandom::new();
+    let Ok(pkcs8) = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng) else {
+        return 0.0;
+    };
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (count, stop, pkcs8) = (count.clone(), stop.clone(), pkcs8.as_ref().to_vec());
+            std::thread::spawn(move || {
+                let rng = SystemRandom::new();
+                let Ok(key) =
+                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng)
+                else {
+                    return;
+                };
+                let message = [7u8; 512]; // about the size of a leaf's TBS
+                while !stop.load(Ordering::Relaxed) {
+                    if key.sign(&rng, &message).is_ok() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// In-process issuances per second on `threads` threads: CSR parsing and
+/// signature check plus signing, with no transport, token or bookkeeping.
+fn in_process_issue_rate(threads: usize, csrs: Arc<Vec<String>>, duration: Duration) -> f64 {
+    let Ok((ca, _, _)) = meshbox_certs::ca::CertificateAuthority::create_root(
+        meshbox_certs::ca::CaPolicy::new("cluster.local"),
+    ) else {
+        return 0.0;
+    };
+    let ca = Arc::new(ca);
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (ca, count, stop, csrs) = (ca.clone(), count.clone(), stop.clone(), csrs.clone());
+            std::thread::spawn(move || {
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    let csr = &csrs[i % csrs.len()];
+                    i += threads;
+                    let issued =
+                        meshbox_certs::ValidatedCsr::from_pem(csr.as_bytes(), "cluster.local")
+                            .ok()
+                            .and_then(|v| ca.sign(&v, Some(Duration::from_secs(3600))).ok());
+                    if issued.is_some() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn connect(
+    grpc: SocketAddr,
+    root: &str,
+) -> anyhow::Result<IstioCertificateServiceClient<Channel>> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", grpc.port()))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(IstioCertificateServiceClient::new(channel))
+}
+
+struct LoadResult {
+    issued: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+/// `clients` loops issuing certificates until `stop_after` issuances or
+/// `duration`, whichever comes first.
+async fn load(
+    grpc: SocketAddr,
+    root: &str,
+    token: &str,
+    csrs: Arc<Vec<String>>,
+    clients: usize,
+    duration: Duration,
+    stop_after: u64,
+) -> anyhow::Result<LoadResult> {
+    let issued = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for n in 0..clients {
+        let mut client = connect(grpc, root).await?;
+        let (issued, csrs, token) = (issued.clone(), csrs.clone(), token.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = n;
+            while started.elapsed() < duration && issued.load(Ordering::Relaxed) < stop_after {
+                let mut req = tonic::Request::new(IstioCertificateRequest {
+                    csr: csrs[i % csrs.len()].clone(),
+                    validity_duration: 3600,
+                    metadata: None,
+                });
+                i += clients;
+                if let Ok(value) = format!("Bearer {token}").parse() {
+                    req.metadata_mut().insert("authorization", value);
+                }
+                let t = Instant::now();
+                if client.create_certificate(req).await.is_ok() {
+                    latencies.push(t.elapsed());
+                    issued.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await?);
+    }
+    latencies.sort();
+    Ok(LoadResult {
+        issued: issued.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+        latencies,
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub async fn run(args: CaArgs) -> anyhow::Result<Section> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let cp = start_control_plane()?;
+    let root = std::fs::read_to_string(cp.state.join("root-cert.pem"))?;
+    let token = {
+        let out = Command::new(sibling_binary("controlplane")?)
+            .args(["token", "--identity", IDENTITY, "--state-dir"])
+            .arg(&cp.state)
+            .output()?;
+        String::from_utf8(out.stdout)?.trim().to_owned()
+    };
+    // CSRs are made up front so the clients spend no CPU making keys during
+    // the measurement; the server does not cache, so reusing them is fair.
+    let id: SpiffeId = IDENTITY.parse()?;
+    let csrs: Vec<String> = (0..256)
+        .map(|_| WorkloadKey::generate().and_then(|k| k.csr_pem(&id)))
+        .collect::<Result<_, _>>()?;
+    let csrs = Arc::new(csrs);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = rss_kib(cp.child.id());
+
+    let duration = Duration::from_secs(args.seconds);
+    let raw = tokio::task::spawn_blocking(move || raw_sign_rate(cores, duration)).await?;
+    let in_process = {
+        let csrs = csrs.clone();
+        tokio::task::spawn_blocking(move || in_process_issue_rate(cores, csrs, duration)).await?
+    };
+    let grpc = load(
+        cp.grpc,
+        &root,
+        &token,
+        csrs.clone(),
+        args.clients,
+        duration,
+        u64::MAX,
+    )
+    .await?;
+    let rate = grpc.issued as f64 / grpc.elapsed.as_secs_f64();
+
+    // Push the total past `memory_issuances` to show the audit log is bounded.
+    let remaining = args.memory_issuances.saturating_sub(grpc.issued);
+    let more = load(
+        cp.grpc,
+        &root,
+        &token,
+        csrs,
+        args.clients,
+        Duration::from_secs(3600),
+        remaining,
+    )
+    .await?;
+    let total = grpc.issued + more.issued;
+    let loaded_rss = rss_kib(cp.child.id());
+
+    let mut section = Section::new("CA issuance");
+    section.notes.push(format!(
+        "{} concurrent gRPC clients over TLS on loopback, {}s per phase, {cores} cores; raw = ring ECDSA P-256 signatures/s on {cores} threads",
+        args.clients, args.seconds
+    ));
+    section.notes.push(
+        "an issuance verifies the CSR's self-signature (proof of key possession: one ECDSA verify, costlier than a sign) before signing, so raw signing is an upper bound no CA that checks CSRs reaches; in-process issuance is the same work without transport".into(),
+    );
+    section
+        .notes
+        .push("the gRPC clients run on the same cores as the server".into());
+    section.compared(
+        "certificates/s via gRPC CreateCertificate",
+        rate,
+        raw,
+        "1/s",
+    );
+    section.compared(
+        "certificates/s via gRPC vs in-process issuance",
+        rate,
+        in_process,
+        "1/s",
+    );
+    section.row("raw ECDSA P-256 signs/s", raw, "1/s");
+    section.row(
+        "in-process issuances/s (CSR check + sign, no transport)",
+        in_process,
+        "1/s",
+    );
+    section.row(
+        "p50 issuance latency",
+        percentile(&grpc.latencies, 0.50).as_secs_f64() * 1e3,
+        "ms",
+    );
+    section.row(
+        "p99 issuance latency",
+        percentile(&grpc.latencies, 0.99).as_secs_f64() * 1e3,
+        "ms",
+    );
+    section.row("control plane RSS idle", idle_rss as f64 / 1024.0, "MiB");
+    section.compared(
+        &format!("control plane RSS after {total} issuances"),
+        loaded_rss as f64 / 1024.0,
+        idle_rss as f64 / 1024.0,
+        "MiB",
+    );
+    Ok(section)
+}

@@ -1,0 +1,39 @@
+//! `bench`: meshbox's benchmarks, each figure next to a baseline measured in
+//! the same run (these machines are shared and noisy: read the ratios).
+//!
+//! `cargo run --release -p meshbox-bench -- ca` measures the CA.
+
+mod ca;
+mod report;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bench", about = "meshbox benchmarks")]
+struct Cli {
+    /// Folder for the report (markdown + JSON).
+    #[arg(long, default_value = "target/bench-report")]
+    out: PathBuf,
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// CA issuance through the full gRPC path vs raw ECDSA signing.
+    Ca(ca::CaArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    meshbox_certs::install_crypto_provider();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let section = match cli.what {
+        What::Ca(args) => runtime.block_on(ca::run(args))?,
+    };
+    report::write(&cli.out, &[section])
+}

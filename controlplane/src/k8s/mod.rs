@@ -1,0 +1,33 @@
+//! Kubernetes API types that meshbox reads but `k8s-openapi` does not ship:
+//! Istio's `security.istio.io/v1` `AuthorizationPolicy` and Gateway API's
+//! `gateway.networking.k8s.io/v1` `Gateway`.
+//!
+//! They are plain serde structs holding only the fields the control plane
+//! uses; unknown fields are ignored so newer CRD versions still parse. Each
+//! implements `k8s_openapi::Resource`/`Metadata` by hand so `kube::Api` can
+//! watch them without pulling `kube`'s derive machinery into this module.
+
+mod authorization_policy;
+mod gateway;
+
+pub use authorization_policy::{
+    AuthorizationPolicy, AuthorizationPolicySpec, Condition, ExtensionProvider, Operation,
+    PolicyTargetReference, Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
+};
+pub use gateway::{
+    AllowedRoutes, Gateway, GatewaySpec, GatewaySpecAddress, GatewayStatus, GatewayStatusAddress,
+    Listener, RouteGroupKind, RouteNamespaces,
+};
+
+use serde::{Deserialize, Deserializer};
+
+/// Reads an explicit `null` (e.g. a YAML key with no value) as the type's
+/// default: hand-written manifests often contain `rules:` or `ports:` with
+/// nothing under them, and refusing the whole object for that helps nobody.
+pub(crate) fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}

@@ -1,0 +1,722 @@
+//! The mesh model ("the index"): a pure, synchronous state machine that takes
+//! Kubernetes objects (add/update/delete, or a whole relist) and keeps the
+//! Istio workload-API resources derived from them — `istio.workload.Address`
+//! (Workload or Service) and `istio.security.Authorization` — together with
+//! per-object problems ("statuses") for people to read.
+//!
+//! It never talks to an API server and never blocks, so it is tested by
+//! feeding objects and asserting outputs, in the manner of linkerd2's
+//! policy-controller index.
+//!
+//! How updates stay cheap: every input is first reduced to the fields the
+//! model reads (so status-only churn on a pod is a no-op), the reverse
+//! dependencies (service → selected pods, policy → selected pods, waypoint →
+//! users, IP → pods, label → pods) are kept in indexes, and an event only
+//! marks the derived resources it can affect as dirty. Dirty resources are
+//! rebuilt once per operation and compared with what was served before, so
+//! [`Changes`] lists exactly the resources whose value really changed.
+
+mod namespace;
+mod policy;
+mod selector;
+mod service;
+mod waypoint;
+mod workload;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use meshbox_proto::security::Authorization;
+use meshbox_proto::workload::Address;
+use serde::Serialize;
+
+use self::namespace::NamespaceState;
+use self::policy::PolicyState;
+use self::selector::PairIndex;
+use self::service::{ServiceState, SliceState};
+use self::waypoint::{GatewayDerived, GatewayState};
+use self::workload::{PodDerived, PodState};
+
+pub use self::policy::{TranslatedPolicy, translate_policy};
+pub use self::waypoint::WaypointFor;
+
+/// Mesh-wide settings that shape every derived resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// Cluster name used in workload uids (`{cluster_id}//Pod/{ns}/{name}`).
+    pub cluster_id: String,
+    /// Trust domain of workload identities.
+    pub trust_domain: String,
+    /// DNS suffix of service hostnames (`{name}.{ns}.svc.{cluster_domain}`).
+    pub cluster_domain: String,
+    /// Namespace whose selector-less policies apply to the whole mesh.
+    pub root_namespace: String,
+    /// Network name stamped on workloads and addresses.
+    pub network: String,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            cluster_id: "Kubernetes".to_string(),
+            trust_domain: "cluster.local".to_string(),
+            cluster_domain: "cluster.local".to_string(),
+            root_namespace: "istio-system".to_string(),
+            network: String::new(),
+        }
+    }
+}
+
+/// A Kubernetes object the model reads.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // transient values; boxing buys nothing
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Gateway(crate::k8s::Gateway),
+    AuthorizationPolicy(crate::k8s::AuthorizationPolicy),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Gateway(_) => Kind::Gateway,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+        }
+    }
+
+    /// The key of this object, or `None` when it has no name. A namespaced
+    /// object without a namespace lands in `default`, as `kubectl apply`
+    /// would put it.
+    pub fn key(&self) -> Option<ObjectKey> {
+        let meta = match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Gateway(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
+        };
+        ObjectKey::from_meta(self.kind(), meta)
+    }
+}
+
+/// Kinds of objects the model reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    Gateway,
+    AuthorizationPolicy,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Gateway => "Gateway",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identifies an input object: kind, namespace (empty for `Namespace`
+/// objects) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(kind: Kind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        let namespace = if kind == Kind::Namespace {
+            String::new()
+        } else {
+            namespace.into()
+        };
+        Self {
+            kind,
+            namespace,
+            name: name.into(),
+        }
+    }
+
+    pub fn namespace(name: impl Into<String>) -> Self {
+        Self::new(Kind::Namespace, "", name)
+    }
+
+    pub fn pod(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self::new(Kind::Pod, namespace, name)
+    }
+
+    pub fn service(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self::new(Kind::Service, namespace, name)
+    }
+
+    pub fn endpoint_slice(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self::new(Kind::EndpointSlice, namespace, name)
+    }
+
+    pub fn gateway(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self::new(Kind::Gateway, namespace, name)
+    }
+
+    pub fn authorization_policy(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self::new(Kind::AuthorizationPolicy, namespace, name)
+    }
+
+    fn from_meta(kind: Kind, meta: &ObjectMeta) -> Option<Self> {
+        let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
+        let namespace = match kind {
+            Kind::Namespace => "",
+            _ => meta
+                .namespace
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .unwrap_or("default"),
+        };
+        Some(Self::new(kind, namespace, name))
+    }
+
+    fn nsname(&self) -> Key {
+        Key::new(&self.namespace, &self.name)
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// What one operation changed in the served resources. `Some` = created or
+/// updated, `None` = removed. Only resources whose value really changed are
+/// listed, so a no-op update yields empty maps.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Changes {
+    pub addresses: BTreeMap<String, Option<Arc<Address>>>,
+    pub authorizations: BTreeMap<String, Option<Arc<Authorization>>>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.addresses.is_empty() && self.authorizations.is_empty()
+    }
+}
+
+/// A problem with one input object, for people (REST API, logs).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectStatus {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    pub message: String,
+}
+
+/// A Gateway recognised as a waypoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WaypointInfo {
+    pub namespace: String,
+    pub name: String,
+    /// `gatewayClassName`.
+    pub class: String,
+    /// What traffic it serves (`istio.io/waypoint-for`).
+    #[serde(rename = "for")]
+    pub traffic_type: WaypointFor,
+    /// Where dataplanes reach it: the hostname of its Service, or the
+    /// addresses from the Gateway's status. Empty while it has none.
+    pub addresses: Vec<String>,
+}
+
+/// Namespace + name, the key of every namespaced input.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Key {
+    ns: String,
+    name: String,
+}
+
+impl Key {
+    fn new(ns: &str, name: &str) -> Self {
+        Self {
+            ns: ns.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.ns, self.name)
+    }
+}
+
+/// Something whose derived state depends on a waypoint Gateway.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Dependent {
+    Pod(Key),
+    Service(Key),
+    Namespace(String),
+}
+
+/// Derived resources that must be rebuilt before the operation ends.
+#[derive(Default)]
+struct Dirty {
+    pods: HashSet<Key>,
+    services: HashSet<Key>,
+    namespaces: HashSet<String>,
+    gateways: HashSet<Key>,
+}
+
+/// The value each resource had before the current operation touched it, so
+/// the operation reports net changes even when a resource is rebuilt twice.
+#[derive(Default)]
+struct Touched {
+    addresses: HashMap<String, Option<Arc<Address>>>,
+    authorizations: HashMap<String, Option<Arc<Authorization>>>,
+}
+
+/// The mesh model. See the module documentation.
+pub struct MeshIndex {
+    config: MeshConfig,
+
+    // Inputs, reduced to what the model reads.
+    namespaces: HashMap<String, NamespaceState>,
+    pods: HashMap<Key, PodState>,
+    services: HashMap<Key, ServiceState>,
+    slices: HashMap<Key, SliceState>,
+    gateways: HashMap<Key, GatewayState>,
+    policies: HashMap<Key, PolicyState>,
+
+    // Indexes over inputs.
+    pods_by_ns: HashMap<String, BTreeSet<String>>,
+    services_by_ns: HashMap<String, BTreeSet<String>>,
+    /// Pod labels: ns → key → value → pod names.
+    pod_labels: PairIndex,
+    /// Service selectors, each under its first (key, value) pair: a pod can
+    /// only match a selector if it carries that pair.
+    service_selectors: PairIndex,
+    /// Selector policies, indexed like `service_selectors`.
+    policy_selectors: PairIndex,
+    /// Selector-less (namespace-wide) policies that produce a resource.
+    namespace_policies: HashMap<String, BTreeSet<String>>,
+    pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
+    services_by_vip: HashMap<IpAddr, BTreeSet<Key>>,
+    /// node → SPIFFE id → number of pods holding it there.
+    identities_by_node: HashMap<String, HashMap<String, usize>>,
+    slices_by_service: HashMap<Key, BTreeSet<Key>>,
+    slices_by_pod: HashMap<Key, BTreeSet<Key>>,
+    slices_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
+
+    // Reverse dependencies recorded while deriving.
+    pod_derived: HashMap<Key, PodDerived>,
+    service_members: HashMap<Key, BTreeSet<Key>>,
+    policy_members: HashMap<Key, BTreeSet<Key>>,
+    service_waypoint: HashMap<Key, Key>,
+    namespace_waypoint: HashMap<String, Key>,
+    gateway_derived: HashMap<Key, GatewayDerived>,
+    waypoint_dependents: HashMap<Key, BTreeSet<Dependent>>,
+
+    // Outputs.
+    addresses: BTreeMap<String, Arc<Address>>,
+    authorizations: BTreeMap<String, Arc<Authorization>>,
+    statuses: BTreeMap<ObjectKey, Vec<String>>,
+
+    dirty: Dirty,
+    touched: Touched,
+}
+
+impl MeshIndex {
+    pub fn new(config: MeshConfig) -> Self {
+        Self {
+            config,
+            namespaces: HashMap::new(),
+            pods: HashMap::new(),
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            gateways: HashMap::new(),
+            policies: HashMap::new(),
+            pods_by_ns: HashMap::new(),
+            services_by_ns: HashMap::new(),
+            pod_labels: PairIndex::default(),
+            service_selectors: PairIndex::default(),
+            policy_selectors: PairIndex::default(),
+            namespace_policies: HashMap::new(),
+            pods_by_ip: HashMap::new(),
+            services_by_vip: HashMap::new(),
+            identities_by_node: HashMap::new(),
+            slices_by_service: HashMap::new(),
+            slices_by_pod: HashMap::new(),
+            slices_by_ip: HashMap::new(),
+            pod_derived: HashMap::new(),
+            service_members: HashMap::new(),
+            policy_members: HashMap::new(),
+            service_waypoint: HashMap::new(),
+            namespace_waypoint: HashMap::new(),
+            gateway_derived: HashMap::new(),
+            waypoint_dependents: HashMap::new(),
+            addresses: BTreeMap::new(),
+            authorizations: BTreeMap::new(),
+            statuses: BTreeMap::new(),
+            dirty: Dirty::default(),
+            touched: Touched::default(),
+        }
+    }
+
+    pub fn config(&self) -> &MeshConfig {
+        &self.config
+    }
+
+    /// Adds or updates one object.
+    pub fn apply(&mut self, obj: Object) -> Changes {
+        self.ingest(obj);
+        self.flush()
+    }
+
+    /// Removes one object. Unknown keys are a no-op.
+    pub fn delete(&mut self, key: ObjectKey) -> Changes {
+        self.ingest_delete(&key);
+        self.flush()
+    }
+
+    /// Makes `objs` the complete set of inputs (a relist, or a whole manifest
+    /// folder): objects not in it are deleted, the rest applied, and the
+    /// result reported as one set of changes.
+    pub fn replace_all(&mut self, objs: Vec<Object>) -> Changes {
+        self.replace_where(|_| true, objs)
+    }
+
+    /// Makes `objs` the complete set of objects of one kind (the relist of
+    /// a single watch), leaving other kinds alone. Objects of another kind
+    /// in `objs` are ignored.
+    pub fn replace_kind(&mut self, kind: Kind, objs: Vec<Object>) -> Changes {
+        let objs = objs.into_iter().filter(|o| o.kind() == kind).collect();
+        self.replace_where(|k| k.kind == kind, objs)
+    }
+
+    fn replace_where(
+        &mut self,
+        in_scope: impl Fn(&ObjectKey) -> bool,
+        objs: Vec<Object>,
+    ) -> Changes {
+        let keep: HashSet<ObjectKey> = objs.iter().filter_map(Object::key).collect();
+        let stale: Vec<ObjectKey> = self
+            .object_keys()
+            .into_iter()
+            .filter(|k| in_scope(k) && !keep.contains(k))
+            .collect();
+        for key in &stale {
+            self.ingest_delete(key);
+        }
+        for obj in objs {
+            self.ingest(obj);
+        }
+        self.flush()
+    }
+
+    /// Every served `Address`, sorted by resource name.
+    pub fn addresses(&self) -> impl Iterator<Item = (&str, &Arc<Address>)> {
+        self.addresses.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Every served `Authorization`, sorted by resource name.
+    pub fn authorizations(&self) -> impl Iterator<Item = (&str, &Arc<Authorization>)> {
+        self.authorizations.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn address(&self, name: &str) -> Option<Arc<Address>> {
+        self.addresses.get(name).cloned()
+    }
+
+    pub fn authorization(&self, name: &str) -> Option<Arc<Authorization>> {
+        self.authorizations.get(name).cloned()
+    }
+
+    /// Resource names of the workloads with this IP and the services with
+    /// this VIP (xDS on-demand lookups by address), sorted. Host-network
+    /// workloads are left out: their IP is the node's, and dataplanes do not
+    /// look them up by address either.
+    pub fn lookup_ip(&self, ip: IpAddr) -> Vec<String> {
+        let mut out = BTreeSet::new();
+        for key in self.pods_by_ip.get(&ip).into_iter().flatten() {
+            if self.pods.get(key).is_some_and(|p| !p.host_network) {
+                let uid = self.workload_uid(key);
+                if self.addresses.contains_key(&uid) {
+                    out.insert(uid);
+                }
+            }
+        }
+        for key in self.services_by_vip.get(&ip).into_iter().flatten() {
+            let name = self.service_resource_name(key);
+            if self.addresses.contains_key(&name) {
+                out.insert(name);
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Whether a pod scheduled on `node` runs as `spiffe_id`. Every pod with
+    /// a node counts, enrolled or not, until it has finished (phase
+    /// Succeeded/Failed): a node proxy asks for a pod's certificate while
+    /// the pod is still starting.
+    pub fn has_identity_on_node(&self, node: &str, spiffe_id: &str) -> bool {
+        self.identities_by_node
+            .get(node)
+            .is_some_and(|ids| ids.contains_key(spiffe_id))
+    }
+
+    /// Problems with input objects, sorted.
+    pub fn statuses(&self) -> Vec<ObjectStatus> {
+        let mut out: Vec<ObjectStatus> = self
+            .statuses
+            .iter()
+            .flat_map(|(key, msgs)| {
+                msgs.iter().map(move |m| ObjectStatus {
+                    kind: key.kind,
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    message: m.clone(),
+                })
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    // ---- operation plumbing ----
+
+    fn ingest(&mut self, obj: Object) {
+        let Some(key) = obj.key() else {
+            tracing::warn!("ignoring an object without metadata.name");
+            return;
+        };
+        let nsname = key.nsname();
+        match obj {
+            Object::Namespace(o) => self.ingest_namespace(&key.name, &o),
+            Object::Pod(o) => self.ingest_pod(nsname, &o),
+            Object::Service(o) => self.ingest_service(nsname, &o),
+            Object::EndpointSlice(o) => self.ingest_slice(nsname, &o),
+            Object::Gateway(o) => self.ingest_gateway(nsname, &o),
+            Object::AuthorizationPolicy(o) => self.ingest_policy(nsname, &o),
+        }
+    }
+
+    fn ingest_delete(&mut self, key: &ObjectKey) {
+        let nsname = key.nsname();
+        match key.kind {
+            Kind::Namespace => self.remove_namespace(&key.name),
+            Kind::Pod => self.remove_pod(&nsname),
+            Kind::Service => self.remove_service(&nsname),
+            Kind::EndpointSlice => self.remove_slice(&nsname),
+            Kind::Gateway => self.remove_gateway(&nsname),
+            Kind::AuthorizationPolicy => self.remove_policy(&nsname),
+        }
+    }
+
+    fn object_keys(&self) -> Vec<ObjectKey> {
+        let namespaced = |kind: Kind, keys: &mut dyn Iterator<Item = &Key>| -> Vec<ObjectKey> {
+            keys.map(|k| ObjectKey::new(kind, &k.ns, &k.name)).collect()
+        };
+        let mut out: Vec<ObjectKey> = self.namespaces.keys().map(ObjectKey::namespace).collect();
+        out.extend(namespaced(Kind::Pod, &mut self.pods.keys()));
+        out.extend(namespaced(Kind::Service, &mut self.services.keys()));
+        out.extend(namespaced(Kind::EndpointSlice, &mut self.slices.keys()));
+        out.extend(namespaced(Kind::Gateway, &mut self.gateways.keys()));
+        out.extend(namespaced(
+            Kind::AuthorizationPolicy,
+            &mut self.policies.keys(),
+        ));
+        out
+    }
+
+    /// Rebuilds everything marked dirty and reports the net changes.
+    fn flush(&mut self) -> Changes {
+        // Gateways go first: rebuilding one marks the pods, services and
+        // namespaces that use it.
+        let gateways: Vec<Key> = self.dirty.gateways.drain().collect();
+        for key in gateways {
+            self.recompute_gateway(&key);
+        }
+        let namespaces: Vec<String> = self.dirty.namespaces.drain().collect();
+        for ns in namespaces {
+            self.recompute_namespace(&ns);
+        }
+        let services: Vec<Key> = self.dirty.services.drain().collect();
+        for key in services {
+            self.recompute_service(&key);
+        }
+        let pods: Vec<Key> = self.dirty.pods.drain().collect();
+        for key in pods {
+            self.recompute_pod(&key);
+        }
+        debug_assert!(
+            self.dirty.pods.is_empty()
+                && self.dirty.services.is_empty()
+                && self.dirty.namespaces.is_empty()
+                && self.dirty.gateways.is_empty(),
+            "rebuilding must not mark more work"
+        );
+
+        let mut changes = Changes::default();
+        for (name, before) in std::mem::take(&mut self.touched.addresses) {
+            let now = self.addresses.get(&name).cloned();
+            if now != before {
+                changes.addresses.insert(name, now);
+            }
+        }
+        for (name, before) in std::mem::take(&mut self.touched.authorizations) {
+            let now = self.authorizations.get(&name).cloned();
+            if now != before {
+                changes.authorizations.insert(name, now);
+            }
+        }
+        changes
+    }
+
+    fn put_address(&mut self, name: String, value: Option<Address>) {
+        let current = self.addresses.get(&name);
+        if current.map(|a| a.as_ref()) == value.as_ref() {
+            return;
+        }
+        let before = current.cloned();
+        self.touched.addresses.entry(name.clone()).or_insert(before);
+        match value {
+            Some(v) => {
+                self.addresses.insert(name, Arc::new(v));
+            }
+            None => {
+                self.addresses.remove(&name);
+            }
+        }
+    }
+
+    fn put_authorization(&mut self, name: String, value: Option<Authorization>) {
+        let current = self.authorizations.get(&name);
+        if current.map(|a| a.as_ref()) == value.as_ref() {
+            return;
+        }
+        let before = current.cloned();
+        self.touched
+            .authorizations
+            .entry(name.clone())
+            .or_insert(before);
+        match value {
+            Some(v) => {
+                self.authorizations.insert(name, Arc::new(v));
+            }
+            None => {
+                self.authorizations.remove(&name);
+            }
+        }
+    }
+
+    fn set_status(&mut self, key: ObjectKey, messages: Vec<String>) {
+        if messages.is_empty() {
+            self.statuses.remove(&key);
+        } else {
+            self.statuses.insert(key, messages);
+        }
+    }
+
+    /// Moves `dependent` from the waypoint it used to the one it uses now.
+    fn set_waypoint_dependency(
+        &mut self,
+        dependent: Dependent,
+        old: Option<Key>,
+        new: Option<&Key>,
+    ) {
+        if old.as_ref() == new {
+            return;
+        }
+        if let Some(old) = old
+            && let Some(set) = self.waypoint_dependents.get_mut(&old)
+        {
+            set.remove(&dependent);
+            if set.is_empty() {
+                self.waypoint_dependents.remove(&old);
+            }
+        }
+        if let Some(new) = new {
+            index_insert(&mut self.waypoint_dependents, new, dependent);
+        }
+    }
+
+    fn workload_uid(&self, key: &Key) -> String {
+        format!("{}//Pod/{}/{}", self.config.cluster_id, key.ns, key.name)
+    }
+
+    fn service_hostname(&self, key: &Key) -> String {
+        format!("{}.{}.svc.{}", key.name, key.ns, self.config.cluster_domain)
+    }
+
+    fn service_resource_name(&self, key: &Key) -> String {
+        format!("{}/{}", key.ns, self.service_hostname(key))
+    }
+
+    fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(ns).map(|n| &n.labels)
+    }
+}
+
+/// Adds `item` to the set under `key`, creating it when missing (and
+/// cloning the key only then: these run for every pod event).
+fn index_insert<K, V>(map: &mut HashMap<K, BTreeSet<V>>, key: &K, item: V)
+where
+    K: std::hash::Hash + Eq + Clone,
+    V: Ord,
+{
+    match map.get_mut(key) {
+        Some(set) => {
+            set.insert(item);
+        }
+        None => {
+            map.insert(key.clone(), BTreeSet::from([item]));
+        }
+    }
+}
+
+/// Removes `item` from the set under `key`, dropping the set when empty so
+/// the indexes do not grow with churn.
+fn index_remove<K, V, Q>(map: &mut HashMap<K, BTreeSet<V>>, key: &Q, item: &V)
+where
+    K: std::hash::Hash + Eq + std::borrow::Borrow<Q>,
+    Q: std::hash::Hash + Eq + ?Sized,
+    V: Ord,
+{
+    if let Some(set) = map.get_mut(key) {
+        set.remove(item);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Randomised check of the incremental machinery: after any sequence of
+//! applies and deletes, the index must equal one built from scratch from the
+//! same objects, and the reported changes, replayed, must reproduce it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::model::ObjectKey;
+
+/// xorshift64*: deterministic, so a failure names its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())].clone()
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+const NAMESPACES: [&str; 3] = ["ns0", "ns1", "istio-system"];
+const IPS: [&str; 8] = [
+    "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "fd00::7", "10.0.0.8",
+];
+const NODES: [&str; 3] = ["n0", "n1", "n2"];
+
+fn labels(rng: &mut Rng) -> Value {
+    let mut m = serde_json::Map::new();
+    if rng.chance(80) {
+        m.insert("app".into(), json!(rng.pick(&["a", "b", "c"])));
+    }
+    if rng.chance(40) {
+        m.insert("tier".into(), json!(rng.pick(&["x", "y"])));
+    }
+    if rng.chance(25) {
+        m.insert(
+            "istio.io/dataplane-mode".into(),
+            json!(rng.pick(&["ambient", "none"])),
+        );
+    }
+    if rng.chance(25) {
+        m.insert(
+            "istio.io/use-waypoint".into(),
+            json!(rng.pick(&["wp0", "wp1", "none", "ghost"])),
+        );
+        if rng.chance(30) {
+            m.insert("istio.io/use-waypoint-namespace".into(), json!("ns0"));
+        }
+    }
+    Value::Object(m)
+}
+
+fn selector(rng: &mut Rng) -> Value {
+    match rng.below(4) {
+        0 => json!(null),
+        1 => json!({"app": rng.pick(&["a", "b", "c"])}),
+        2 => json!({"app": rng.pick(&["a", "b"]), "tier": rng.pick(&["x", "y"])}),
+        _ => json!({"tier": rng.pick(&["x", "y"])}),
+    }
+}
+
+fn random_object(rng: &mut Rng) -> Object {
+    let ns = rng.pick(&NAMESPACES);
+    match rng.below(7) {
+        0 => namespace(ns, labels(rng)),
+        1 | 2 => {
+            let name = format!("p{}", rng.below(6));
+            let mut p = pod_json(ns, &name, rng.pick(&IPS), labels(rng));
+            p = set(p, "/spec/nodeName", json!(rng.pick(&NODES)));
+            p = set(
+                p,
+                "/spec/serviceAccountName",
+                json!(rng.pick(&["sa0", "sa1"])),
+            );
+            if rng.chance(15) {
+                p = set(
+                    p,
+                    "/status/phase",
+                    json!(rng.pick(&["Pending", "Succeeded"])),
+                );
+            }
+            if rng.chance(15) {
+                p = set(p, "/status/conditions/0/status", json!("False"));
+            }
+            if rng.chance(10) {
+                p = set(p, "/spec/hostNetwork", json!(true));
+            }
+            if rng.chance(20) {
+                p = set(p, "/spec/containers/0/ports/0/name", json!("other"));
+            }
+            pod_from(p)
+        }
+        3 => {
+            let name = rng.pick(&["s0", "s1", "s2", "wp0"]);
+            let target = rng.pick(&[json!(8080), json!("http-web"), json!(null)]);
+            let s = service_json(
+                ns,
+                name,
+                rng.pick(&["10.96.0.1", "10.96.0.2", "None"]),
+                selector(rng),
+                json!([{"name": "http", "port": 80, "targetPort": target}]),
+            );
+            service_from(set(s, "/metadata/labels", labels(rng)))
+        }
+        4 => {
+            let svc = rng.pick(&["s0", "s1", "s2"]);
+            let mut eps = Vec::new();
+            for _ in 0..rng.below(3) {
+                if rng.chance(50) {
+                    eps.push(json!({"addresses": [rng.pick(&IPS)]}));
+                } else {
+                    eps.push(json!({"addresses": ["10.9.9.9"], "targetRef": {"kind": "Pod", "name": format!("p{}", rng.below(6))}}));
+                }
+            }
+            slice(
+                ns,
+                &format!("{svc}-{}", rng.below(2)),
+                svc,
+                json!(eps),
+                json!([{"name": "http", "port": 9000 + rng.below(2)}]),
+            )
+        }
+        5 => {
+            let name = rng.pick(&["wp0", "wp1"]);
+            let mut gw = waypoint_json(
+                ns,
+                name,
+                json!({"istio.io/waypoint-for": rng.pick(&["service", "workload", "all", "none"])}),
+            );
+            if rng.chance(20) {
+                gw = set(gw, "/spec/gatewayClassName", json!("other"));
+            }
+            if rng.chance(40) {
+                gw = set(
+                    gw,
+                    "/spec/listeners/0/allowedRoutes",
+                    json!({"namespaces": {"from": rng.pick(&["All", "Same"])}}),
+                );
+            }
+            if rng.chance(30) {
+                gw = set(gw, "/status/addresses", json!([{"value": "10.96.9.9"}]));
+            }
+            gateway_from(gw)
+        }
+        _ => {
+            let name = rng.pick(&["pol0", "pol1", "pol2"]);
+            let mut spec = serde_json::Map::new();
+            if rng.chance(50) {
+                spec.insert("selector".into(), json!({"matchLabels": selector(rng)}));
+            }
+            spec.insert(
+                "action".into(),
+                json!(rng.pick(&["ALLOW", "DENY", "CUSTOM", "AUDIT"])),
+            );
+            let choices = [
+                json!(null),
+                json!([{}]),
+                json!([{"from": [{"source": {"namespaces": ["ns0"]}}], "to": [{"operation": {"ports": ["80"], "methods": ["GET"]}}]}]),
+                json!([{"when": [{"key": "source.ip", "values": ["10.0.0.0/8"]}]}]),
+            ];
+            spec.insert("rules".into(), rng.pick(&choices));
+            policy(ns, name, Value::Object(spec))
+        }
+    }
+}
+
+type Snapshot = (
+    BTreeMap<String, Arc<meshbox_proto::workload::Address>>,
+    BTreeMap<String, Arc<meshbox_proto::security::Authorization>>,
+);
+
+fn snapshot(idx: &MeshIndex) -> Snapshot {
+    (
+        idx.addresses()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        idx.authorizations()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    )
+}
+
+fn assert_same_as_fresh(idx: &MeshIndex, world: &BTreeMap<ObjectKey, Object>, context: &str) {
+    let mut fresh = index();
+    fresh.replace_all(world.values().cloned().collect());
+    let (a, b) = (snapshot(idx), snapshot(&fresh));
+    for (k, v) in &b.0 {
+        assert_eq!(a.0.get(k), Some(v), "{context}: address {k}");
+    }
+    assert_eq!(
+        a.0.keys().collect::<Vec<_>>(),
+        b.0.keys().collect::<Vec<_>>(),
+        "{context}: address names"
+    );
+    assert_eq!(a.1, b.1, "{context}: authorizations");
+    assert_eq!(idx.statuses(), fresh.statuses(), "{context}: statuses");
+    assert_eq!(idx.waypoints(), fresh.waypoints(), "{context}: waypoints");
+    for ip in IPS.iter().chain(&["10.96.0.1", "10.96.0.2"]) {
+        let ip: IpAddr = ip.parse().expect("ip");
+        assert_eq!(
+            idx.lookup_ip(ip),
+            fresh.lookup_ip(ip),
+            "{context}: lookup {ip}"
+        );
+    }
+    for node in NODES {
+        for ns in NAMESPACES {
+            for sa in ["sa0", "sa1"] {
+                let id = format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+                assert_eq!(
+                    idx.has_identity_on_node(node, &id),
+                    fresh.has_identity_on_node(node, &id),
+                    "{context}: identity {node} {id}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn incremental_equals_fresh_build() {
+    for seed in 1..=6u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut idx = index();
+        let mut world: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        let mut mirror = snapshot(&idx);
+        for step in 0..400 {
+            let changes = if rng.chance(25) && !world.is_empty() {
+                let key = world
+                    .keys()
+                    .nth(rng.below(world.len()))
+                    .expect("key")
+                    .clone();
+                world.remove(&key);
+                idx.delete(key)
+            } else {
+                let obj = random_object(&mut rng);
+                world.insert(obj.key().expect("named"), obj.clone());
+                idx.apply(obj)
+            };
+            // Replaying the reported changes must give the served state.
+            for (k, v) in changes.addresses {
+                match v {
+                    Some(v) => mirror.0.insert(k, v),
+                    None => mirror.0.remove(&k),
+                };
+            }
+            for (k, v) in changes.authorizations {
+                match v {
+                    Some(v) => mirror.1.insert(k, v),
+                    None => mirror.1.remove(&k),
+                };
+            }
+            let context = format!("seed {seed} step {step}");
+            assert_eq!(mirror, snapshot(&idx), "{context}: replayed changes");
+            if step % 40 == 39 {
+                assert_same_as_fresh(&idx, &world, &context);
+                // Relisting the same world changes nothing.
+                let relist = idx.replace_all(world.values().cloned().collect());
+                assert!(
+                    relist.is_empty(),
+                    "{context}: relist changed {:?}",
+                    summary(&relist)
+                );
+            }
+        }
+        assert_same_as_fresh(&idx, &world, &format!("seed {seed} end"));
+    }
+}
