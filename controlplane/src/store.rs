@@ -10,7 +10,7 @@ use meshbox_certs::SpiffeId;
 use tokio::sync::watch;
 
 use crate::ca::NodeRoster;
-use crate::model::{Changes, MeshConfig, MeshIndex, Object, ObjectKey};
+use crate::model::{Changes, Kind, MeshConfig, MeshIndex, Object, ObjectKey};
 use crate::source::manifests::ManifestError;
 
 pub struct MeshStore {
@@ -32,6 +32,11 @@ impl MeshStore {
 
     pub fn replace_all(&self, objects: Vec<Object>) -> Arc<Changes> {
         self.write(|index| index.replace_all(objects))
+    }
+
+    /// Makes `objects` all the objects of `kind` (a watcher's relist).
+    pub fn replace_kind(&self, kind: Kind, objects: Vec<Object>) -> Arc<Changes> {
+        self.write(|index| index.replace_kind(kind, objects))
     }
 
     pub fn apply(&self, object: Object) -> Arc<Changes> {

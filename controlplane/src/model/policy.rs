@@ -27,6 +27,12 @@
 //!   rule is left out; in a `DENY` policy the rule is kept without them,
 //!   which denies more than written. Both are reported.
 //!
+//! - Workloads list, by `{namespace}/{name}`, the `NAMESPACE` policies of
+//!   their namespace and the `WORKLOAD_SELECTOR` policies that select them:
+//!   those of their namespace and those of the root namespace, whose
+//!   selectors reach every namespace. `GLOBAL` policies are not listed;
+//!   dataplanes apply them to everything.
+//!
 //! Invalid values (a bad CIDR, a non-numeric port, an empty source) fail
 //! closed: in `ALLOW` the rule is left out (allowing less); in `DENY` the
 //! field holding the bad value is dropped (denying more), and a source,

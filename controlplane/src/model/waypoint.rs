@@ -16,7 +16,10 @@
 //!   Without either, or when it is missing, or when its HBONE listener's
 //!   `allowedRoutes` does not admit the referring namespace, the object gets
 //!   no waypoint (traffic goes direct) and the problem is reported.
-//! - A waypoint's own pods and Service never use a waypoint (that would loop).
+//! - A waypoint's own pods and Service never use a waypoint (that would
+//!   loop); pods and services labelled `gateway.networking.k8s.io/gateway-name`
+//!   or `gateway.istio.io/managed=istio.io-mesh-controller` belong to a
+//!   Gateway and are treated the same way.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use meshbox_proto::workload::{
@@ -165,6 +168,8 @@ impl GatewayState {
             traffic,
             allowed,
             status_addresses,
+            // Other Gateways (ingress, egress) are some other controller's
+            // business; only their existence matters here.
             problems: if is_waypoint { problems } else { Vec::new() },
         }
     }

@@ -7,7 +7,6 @@
 //! AuthorizationPolicy CRDs are optional: while one is not installed its
 //! watcher is parked (checked again every minute) and everything else works.
 
-use std::collections::HashSet;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +22,7 @@ use kube::runtime::watcher::{self, Event};
 use serde::de::DeserializeOwned;
 
 use crate::k8s::{AuthorizationPolicy, Gateway};
-use crate::model::{Object, ObjectKey};
+use crate::model::{Kind, Object};
 use crate::store::MeshStore;
 
 /// How often an absent optional CRD is looked for again.
@@ -69,6 +68,7 @@ pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
         store.clone(),
         sync.clone(),
         false,
+        Kind::Namespace,
         Object::Namespace,
     );
     spawn_watch::<Pod>(
@@ -76,6 +76,7 @@ pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
         store.clone(),
         sync.clone(),
         false,
+        Kind::Pod,
         Object::Pod,
     );
     spawn_watch::<Service>(
@@ -83,6 +84,7 @@ pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
         store.clone(),
         sync.clone(),
         false,
+        Kind::Service,
         Object::Service,
     );
     spawn_watch::<EndpointSlice>(
@@ -90,6 +92,7 @@ pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
         store.clone(),
         sync.clone(),
         false,
+        Kind::EndpointSlice,
         Object::EndpointSlice,
     );
     spawn_watch::<Gateway>(
@@ -97,6 +100,7 @@ pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
         store.clone(),
         sync.clone(),
         true,
+        Kind::Gateway,
         Object::Gateway,
     );
     spawn_watch::<AuthorizationPolicy>(
@@ -104,6 +108,7 @@ pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
         store,
         sync.clone(),
         true,
+        Kind::AuthorizationPolicy,
         Object::AuthorizationPolicy,
     );
     sync
@@ -114,6 +119,7 @@ fn spawn_watch<K>(
     store: Arc<MeshStore>,
     sync: InitialSync,
     optional: bool,
+    model_kind: Kind,
     wrap: fn(K) -> Object,
 ) where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
@@ -143,9 +149,9 @@ fn spawn_watch<K>(
             }
             // Once announced absent, the first sync was already counted.
             let first_sync = (!announced).then_some(sync);
-            watch(api, kind, store, first_sync, wrap).await;
+            watch(api, kind, store, first_sync, model_kind, wrap).await;
         } else {
-            watch(api, kind, store, Some(sync), wrap).await;
+            watch(api, kind, store, Some(sync), model_kind, wrap).await;
         }
     });
 }
@@ -155,47 +161,133 @@ async fn watch<K>(
     kind: String,
     store: Arc<MeshStore>,
     mut first_sync: Option<InitialSync>,
+    model_kind: Kind,
     wrap: fn(K) -> Object,
 ) where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    let mut known: HashSet<ObjectKey> = HashSet::new();
-    let mut relist: Vec<Object> = Vec::new();
+    let mut state = KindState::new(model_kind);
     let mut events = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
     while let Some(event) = events.next().await {
         match event {
-            Ok(Event::Apply(obj)) => {
-                let obj = wrap(obj);
-                if let Some(key) = obj.key() {
-                    known.insert(key);
-                }
-                store.apply(obj);
-            }
-            Ok(Event::Delete(obj)) => {
-                if let Some(key) = wrap(obj).key() {
-                    known.remove(&key);
-                    store.delete(key);
-                }
-            }
-            Ok(Event::Init) => relist.clear(),
-            Ok(Event::InitApply(obj)) => relist.push(wrap(obj)),
-            Ok(Event::InitDone) => {
-                let fresh: HashSet<ObjectKey> = relist.iter().filter_map(Object::key).collect();
-                for stale in known.difference(&fresh) {
-                    store.delete(stale.clone());
-                }
-                for obj in relist.drain(..) {
-                    store.apply(obj);
-                }
-                known = fresh;
-                tracing::info!(%kind, objects = known.len(), "listed");
-                if let Some(sync) = first_sync.take() {
-                    sync.done();
+            Ok(event) => {
+                let event = match event {
+                    Event::Apply(o) => Event::Apply(wrap(o)),
+                    Event::Delete(o) => Event::Delete(wrap(o)),
+                    Event::Init => Event::Init,
+                    Event::InitApply(o) => Event::InitApply(wrap(o)),
+                    Event::InitDone => Event::InitDone,
+                };
+                if state.handle(event, &store) {
+                    tracing::info!(%kind, "listed");
+                    if let Some(sync) = first_sync.take() {
+                        sync.done();
+                    }
                 }
             }
             Err(e) => tracing::warn!(%kind, error = %e, "watch error; retrying with backoff"),
         }
+    }
+}
+
+/// A watcher's relist in progress: applied whole when it completes, so
+/// objects deleted while the watch was down disappear.
+struct KindState {
+    kind: Kind,
+    relist: Vec<Object>,
+}
+
+impl KindState {
+    fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            relist: Vec::new(),
+        }
+    }
+
+    /// Applies one watch event to the store. Returns true when a complete
+    /// listing has just been applied.
+    fn handle(&mut self, event: Event<Object>, store: &MeshStore) -> bool {
+        match event {
+            Event::Apply(obj) => {
+                store.apply(obj);
+            }
+            Event::Delete(obj) => {
+                if let Some(key) = obj.key() {
+                    store.delete(key);
+                }
+            }
+            Event::Init => self.relist.clear(),
+            Event::InitApply(obj) => self.relist.push(obj),
+            Event::InitDone => {
+                store.replace_kind(self.kind, std::mem::take(&mut self.relist));
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MeshConfig;
+
+    fn namespace(name: &str) -> Object {
+        Object::Namespace(
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap(),
+        )
+    }
+
+    fn pod(name: &str, ip: &str) -> Object {
+        Object::Pod(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop", "uid": name},
+                "spec": {"nodeName": "n1", "containers": []},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn workload_names(store: &MeshStore) -> Vec<String> {
+        store.read(|index| index.addresses().map(|(name, _)| name.to_owned()).collect())
+    }
+
+    #[test]
+    fn watch_events_and_relists_keep_the_store_exact() {
+        let store = MeshStore::new(MeshConfig::default());
+        let mut state = KindState::new(Kind::Pod);
+        assert!(!state.handle(Event::Init, &store));
+        assert!(!state.handle(Event::InitApply(pod("a", "10.0.0.1")), &store));
+        assert!(!state.handle(Event::InitApply(pod("b", "10.0.0.2")), &store));
+        assert!(workload_names(&store).is_empty(), "nothing before InitDone");
+        assert!(state.handle(Event::InitDone, &store));
+        assert_eq!(
+            workload_names(&store),
+            ["Kubernetes//Pod/shop/a", "Kubernetes//Pod/shop/b"]
+        );
+
+        state.handle(Event::Apply(pod("c", "10.0.0.3")), &store);
+        state.handle(Event::Delete(pod("a", "10.0.0.1")), &store);
+        assert_eq!(
+            workload_names(&store),
+            ["Kubernetes//Pod/shop/b", "Kubernetes//Pod/shop/c"]
+        );
+
+        // The watch broke; meanwhile b was deleted. The relist removes it.
+        state.handle(Event::Init, &store);
+        state.handle(Event::InitApply(pod("c", "10.0.0.3")), &store);
+        assert!(state.handle(Event::InitDone, &store));
+        assert_eq!(workload_names(&store), ["Kubernetes//Pod/shop/c"]);
+
+        // Another kind's watcher never deletes pods.
+        let mut namespaces = KindState::new(Kind::Namespace);
+        namespaces.handle(Event::Init, &store);
+        namespaces.handle(Event::InitApply(namespace("shop")), &store);
+        namespaces.handle(Event::InitDone, &store);
+        assert_eq!(workload_names(&store), ["Kubernetes//Pod/shop/c"]);
     }
 }
