@@ -1,9 +1,11 @@
 //! `bench`: meshbox's benchmarks, each figure next to a baseline measured in
 //! the same run (these machines are shared and noisy: read the ratios).
 //!
-//! `cargo run --release -p meshbox-bench -- ca` measures the CA.
+//! `cargo build --release --workspace && target/release/bench ca` measures the
+//! CA; `bench model` the control plane's mesh model.
 
 mod ca;
+mod model;
 mod report;
 
 use std::path::PathBuf;
@@ -24,6 +26,8 @@ struct Cli {
 enum What {
     /// CA issuance through the full gRPC path vs raw ECDSA signing.
     Ca(ca::CaArgs),
+    /// The control plane's mesh model: full build, incremental updates, memory.
+    Model(model::ModelArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let section = match cli.what {
         What::Ca(args) => runtime.block_on(ca::run(args))?,
+        What::Model(args) => model::run(args),
     };
     report::write(&cli.out, &[section])
 }

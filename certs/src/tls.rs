@@ -32,6 +32,37 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
     first.parse().ok()
 }
 
+/// Facts about a certificate that logs and status pages show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// Lower-case hex.
+    pub serial: String,
+    pub not_before: std::time::SystemTime,
+    pub not_after: std::time::SystemTime,
+}
+
+/// Serial and validity of a DER certificate.
+pub fn certificate_info(cert: &CertificateDer<'_>) -> Option<CertificateInfo> {
+    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64)
+        } else {
+            std::time::UNIX_EPOCH
+        }
+    };
+    Some(CertificateInfo {
+        serial: parsed
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        not_before: at(parsed.validity().not_before),
+        not_after: at(parsed.validity().not_after),
+    })
+}
+
 fn provider() -> Arc<CryptoProvider> {
     CryptoProvider::get_default()
         .cloned()

@@ -8,6 +8,8 @@
 //!   watchers), through the shared [`store`];
 //! - [`cluster`]: what the control plane keeps in the cluster (its CA
 //!   Secret, the root-certificate ConfigMaps);
+//! - [`xds`]: the Delta ADS server streaming workload and authorization
+//!   resources to dataplanes (ours or Istio's ztunnel);
 //! - [`ca`]: the certificate authority service (Istio's `CreateCertificate`
 //!   over gRPC, and `POST /api/v1/certificates` for curl);
 //! - [`auth`]: bearer tokens, minted locally or checked with TokenReview;
@@ -29,3 +31,4 @@ pub mod run;
 pub mod serving;
 pub mod source;
 pub mod store;
+pub mod xds;

@@ -76,9 +76,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Self> {
+    /// Registers the control plane's own metrics; `more` registers those of
+    /// parts that own their metrics (the xDS server).
+    pub fn new(more: impl FnOnce(&mut Registry)) -> Arc<Self> {
         let mut registry = Registry::default();
         let ca = CaMetrics::register(&mut registry);
+        more(&mut registry);
         Arc::new(Self { registry, ca })
     }
 

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState};
 use crate::auth::Authenticator;
+use crate::auth::Caller;
 use crate::auth::local::LocalTokens;
 use crate::auth::token_review::TokenReviewer;
 use crate::ca::grpc::CaGrpc;
@@ -23,6 +24,7 @@ use crate::model::MeshConfig;
 use crate::serving::{ServingCertificate, ServingNames, serve_plain, serve_tls};
 use crate::source::{self, manifests::ManifestFolder};
 use crate::store::MeshStore;
+use crate::xds::{Peer, StreamAuthenticator, XdsOptions, XdsServer};
 
 fn duration(raw: &str) -> Result<Duration, String> {
     parse_ttl(raw)
@@ -175,7 +177,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         (None, None) => unreachable!("Kubernetes mode always has a client"),
     }
     let roster: Arc<dyn NodeRoster> = store.clone();
-    let metrics = Metrics::new();
+    let mut xds = None;
+    let metrics = Metrics::new(|registry| {
+        xds = Some(XdsServer::new(
+            Arc::new(XdsAuth(auth.clone())),
+            registry,
+            XdsOptions::default(),
+        ));
+    });
+    let xds = Arc::new(xds.context("the xDS server was not built")?);
+    feed_xds(&store, xds.clone());
     let issuer = Arc::new(CertificateIssuer::new(
         ca.clone(),
         roster,
@@ -190,7 +201,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let serving = ServingCertificate::start(ca.clone(), names, config.serving_cert_ttl)
         .context("issuing the serving certificate")?;
 
-    let grpc_routes = tonic::service::Routes::new(CaGrpc::server(issuer.clone(), auth.clone()));
+    let grpc_routes = tonic::service::Routes::new(CaGrpc::server(issuer.clone(), auth.clone()))
+        .add_service(xds.service());
     let grpc_app = grpc_routes.into_axum_router();
     let rest_app = api::router(ApiState {
         issuer: issuer.clone(),
@@ -198,6 +210,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         ready: ready.clone(),
         store: store.clone(),
+        xds: xds.clone(),
     });
 
     let grpc_listener = bind(config.grpc_addr).await?;
@@ -227,6 +240,59 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// Authenticates xDS streams with the same tokens as the CA.
+struct XdsAuth(Arc<Authenticator>);
+
+#[tonic::async_trait]
+impl StreamAuthenticator for XdsAuth {
+    async fn authenticate(&self, header: Option<&str>) -> Result<Peer, tonic::Status> {
+        let caller = self
+            .0
+            .authenticate_header(header)
+            .await
+            .map_err(crate::ca::grpc::auth_status)?;
+        let node = match &caller {
+            Caller::Node { node } => Some(node.clone()),
+            Caller::Workload(_) => None,
+        };
+        Ok(Peer {
+            caller: caller.key(),
+            node,
+        })
+    }
+}
+
+/// Streams the model's changes, in order, into the xDS server. Encoding
+/// happens here, off the request path.
+fn feed_xds(store: &MeshStore, xds: Arc<XdsServer>) {
+    let (snapshot, mut changes) = store.snapshot_and_subscribe();
+    tokio::spawn(async move {
+        let first = xds.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            first.update(
+                snapshot.addresses.into_iter().map(|(n, a)| (n, Some(a))),
+                snapshot
+                    .authorizations
+                    .into_iter()
+                    .map(|(n, a)| (n, Some(a))),
+            )
+        })
+        .await;
+        while let Some(change) = changes.recv().await {
+            // Fold whatever else is queued into one update.
+            let mut addresses = change.addresses.clone();
+            let mut authorizations = change.authorizations.clone();
+            while let Ok(more) = changes.try_recv() {
+                addresses.extend(more.addresses.clone());
+                authorizations.extend(more.authorizations.clone());
+            }
+            let xds = xds.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || xds.update(addresses, authorizations)).await;
+        }
+    });
 }
 
 /// Kubernetes mode needs a reachable API server; say how to run without one.

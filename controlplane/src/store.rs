@@ -7,7 +7,9 @@
 use std::sync::{Arc, RwLock};
 
 use meshbox_certs::SpiffeId;
-use tokio::sync::watch;
+use meshbox_proto::security::Authorization;
+use meshbox_proto::workload::Address;
+use tokio::sync::mpsc;
 
 use crate::ca::NodeRoster;
 use crate::model::{Changes, Kind, MeshConfig, MeshIndex, Object, ObjectKey};
@@ -16,9 +18,15 @@ use crate::source::manifests::ManifestError;
 pub struct MeshStore {
     index: RwLock<MeshIndex>,
     source_errors: RwLock<Vec<ManifestError>>,
-    /// Bumped after every change that altered a derived resource; the
-    /// receivers learn *that* something changed and ask for *what*.
-    changed: watch::Sender<(u64, Arc<Changes>)>,
+    /// Every non-empty change, in order, to each subscriber (the xDS
+    /// server). Sent under the write lock, so order matches the model's.
+    subscribers: std::sync::Mutex<Vec<mpsc::UnboundedSender<Arc<Changes>>>>,
+}
+
+/// Every served resource at one instant.
+pub struct Snapshot {
+    pub addresses: Vec<(String, Arc<Address>)>,
+    pub authorizations: Vec<(String, Arc<Authorization>)>,
 }
 
 impl MeshStore {
@@ -26,7 +34,7 @@ impl MeshStore {
         Arc::new(Self {
             index: RwLock::new(MeshIndex::new(config)),
             source_errors: RwLock::new(Vec::new()),
-            changed: watch::channel((0, Arc::new(Changes::default()))).0,
+            subscribers: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -48,15 +56,11 @@ impl MeshStore {
     }
 
     fn write(&self, f: impl FnOnce(&mut MeshIndex) -> Changes) -> Arc<Changes> {
-        let changes = {
-            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-            Arc::new(f(&mut index))
-        };
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let changes = Arc::new(f(&mut index));
         if !changes.is_empty() {
-            self.changed.send_modify(|(generation, last)| {
-                *generation += 1;
-                *last = changes.clone();
-            });
+            let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+            subscribers.retain(|tx| tx.send(changes.clone()).is_ok());
         }
         changes
     }
@@ -67,8 +71,28 @@ impl MeshStore {
         f(&index)
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<(u64, Arc<Changes>)> {
-        self.changed.subscribe()
+    /// The current resources, and every change after them, with nothing
+    /// missed or repeated in between.
+    pub fn snapshot_and_subscribe(&self) -> (Snapshot, mpsc::UnboundedReceiver<Arc<Changes>>) {
+        // The write lock keeps writers out between the copy and the subscription.
+        let index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let snapshot = Snapshot {
+            addresses: index
+                .addresses()
+                .map(|(n, a)| (n.to_owned(), a.clone()))
+                .collect(),
+            authorizations: index
+                .authorizations()
+                .map(|(n, a)| (n.to_owned(), a.clone()))
+                .collect(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        drop(index);
+        (snapshot, rx)
     }
 
     pub fn set_source_errors(&self, errors: Vec<ManifestError>) {

@@ -30,6 +30,7 @@ pub struct ApiState {
     /// True once every source has delivered its first state.
     pub ready: Arc<AtomicBool>,
     pub store: Arc<MeshStore>,
+    pub xds: Arc<crate::xds::XdsServer>,
 }
 
 /// The OpenAPI document, kept beside the code it describes.
@@ -59,6 +60,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/policies", get(mesh::list_policies))
         .route("/api/v1/waypoints", get(mesh::list_waypoints))
         .route("/api/v1/status", get(mesh::status))
+        .route("/api/v1/dataplanes", get(dataplanes))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/openapi.json") })
         .with_state(state)
 }
@@ -82,6 +84,10 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
         )],
         state.metrics.encode(),
     )
+}
+
+async fn dataplanes(State(state): State<ApiState>) -> impl IntoResponse {
+    axum::Json(state.xds.connections())
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -1,0 +1,819 @@
+//! Delta ADS conformance of the xDS server, over real TCP on 127.0.0.1,
+//! driven by our client library or by raw tonic streams.
+
+#[path = "xds_common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use meshbox_controlplane::xds::XdsOptions;
+use meshbox_dataplane::xds::{Answer, ResourceType, Validator, XdsClient, XdsState};
+use meshbox_proto::google::rpc::Status as RpcStatus;
+use meshbox_proto::workload::{Address, address};
+use meshbox_proto::xds::DeltaDiscoveryRequest;
+use prost::Message;
+use tonic::Code;
+use tonic::transport::Endpoint;
+
+const SHORT: Duration = Duration::from_millis(250);
+
+fn tag_of(a: &Address) -> String {
+    match &a.r#type {
+        Some(address::Type::Workload(w)) => w.canonical_revision.clone(),
+        _ => String::new(),
+    }
+}
+
+fn decode_tag(r: &meshbox_proto::xds::Resource) -> String {
+    let any = r.resource.as_ref().unwrap();
+    tag_of(&Address::decode(any.value.as_slice()).unwrap())
+}
+
+#[tokio::test]
+async fn initial_wildcard_sync_of_both_types() {
+    let h = Harness::start().await;
+    let (svc_name, svc) = service("reviews", [10, 96, 0, 1]);
+    h.server.update(
+        [
+            (uid("a"), Some(workload("a", [10, 0, 0, 1], "v1"))),
+            (uid("b"), Some(workload("b", [10, 0, 0, 2], "v1"))),
+            (svc_name.clone(), Some(svc.clone())),
+        ],
+        [policy("deny-80", 80), policy("deny-81", 81)],
+    );
+    let client = h.client();
+    wait_state(&client, "both types synced", |s| {
+        s.is_synced() && s.addresses.len() == 3 && s.authorizations.len() == 2
+    })
+    .await;
+    let state = client.state().borrow().clone();
+    assert_eq!(
+        *state.addresses[&uid("a")].resource,
+        *workload("a", [10, 0, 0, 1], "v1")
+    );
+    assert_eq!(*state.addresses[&svc_name].resource, *svc);
+    let (name, expected) = policy("deny-81", 81);
+    assert_eq!(*state.authorizations[&name].resource, *expected.unwrap());
+    // Versions are per resource and differ between resources.
+    assert_ne!(
+        state.addresses[&uid("a")].version,
+        state.addresses[&uid("b")].version
+    );
+
+    // A server with nothing still answers, so a client knows it is in sync.
+    let empty = Harness::start().await;
+    let client = empty.client();
+    wait_state(&client, "empty sync", |s| s.is_synced()).await;
+}
+
+#[tokio::test]
+async fn add_update_remove_are_sent_as_deltas() {
+    let h = Harness::start().await;
+    h.put_workloads([
+        (uid("a"), workload("a", [10, 0, 0, 1], "v1")),
+        (uid("b"), workload("b", [10, 0, 0, 2], "v1")),
+    ]);
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    s.send(wildcard(ADDRESS)).await;
+    let r = s.recv().await;
+    assert_eq!(r.type_url, ADDRESS);
+    assert_eq!(sorted_names(&r), vec![uid("a"), uid("b")]);
+    assert!(r.removed_resources.is_empty());
+    assert!(!r.nonce.is_empty());
+    let first_version = r.resources[0].version.clone();
+    s.ack(&r).await;
+
+    // Feeding identical content is not a change.
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    s.expect_silence(SHORT).await;
+
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v2"))]);
+    let r = s.recv().await;
+    assert_eq!(
+        sorted_names(&r),
+        vec![uid("a")],
+        "only the changed resource"
+    );
+    assert_eq!(decode_tag(&r.resources[0]), "v2");
+    assert!(r.resources.iter().all(|x| x.version != first_version));
+    s.ack(&r).await;
+
+    h.put_workloads([(uid("c"), workload("c", [10, 0, 0, 3], "v1"))]);
+    let r = s.recv().await;
+    assert_eq!(sorted_names(&r), vec![uid("c")]);
+    s.ack(&r).await;
+
+    h.remove_addresses(&[&uid("b")]);
+    let r = s.recv().await;
+    assert!(r.resources.is_empty());
+    assert_eq!(r.removed_resources, vec![uid("b")]);
+    s.ack(&r).await;
+    s.expect_silence(SHORT).await;
+}
+
+#[tokio::test]
+async fn nacked_version_is_not_resent_until_it_changes() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    s.send(wildcard(ADDRESS)).await;
+    let r = s.recv().await;
+    s.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS.into(),
+        response_nonce: r.nonce.clone(),
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "a: unsupported tunnel protocol".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await;
+    // Asking for it again does not bring the rejected version back.
+    s.send(subscribe(ADDRESS, &[&uid("a")])).await;
+    s.expect_silence(SHORT).await;
+    assert_eq!(
+        h.metric(
+            "meshbox_xds_nacks_total",
+            &format!("type_url=\"{ADDRESS}\"")
+        ),
+        1.0
+    );
+    let infos = h.server.connections();
+    let address = infos[0]
+        .types
+        .iter()
+        .find(|t| t.type_url == ADDRESS)
+        .unwrap();
+    let nack = address.last_nack.as_ref().expect("NACK recorded");
+    assert!(nack.message.contains("unsupported tunnel protocol"));
+    assert_eq!(nack.version, r.system_version_info);
+
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v2"))]);
+    let r = s.recv().await;
+    assert_eq!(sorted_names(&r), vec![uid("a")]);
+    assert_eq!(decode_tag(&r.resources[0]), "v2");
+}
+
+#[tokio::test]
+async fn client_nacks_what_its_validator_rejects() {
+    let h = Harness::start().await;
+    h.put_workloads([
+        (uid("a"), workload("a", [10, 0, 0, 1], "ok")),
+        (uid("b"), workload("b", [10, 0, 0, 2], "bad")),
+    ]);
+    let mut options = client_options(TOKEN);
+    let validator: Validator = Arc::new(|_, resource| match resource {
+        meshbox_dataplane::xds::ResourceRef::Address(a) if tag_of(a) == "bad" => {
+            Err("tag 'bad' is not allowed".into())
+        }
+        _ => Ok(()),
+    });
+    options.validator = Some(validator);
+    let client = XdsClient::start(h.channel(), options);
+    wait_state(&client, "a accepted, b rejected", |s| {
+        s.is_synced() && s.addresses.contains_key(&uid("a")) && s.nacks == 1
+    })
+    .await;
+    assert!(!client.state().borrow().addresses.contains_key(&uid("b")));
+    wait_until("server counted the NACK", || {
+        h.metric("meshbox_xds_nacks_total", "") == 1.0
+    })
+    .await;
+    h.put_workloads([(uid("b"), workload("b", [10, 0, 0, 2], "fixed"))]);
+    wait_state(&client, "fixed b accepted", |s| {
+        s.addresses
+            .get(&uid("b"))
+            .is_some_and(|r| tag_of(&r.resource) == "fixed")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reconnect_with_initial_versions_gets_only_changes() {
+    let h = Harness::start().await;
+    h.put_workloads([
+        (uid("a"), workload("a", [10, 0, 0, 1], "v1")),
+        (uid("b"), workload("b", [10, 0, 0, 2], "v1")),
+        (uid("c"), workload("c", [10, 0, 0, 3], "v1")),
+    ]);
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    s.send(wildcard(ADDRESS)).await;
+    let r = s.recv().await;
+    let mut held: HashMap<String, String> = r
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    drop(s);
+
+    h.put_workloads([
+        (uid("a"), workload("a", [10, 0, 0, 1], "v2")),
+        (uid("d"), workload("d", [10, 0, 0, 4], "v1")),
+    ]);
+    h.remove_addresses(&[&uid("b")]);
+    held.insert("ghost".into(), "0123".into());
+
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut first = wildcard(ADDRESS);
+    first.initial_resource_versions = held;
+    s.send(first).await;
+    let r = s.recv().await;
+    assert_eq!(sorted_names(&r), vec![uid("a"), uid("d")]);
+    assert_eq!(sorted_removed(&r), vec![uid("b"), "ghost".to_string()]);
+    s.expect_silence(SHORT).await;
+}
+
+#[tokio::test]
+async fn client_library_reconnects_and_receives_only_what_changed() {
+    let h = Harness::start().await;
+    h.put_workloads((0..50).map(|i| {
+        let name = format!("w{i}");
+        (uid(&name), workload(&name, [10, 1, 0, i as u8], "v1"))
+    }));
+    let proxy = Proxy::start(h.addr).await;
+    let client = XdsClient::start(channel_to(proxy.addr), client_options(TOKEN));
+    wait_state(&client, "first sync", |s| {
+        s.is_synced() && s.addresses.len() == 50
+    })
+    .await;
+    let sent_before = h.metric("meshbox_xds_resources_sent_total", "");
+
+    proxy.sever();
+    wait_until("server saw the stream end", || {
+        h.server.connections().is_empty()
+    })
+    .await;
+    h.put_workloads([(uid("w7"), workload("w7", [10, 1, 0, 7], "v2"))]);
+    h.remove_addresses(&[&uid("w8")]);
+
+    wait_state(&client, "second stream in sync", |s| {
+        s.streams >= 2
+            && s.is_synced()
+            && s.addresses.len() == 49
+            && s.addresses
+                .get(&uid("w7"))
+                .is_some_and(|r| tag_of(&r.resource) == "v2")
+    })
+    .await;
+    let sent_after = h.metric("meshbox_xds_resources_sent_total", "");
+    assert_eq!(sent_after - sent_before, 1.0, "only w7 was sent again");
+}
+
+#[tokio::test]
+async fn on_demand_by_name_and_ip_with_not_found_and_unsubscribe() {
+    let h = Harness::start().await;
+    let (svc_name, svc) = service("reviews", [10, 96, 0, 1]);
+    h.put_workloads([
+        (uid("a"), workload("a", [10, 0, 0, 1], "v1")),
+        (uid("b"), workload("b", [10, 0, 0, 2], "v1")),
+        (svc_name.clone(), svc),
+    ]);
+    let mut options = client_options(TOKEN);
+    options.wildcard = vec![ResourceType::Authorization];
+    let client = XdsClient::start(h.channel(), options);
+    wait_state(&client, "synced, nothing on demand yet", |s| {
+        s.is_synced() && s.addresses.is_empty()
+    })
+    .await;
+
+    let demand = |name: String| {
+        let client = client.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                client.demand(ResourceType::Address, name),
+            )
+            .await
+            .expect("answered in time")
+            .expect("client running")
+        }
+    };
+    assert_eq!(demand(uid("a")).await, Answer::Found(vec![uid("a")]));
+    assert_eq!(
+        demand("/10.0.0.2".into()).await,
+        Answer::Found(vec![uid("b")])
+    );
+    assert_eq!(
+        demand("/10.96.0.1".into()).await,
+        Answer::Found(vec![svc_name.clone()])
+    );
+    assert_eq!(
+        demand("default/nope.default.svc.cluster.local".into()).await,
+        Answer::NotFound
+    );
+    assert_eq!(demand("/10.9.9.9".into()).await, Answer::NotFound);
+    {
+        let state = client.state().borrow().clone();
+        assert_eq!(state.addresses.len(), 3);
+        assert_eq!(
+            state.addresses[&uid("b")].aliases,
+            vec!["/10.0.0.2".to_string()]
+        );
+    }
+
+    // Subscribed names follow changes; others are not sent.
+    h.put_workloads([
+        (uid("c"), workload("c", [10, 0, 0, 3], "v1")),
+        (uid("a"), workload("a", [10, 0, 0, 1], "v2")),
+    ]);
+    wait_state(&client, "a updated", |s| {
+        s.addresses
+            .get(&uid("a"))
+            .is_some_and(|r| tag_of(&r.resource) == "v2")
+    })
+    .await;
+    // A new workload at a looked-up IP is sent as well.
+    h.put_workloads([(uid("b2"), workload("b2", [10, 0, 0, 2], "v1"))]);
+    wait_state(&client, "b2 at the looked-up IP", |s| {
+        s.addresses.contains_key(&uid("b2"))
+    })
+    .await;
+    assert!(!client.state().borrow().addresses.contains_key(&uid("c")));
+
+    client
+        .unsubscribe(ResourceType::Address, vec![uid("a"), "/10.0.0.2".into()])
+        .await
+        .unwrap();
+    wait_state(&client, "a, b, b2 dropped", |s| {
+        !s.addresses.contains_key(&uid("a"))
+            && !s.addresses.contains_key(&uid("b"))
+            && !s.addresses.contains_key(&uid("b2"))
+    })
+    .await;
+    let pushes = h.metric(
+        "meshbox_xds_pushes_total",
+        &format!("type_url=\"{ADDRESS}\""),
+    );
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v3"))]);
+    tokio::time::sleep(SHORT).await;
+    assert_eq!(
+        h.metric(
+            "meshbox_xds_pushes_total",
+            &format!("type_url=\"{ADDRESS}\"")
+        ),
+        pushes,
+        "nothing sent for an unsubscribed name"
+    );
+    assert!(client.state().borrow().addresses.contains_key(&svc_name));
+}
+
+#[tokio::test]
+async fn ztunnel_style_ip_lookup_on_a_raw_stream() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    // ztunnel with XDS_ON_DEMAND: subscribe and unsubscribe "*" together.
+    let mut first = wildcard(ADDRESS);
+    first.resource_names_subscribe = vec!["*".into()];
+    first.resource_names_unsubscribe = vec!["*".into()];
+    s.send(first).await;
+    let r = s.recv().await;
+    assert!(r.resources.is_empty() && r.removed_resources.is_empty());
+    s.ack(&r).await;
+    s.send(subscribe(ADDRESS, &["/10.0.0.1", "/10.0.0.9"]))
+        .await;
+    let r = s.recv().await;
+    assert_eq!(sorted_names(&r), vec![uid("a")]);
+    assert_eq!(r.resources[0].aliases, vec!["/10.0.0.1"]);
+    assert_eq!(r.removed_resources, vec!["/10.0.0.9"]);
+}
+
+#[tokio::test]
+async fn unknown_type_url_is_ignored() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    s.send(wildcard(
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+    ))
+    .await;
+    s.expect_silence(SHORT).await;
+    s.send(wildcard(ADDRESS)).await;
+    let r = s.recv().await;
+    assert_eq!(sorted_names(&r), vec![uid("a")]);
+    assert_eq!(
+        h.metric(
+            "meshbox_xds_requests_ignored_total",
+            "reason=\"unknown_type\""
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn request_with_unknown_nonce_is_ignored() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    s.send(wildcard(ADDRESS)).await;
+    let r = s.recv().await;
+    s.ack(&r).await;
+    for nonce in ["bogus", "999999"] {
+        let mut request = subscribe(ADDRESS, &["default/not-there"]);
+        request.response_nonce = nonce.into();
+        s.send(request).await;
+    }
+    s.expect_silence(SHORT).await;
+    assert_eq!(
+        h.metric(
+            "meshbox_xds_requests_ignored_total",
+            "reason=\"unknown_nonce\""
+        ),
+        2.0
+    );
+    // The stream is fine.
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v2"))]);
+    assert_eq!(sorted_names(&s.recv().await), vec![uid("a")]);
+}
+
+#[tokio::test]
+async fn garbage_names_end_the_stream_with_invalid_argument() {
+    let h = Harness::start().await;
+    let long = "n".repeat(5000);
+    for (name, why) in [
+        ("bad name", "whitespace"),
+        ("bell\u{7}", "control"),
+        ("", "empty"),
+        (long.as_str(), "too long"),
+    ] {
+        let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+        s.send(wildcard(ADDRESS)).await;
+        s.recv().await;
+        s.send(subscribe(ADDRESS, &[name])).await;
+        let status = s.recv_error().await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{why}");
+        assert!(
+            status.message().contains(why),
+            "{why}: {}",
+            status.message()
+        );
+    }
+    // Empty type_url on an ADS stream.
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    s.send(wildcard("")).await;
+    assert_eq!(s.recv_error().await.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn huge_subscribe_list_is_refused() {
+    let h = Harness::start().await;
+    let names: Vec<String> = (0..10_001).map(|i| format!("default/svc-{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+
+    // At the bound: accepted, every name answered "not found".
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    s.send(subscribe(ADDRESS, &names[..10_000])).await;
+    let mut not_found = 0;
+    while not_found < 10_000 {
+        let r = s.recv().await;
+        assert!(r.resources.is_empty());
+        not_found += r.removed_resources.len();
+    }
+    assert_eq!(not_found, 10_000);
+
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    s.send(subscribe(ADDRESS, &names)).await;
+    let status = s.recv_error().await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("at most 10000"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_streams_are_refused_before_anything_is_sent() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    for token in [None, Some("someone-else")] {
+        let status = match RawStream::open(h.channel(), token).await {
+            Err(status) => status,
+            Ok(_) => panic!("stream with {token:?} was accepted"),
+        };
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    assert_eq!(
+        h.metric(
+            "meshbox_xds_streams_refused_total",
+            "reason=\"unauthenticated\""
+        ),
+        2.0
+    );
+    assert_eq!(h.metric("meshbox_xds_resources_sent_total", ""), 0.0);
+    assert!(h.server.connections().is_empty());
+
+    let client = XdsClient::start(h.channel(), client_options("wrong"));
+    wait_state(&client, "client reports the refusal", |s| {
+        !s.connected
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("token not valid"))
+    })
+    .await;
+    assert!(client.state().borrow().addresses.is_empty());
+}
+
+#[tokio::test]
+async fn connections_report_node_and_versions() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    let client = h.client();
+    wait_state(&client, "synced", |s| s.is_synced()).await;
+    wait_until("both types ACKed", || {
+        let infos = h.server.connections();
+        infos.len() == 1
+            && infos[0].types.len() == 2
+            && infos[0].types.iter().all(|t| {
+                t.last_acked_version.is_some() && t.last_acked_version == t.last_sent_version
+            })
+    })
+    .await;
+    let infos = h.server.connections();
+    let info = &infos[0];
+    assert_eq!(info.caller, "node:worker-1");
+    assert_eq!(info.node.as_deref(), Some("worker-1"));
+    assert!(info.node_id.as_deref().unwrap().starts_with("ztunnel~"));
+    let address = info.types.iter().find(|t| t.type_url == ADDRESS).unwrap();
+    assert!(address.wildcard);
+    assert_eq!(address.resources, 1);
+    assert!(address.last_nack.is_none());
+    let json = serde_json::to_value(&infos).unwrap();
+    let since = json[0]["connectedSince"].as_str().unwrap();
+    assert!(since.contains('T') && since.ends_with('Z'), "{since}");
+    assert_eq!(json[0]["types"][0]["typeUrl"], ADDRESS);
+    assert_eq!(h.metric("meshbox_xds_connected_clients", ""), 1.0);
+    drop(client);
+    wait_until("stream gone", || h.server.connections().is_empty()).await;
+    assert_eq!(h.metric("meshbox_xds_connected_clients", ""), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_converge_after_a_burst_and_share_encodings() {
+    let h = Harness::start().await;
+    let mut expected: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut upserts = 0u64;
+    let initial: Vec<(String, Arc<Address>)> = (0..200)
+        .map(|i| {
+            let name = format!("w{i}");
+            expected.insert(uid(&name), Some("v0".into()));
+            upserts += 1;
+            (uid(&name), workload(&name, ip(i), "v0"))
+        })
+        .collect();
+    h.put_workloads(initial);
+    let clients: Vec<XdsClient> = (0..50)
+        .map(|i| {
+            let channel = Endpoint::from_shared(format!("http://{}", h.addr))
+                .unwrap()
+                .connect_lazy();
+            XdsClient::start(channel, client_options(&format!("node-token-worker-{i}")))
+        })
+        .collect();
+    for c in &clients {
+        wait_state(c, "initial sync", |s| {
+            s.is_synced() && s.addresses.len() == 200
+        })
+        .await;
+    }
+    let pushes_before = h.metric(
+        "meshbox_xds_pushes_total",
+        &format!("type_url=\"{ADDRESS}\""),
+    );
+
+    // 1 000 changes, one update call each: upserts, new names, removals.
+    for i in 0..1000usize {
+        let name = format!("w{}", i % 300);
+        if i % 7 == 3 {
+            h.remove_addresses(&[&uid(&name)]);
+            expected.insert(uid(&name), None);
+        } else {
+            let tag = format!("r{i}");
+            h.put_workloads([(uid(&name), workload(&name, ip(i % 300), &tag))]);
+            expected.insert(uid(&name), Some(tag));
+            upserts += 1;
+        }
+    }
+    let expected: BTreeMap<String, String> = expected
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect();
+    let started = Instant::now();
+    for c in &clients {
+        wait_state(c, "converged", |s| tags(s) == expected).await;
+    }
+    let converged_in = started.elapsed();
+    let first = clients[0].state().borrow().versions(ResourceType::Address);
+    for c in &clients[1..] {
+        assert_eq!(c.state().borrow().versions(ResourceType::Address), first);
+    }
+    assert_eq!(
+        h.metric("meshbox_xds_resource_encodings_total", ""),
+        upserts as f64,
+        "each update encoded once, not once per client"
+    );
+    let pushes = h.metric(
+        "meshbox_xds_pushes_total",
+        &format!("type_url=\"{ADDRESS}\""),
+    ) - pushes_before;
+    // Without coalescing this would be 50 000.
+    assert!(pushes < 50.0 * 100.0, "{pushes} pushes for 1000 changes");
+    eprintln!("50 clients converged {converged_in:?} after the burst, {pushes} pushes");
+}
+
+fn ip(i: usize) -> [u8; 4] {
+    [10, 2, (i / 256) as u8, (i % 256) as u8]
+}
+
+fn tags(s: &XdsState) -> BTreeMap<String, String> {
+    s.addresses
+        .iter()
+        .map(|(n, r)| (n.clone(), tag_of(&r.resource)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_neither_blocks_others_nor_accumulates_updates() {
+    let options = XdsOptions {
+        client_queue_depth: 1,
+        change_log_capacity: 256,
+        max_response_bytes: 64 * 1024,
+        ..XdsOptions::default()
+    };
+    let h = Harness::with_options(options).await;
+    const N: usize = 100;
+    const ROUNDS: usize = 30;
+    let round = |r: usize| {
+        (0..N).map(move |i| {
+            let name = format!("w{i}");
+            (
+                uid(&name),
+                big_workload(&name, ip(i), &format!("r{r}"), 8 * 1024),
+            )
+        })
+    };
+    h.put_workloads(round(0));
+    let all_names: Vec<String> = (0..N).map(|i| uid(&format!("w{i}"))).collect();
+    let all_names: Vec<&str> = all_names.iter().map(String::as_str).collect();
+
+    // Two clients that subscribe and then stop reading (one wildcard, one
+    // naming every resource), with a small HTTP/2 window so the server
+    // notices quickly.
+    let slow_channel = || {
+        Endpoint::from_shared(format!("http://{}", h.addr))
+            .unwrap()
+            .initial_stream_window_size(64 * 1024)
+            .initial_connection_window_size(64 * 1024)
+            .connect_lazy()
+    };
+    let mut slow_wildcard = RawStream::open(slow_channel(), Some("node-token-slow-wildcard"))
+        .await
+        .unwrap();
+    slow_wildcard.send(wildcard(ADDRESS)).await;
+    let mut slow_named = RawStream::open(slow_channel(), Some("node-token-slow-named"))
+        .await
+        .unwrap();
+    slow_named.send(subscribe(ADDRESS, &all_names)).await;
+
+    let fast = h.client();
+    wait_state(&fast, "fast initial sync", |s| s.addresses.len() == N).await;
+    let mut slowest_round = Duration::ZERO;
+    for r in 1..=ROUNDS {
+        h.put_workloads(round(r));
+        let started = Instant::now();
+        let want = format!("r{r}");
+        wait_state(&fast, "fast client follows", |s| {
+            s.addresses.len() == N && s.addresses.values().all(|a| tag_of(&a.resource) == want)
+        })
+        .await;
+        slowest_round = slowest_round.max(started.elapsed());
+    }
+    assert!(
+        slowest_round < Duration::from_secs(2),
+        "the fast client waited {slowest_round:?}"
+    );
+
+    // What the slow streams have pending is a set of names, not a list
+    // of updates.
+    for info in h.server.connections() {
+        for t in &info.types {
+            assert!(t.pending <= N && t.resources <= N, "{info:?}");
+        }
+    }
+    let want = format!("r{ROUNDS}");
+    let up_to_date =
+        |held: &HashMap<String, String>| held.len() == N && held.values().all(|t| *t == want);
+
+    // The named one reads again and gets the latest state of what
+    // changed, once.
+    let mut held: HashMap<String, String> = HashMap::new();
+    let mut received = 0usize;
+    while !up_to_date(&held) {
+        let r = slow_named.recv().await;
+        received += r.resources.len();
+        for resource in &r.resources {
+            held.insert(resource.name.clone(), decode_tag(resource));
+        }
+        slow_named.ack(&r).await;
+    }
+    assert!(
+        received < 4 * N,
+        "named slow client got {received} resources for {} updates",
+        N * (ROUNDS + 1)
+    );
+    assert!(h.metric("meshbox_xds_fell_behind_total", "action=\"resync\"") >= 1.0);
+
+    // The wildcard one cannot know what was deleted meanwhile, so its
+    // stream is restarted; with initial_resource_versions it is then sent
+    // only what it lacks.
+    let mut versions: HashMap<String, String> = HashMap::new();
+    let mut received = 0usize;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(5), slow_wildcard.rx.message()).await {
+            Ok(Ok(Some(r))) => {
+                received += r.resources.len();
+                for resource in &r.resources {
+                    versions.insert(resource.name.clone(), resource.version.clone());
+                }
+            }
+            Ok(Err(status)) => break status,
+            other => panic!("expected responses then an error, got {other:?}"),
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("reconnect"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        h.metric("meshbox_xds_fell_behind_total", "action=\"reconnect\""),
+        1.0
+    );
+    let mut again = RawStream::open(h.channel(), Some("node-token-slow-wildcard"))
+        .await
+        .unwrap();
+    let mut first = wildcard(ADDRESS);
+    first.initial_resource_versions = versions.into_iter().collect();
+    again.send(first).await;
+    let mut held: HashMap<String, String> = HashMap::new();
+    while held.len() < N {
+        let r = again.recv().await;
+        received += r.resources.len();
+        assert!(r.removed_resources.is_empty());
+        for resource in &r.resources {
+            held.insert(resource.name.clone(), decode_tag(resource));
+        }
+        again.ack(&r).await;
+    }
+    assert!(up_to_date(&held));
+    eprintln!("wildcard slow client: {received} resources in all");
+    assert!(
+        received < 4 * N,
+        "wildcard slow client got {received} resources for {} updates",
+        N * (ROUNDS + 1)
+    );
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_updates_becomes_one_push() {
+    let options = XdsOptions {
+        debounce: Duration::from_millis(100),
+        debounce_max: Duration::from_secs(1),
+        ..XdsOptions::default()
+    };
+    let h = Harness::with_options(options).await;
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    s.send(wildcard(ADDRESS)).await;
+    let r = s.recv().await;
+    assert!(r.resources.is_empty());
+    s.ack(&r).await;
+    for burst in 0..2 {
+        for i in 0..20 {
+            let name = format!("w{i}");
+            h.put_workloads([(uid(&name), workload(&name, ip(i), &format!("b{burst}")))]);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let r = s.recv().await;
+        assert_eq!(r.resources.len(), 20, "burst {burst} in one response");
+        assert!(
+            r.resources
+                .iter()
+                .all(|x| decode_tag(x) == format!("b{burst}"))
+        );
+        s.ack(&r).await;
+        s.expect_silence(Duration::from_millis(200)).await;
+    }
+}
