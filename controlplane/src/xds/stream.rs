@@ -124,9 +124,12 @@ pub(crate) async fn run(
                         return;
                     }
                 }
-                // Once caught up, the next change waits for its own
-                // debounce again.
-                if !stream.types.iter().any(|t| t.has_work(false, 0)) {
+                // Once every type has absorbed the change and is caught
+                // up, the next change waits for its own debounce again. A
+                // type that has not absorbed it yet keeps the push due: one
+                // change may touch both types, and each answers in turn.
+                let latest = *published.borrow();
+                if !stream.types.iter().any(|t| t.has_work(push_due, latest)) {
                     push_due = false;
                 }
             }

@@ -1,0 +1,141 @@
+//! Our dataplane's xDS client against the real `controlplane run` binary on a
+//! manifest folder, over TLS with a node token, as a deployment would run it.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use meshbox_dataplane::xds::{ClientOptions, Credentials, XdsClient, XdsState, node};
+use support::*;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+fn example_manifests() -> Vec<(String, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bookinfo");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(e.path()).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+async fn wait_for(client: &XdsClient, what: &str, check: impl Fn(&XdsState) -> bool) -> XdsState {
+    let mut state = client.state();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        {
+            let now = state.borrow_and_update();
+            if check(&now) {
+                return now.clone();
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            tokio::time::timeout(left, state.changed()).await.is_ok(),
+            "timed out waiting for {what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dataplane_syncs_over_tls_and_follows_folder_edits() {
+    meshbox_certs::install_crypto_provider();
+    let files = example_manifests();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_str()))
+        .collect();
+    let cp = ControlPlane::start(&refs, &[]);
+
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(cp.root_pem()))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", cp.grpc.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_lazy();
+    let options = ClientOptions::new(
+        Credentials::Bearer(cp.token_for_node("node-1")),
+        node("meshbox-dataplane~node-1", [("NODE_NAME", "node-1")]),
+    );
+    let client = XdsClient::start(channel, options);
+
+    let state = wait_for(&client, "the initial sync", |s| s.is_synced()).await;
+    let reviews = "Kubernetes//Pod/bookinfo/reviews-v1-5b8f6c7d9-p7r4s";
+    assert!(
+        state.addresses.contains_key(reviews),
+        "{:?}",
+        state.addresses.keys()
+    );
+    assert!(
+        state
+            .addresses
+            .contains_key("bookinfo/reviews.bookinfo.svc.cluster.local")
+    );
+    assert!(
+        state
+            .authorizations
+            .contains_key("bookinfo/reviews-from-productpage")
+    );
+
+    // The control plane lists this stream, by node.
+    let (status, body) = curl(&cp, &[], "/api/v1/dataplanes");
+    assert_eq!(status, 200);
+    let dataplanes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dataplanes[0]["node"], "node-1", "{dataplanes:#}");
+
+    // Delete a policy from the folder: the dataplane loses it.
+    let policies = cp.config.join("policies.yaml");
+    let text = std::fs::read_to_string(&policies).unwrap();
+    let without: Vec<&str> = text
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: ratings-from-reviews"))
+        .collect();
+    std::fs::write(&policies, without.join("\n---\n")).unwrap();
+    wait_for(&client, "the policy removal", |s| {
+        !s.authorizations
+            .contains_key("bookinfo/ratings-from-reviews")
+            && s.authorizations
+                .contains_key("bookinfo/reviews-from-productpage")
+    })
+    .await;
+
+    // A stream without a token is refused.
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", cp.grpc.port()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(cp.root_pem()))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw =
+        meshbox_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(channel);
+    let request = meshbox_proto::xds::DeltaDiscoveryRequest {
+        type_url: meshbox_proto::ADDRESS_TYPE_URL.into(),
+        ..Default::default()
+    };
+    let refused = raw
+        .delta_aggregated_resources(tokio_stream::iter(vec![request]))
+        .await;
+    let code = match refused {
+        Err(status) => status.code(),
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            match stream.message().await {
+                Err(status) => status.code(),
+                Ok(m) => panic!("unauthenticated stream got {m:?}"),
+            }
+        }
+    };
+    assert_eq!(code, tonic::Code::Unauthenticated);
+}
