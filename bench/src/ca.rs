@@ -123,27 +123,27 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Raw ECDSA P-256 signatures per second on `threads` threads.
-fn raw_sign_rate(threads: usize, duration: Duration) -> f64 {
-    let rng = SystemRandom::new();
-    let Ok(pkcs8) = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng) else {
-        return 0.0;
-    };
+/// Runs `work` on `threads` threads for `duration`; returns successful
+/// calls per second. Each thread gets its own state from `setup`.
+fn rate_on_threads<S>(
+    threads: usize,
+    duration: Duration,
+    setup: impl Fn(usize) -> Option<S>,
+    work: impl Fn(&mut S) -> bool + Send + Sync + 'static,
+) -> f64
+where
+    S: Send + 'static,
+{
     let count = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let work = Arc::new(work);
     let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let (count, stop, pkcs8) = (count.clone(), stop.clone(), pkcs8.as_ref().to_vec());
+        .filter_map(setup)
+        .map(|mut state| {
+            let (count, stop, work) = (count.clone(), stop.clone(), work.clone());
             std::thread::spawn(move || {
-                let rng = SystemRandom::new();
-                let Ok(key) =
-                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng)
-                else {
-                    return;
-                };
-                let message = [7u8; 512]; // about the size of a leaf's TBS
                 while !stop.load(Ordering::Relaxed) {
-                    if key.sign(&rng, &message).is_ok() {
+                    if work(&mut state) {
                         count.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -159,6 +159,29 @@ fn raw_sign_rate(threads: usize, duration: Duration) -> f64 {
     count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Raw ECDSA P-256 signatures per second on `threads` threads.
+fn raw_sign_rate(threads: usize, duration: Duration) -> f64 {
+    let rng = SystemRandom::new();
+    let Ok(pkcs8) = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng) else {
+        return 0.0;
+    };
+    let pkcs8 = pkcs8.as_ref().to_vec();
+    rate_on_threads(
+        threads,
+        duration,
+        |_| {
+            let rng = SystemRandom::new();
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng)
+                .ok()
+                .map(|key| (key, rng))
+        },
+        |(key, rng)| {
+            let message = [7u8; 512]; // about the size of a leaf's TBS
+            key.sign(rng, &message).is_ok()
+        },
+    )
+}
+
 /// In-process issuances per second on `threads` threads: CSR parsing and
 /// signature check plus signing, with no transport, token or bookkeeping.
 fn in_process_issue_rate(threads: usize, csrs: Arc<Vec<String>>, duration: Duration) -> f64 {
@@ -168,34 +191,19 @@ fn in_process_issue_rate(threads: usize, csrs: Arc<Vec<String>>, duration: Durat
         return 0.0;
     };
     let ca = Arc::new(ca);
-    let count = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let handles: Vec<_> = (0..threads)
-        .map(|t| {
-            let (ca, count, stop, csrs) = (ca.clone(), count.clone(), stop.clone(), csrs.clone());
-            std::thread::spawn(move || {
-                let mut i = t;
-                while !stop.load(Ordering::Relaxed) {
-                    let csr = &csrs[i % csrs.len()];
-                    i += threads;
-                    let issued =
-                        meshbox_certs::ValidatedCsr::from_pem(csr.as_bytes(), "cluster.local")
-                            .ok()
-                            .and_then(|v| ca.sign(&v, Some(Duration::from_secs(3600))).ok());
-                    if issued.is_some() {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    let started = Instant::now();
-    std::thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    for h in handles {
-        let _ = h.join();
-    }
-    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    rate_on_threads(
+        threads,
+        duration,
+        |t| Some((ca.clone(), csrs.clone(), t)),
+        move |(ca, csrs, i)| {
+            let csr = &csrs[*i % csrs.len()];
+            *i += threads;
+            meshbox_certs::ValidatedCsr::from_pem(csr.as_bytes(), "cluster.local")
+                .ok()
+                .and_then(|v| ca.sign(&v, Some(Duration::from_secs(3600))).ok())
+                .is_some()
+        },
+    )
 }
 
 async fn connect(

@@ -8,7 +8,7 @@ use meshbox_proto::ca::istio_certificate_service_client::IstioCertificateService
 use prost_types::{Struct, Value, value::Kind};
 use support::*;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 
 const PODS: &str = r#"
 apiVersion: v1
@@ -57,16 +57,7 @@ const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
 const PAY: &str = "spiffe://cluster.local/ns/shop/sa/pay";
 
 async fn client(cp: &ControlPlane) -> IstioCertificateServiceClient<Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(cp.root_pem()))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", cp.grpc.port()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(cp).connect().await.unwrap();
     IstioCertificateServiceClient::new(channel)
 }
 

@@ -8,32 +8,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::*;
 
-fn example_manifests() -> Vec<(String, String)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bookinfo");
-    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read_to_string(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    files.sort();
-    files
-}
-
-fn start_bookinfo() -> ControlPlane {
-    let files = example_manifests();
-    let refs: Vec<(&str, &str)> = files
-        .iter()
-        .map(|(n, b)| (n.as_str(), b.as_str()))
-        .collect();
-    ControlPlane::start(&refs, &[])
-}
-
 fn get(cp: &ControlPlane, path: &str) -> Value {
     let (status, body) = curl(cp, &[], path);
     assert_eq!(status, 200, "{path}: {body}");

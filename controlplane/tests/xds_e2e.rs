@@ -7,22 +7,6 @@ use std::time::{Duration, Instant};
 
 use meshbox_dataplane::xds::{ClientOptions, Credentials, XdsClient, XdsState, node};
 use support::*;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-
-fn example_manifests() -> Vec<(String, String)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bookinfo");
-    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
-        .map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            (name, std::fs::read_to_string(e.path()).unwrap())
-        })
-        .collect();
-    files.sort();
-    files
-}
 
 async fn wait_for(client: &XdsClient, what: &str, check: impl Fn(&XdsState) -> bool) -> XdsState {
     let mut state = client.state();
@@ -45,21 +29,8 @@ async fn wait_for(client: &XdsClient, what: &str, check: impl Fn(&XdsState) -> b
 #[tokio::test]
 async fn a_dataplane_syncs_over_tls_and_follows_folder_edits() {
     meshbox_certs::install_crypto_provider();
-    let files = example_manifests();
-    let refs: Vec<(&str, &str)> = files
-        .iter()
-        .map(|(n, b)| (n.as_str(), b.as_str()))
-        .collect();
-    let cp = ControlPlane::start(&refs, &[]);
-
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(cp.root_pem()))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", cp.grpc.port()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_lazy();
+    let cp = start_bookinfo();
+    let channel = grpc_channel(&cp).connect_lazy();
     let options = ClientOptions::new(
         Credentials::Bearer(cp.token_for_node("node-1")),
         node("meshbox-dataplane~node-1", [("NODE_NAME", "node-1")]),
@@ -107,17 +78,7 @@ async fn a_dataplane_syncs_over_tls_and_follows_folder_edits() {
     .await;
 
     // A stream without a token is refused.
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", cp.grpc.port()))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(cp.root_pem()))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(&cp).connect().await.unwrap();
     let mut raw =
         meshbox_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(channel);
     let request = meshbox_proto::xds::DeltaDiscoveryRequest {

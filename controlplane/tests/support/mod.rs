@@ -256,3 +256,40 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
+
+/// The files of `examples/bookinfo`, sorted by name.
+pub fn example_manifests() -> Vec<(String, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bookinfo");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(e.path()).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// A control plane on the bookinfo example folder.
+pub fn start_bookinfo() -> ControlPlane {
+    let files = example_manifests();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_str()))
+        .collect();
+    ControlPlane::start(&refs, &[])
+}
+
+/// A gRPC channel to the control plane's TLS port, trusting its root.
+pub fn grpc_channel(cp: &ControlPlane) -> tonic::transport::Endpoint {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cp.root_pem()))
+        .domain_name("localhost");
+    tonic::transport::Channel::from_shared(format!("https://127.0.0.1:{}", cp.grpc.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+}
