@@ -7,6 +7,7 @@
 mod ca;
 mod model;
 mod report;
+mod xds;
 
 use std::path::PathBuf;
 
@@ -28,6 +29,11 @@ enum What {
     Ca(ca::CaArgs),
     /// The control plane's mesh model: full build, incremental updates, memory.
     Model(model::ModelArgs),
+    /// The xDS server: full sync and change propagation to many clients.
+    Xds(xds::XdsArgs),
+    /// (internal) the client side of `xds`, run as a child process.
+    #[command(hide = true)]
+    XdsClients(xds::ClientArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +45,8 @@ fn main() -> anyhow::Result<()> {
     let section = match cli.what {
         What::Ca(args) => runtime.block_on(ca::run(args))?,
         What::Model(args) => model::run(args),
+        What::Xds(args) => runtime.block_on(xds::run(args))?,
+        What::XdsClients(args) => return runtime.block_on(xds::run_clients(args)),
     };
     report::write(&cli.out, &[section])
 }

@@ -1,0 +1,391 @@
+//! The xDS server at scale: N clients (a separate process, so the server's
+//! memory and CPU are its own) subscribe to everything; measured are the time
+//! until all hold the full state, the time from one workload change to all
+//! clients having it, the bytes each client receives for that change, the
+//! encodings per change (must be 1, not N), and the server's memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use meshbox_controlplane::xds::{Peer, StreamAuthenticator, XdsOptions, XdsServer};
+use meshbox_proto::security::{Action, Authorization, Clause, Match, Rule, Scope};
+use meshbox_proto::workload::{
+    Address, NetworkAddress, Port, PortList, Service, Workload, address,
+};
+use meshbox_proto::xds::DeltaDiscoveryRequest;
+use meshbox_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use meshbox_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use prost::Message;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::report::Section;
+
+#[derive(clap::Args)]
+pub struct XdsArgs {
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    #[arg(long, default_value_t = 10_000)]
+    workloads: usize,
+    #[arg(long, default_value_t = 2_000)]
+    services: usize,
+    #[arg(long, default_value_t = 500)]
+    policies: usize,
+    /// Single-workload changes measured after the full sync.
+    #[arg(long, default_value_t = 50)]
+    changes: usize,
+}
+
+/// The client side, run as a child process: `bench xds-clients`.
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    #[arg(long)]
+    addr: String,
+    #[arg(long)]
+    clients: usize,
+    #[arg(long)]
+    expect_addresses: usize,
+    #[arg(long)]
+    expect_policies: usize,
+    #[arg(long)]
+    changes: usize,
+}
+
+/// Benchmarks accept any caller.
+struct AnyCaller;
+
+#[tonic::async_trait]
+impl StreamAuthenticator for AnyCaller {
+    async fn authenticate(&self, _: Option<&str>) -> Result<Peer, tonic::Status> {
+        Ok(Peer {
+            caller: "bench".into(),
+            node: None,
+        })
+    }
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn workload(i: usize, services: usize, tag: &str) -> (String, Option<Arc<Address>>) {
+    let name = format!("pod-{i}");
+    let uid = format!("Kubernetes//Pod/default/{name}");
+    let mut w = Workload {
+        uid: uid.clone(),
+        name: name.clone(),
+        namespace: "default".into(),
+        addresses: vec![vec![10, (i >> 16) as u8, (i >> 8) as u8, i as u8]],
+        service_account: format!("sa-{}", i % 50),
+        trust_domain: "cluster.local".into(),
+        node: format!("node-{}", i % 20),
+        canonical_name: name,
+        canonical_revision: tag.into(),
+        tunnel_protocol: 1,
+        ..Default::default()
+    };
+    for s in 0..2 {
+        w.services.insert(
+            format!(
+                "default/svc-{}.default.svc.cluster.local",
+                (i + s) % services.max(1)
+            ),
+            PortList {
+                ports: vec![Port {
+                    service_port: 80,
+                    target_port: 8080,
+                    app_protocol: 0,
+                }],
+            },
+        );
+    }
+    let a = Address {
+        r#type: Some(address::Type::Workload(w)),
+    };
+    (uid, Some(Arc::new(a)))
+}
+
+fn service(s: usize) -> (String, Option<Arc<Address>>) {
+    let hostname = format!("svc-{s}.default.svc.cluster.local");
+    let a = Address {
+        r#type: Some(address::Type::Service(Service {
+            name: format!("svc-{s}"),
+            namespace: "default".into(),
+            hostname: hostname.clone(),
+            addresses: vec![NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, (s >> 8) as u8, s as u8],
+                length: None,
+            }],
+            ports: vec![Port {
+                service_port: 80,
+                target_port: 8080,
+                app_protocol: 0,
+            }],
+            ..Default::default()
+        })),
+    };
+    (format!("default/{hostname}"), Some(Arc::new(a)))
+}
+
+fn policy(p: usize) -> (String, Option<Arc<Authorization>>) {
+    let a = Authorization {
+        name: format!("p{p}"),
+        namespace: "default".into(),
+        scope: Scope::Namespace as i32,
+        action: Action::Deny as i32,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    destination_ports: vec![p as u32 + 1000],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    };
+    (format!("default/p{p}"), Some(Arc::new(a)))
+}
+
+pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let server = Arc::new(XdsServer::new(
+        Arc::new(AnyCaller),
+        &mut registry,
+        XdsOptions::default(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let routes = tonic::service::Routes::new(server.service());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let rss_empty = rss_mib();
+    let addresses: Vec<_> = (0..args.workloads)
+        .map(|i| workload(i, args.services, "v0"))
+        .chain((0..args.services).map(service))
+        .collect();
+    let policies: Vec<_> = (0..args.policies).map(policy).collect();
+    let encode = Instant::now();
+    let feed = server.clone();
+    tokio::task::spawn_blocking(move || feed.update(addresses, policies)).await?;
+    let encode = encode.elapsed();
+    let rss_loaded = rss_mib();
+
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("xds-clients")
+        .args(["--addr", &addr.to_string()])
+        .args(["--clients", &args.clients.to_string()])
+        .args([
+            "--expect-addresses",
+            &(args.workloads + args.services).to_string(),
+        ])
+        .args(["--expect-policies", &args.policies.to_string()])
+        .args(["--changes", &args.changes.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the client process")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut results: HashMap<String, f64> = HashMap::new();
+    let mut read_until =
+        async |key: &str, results: &mut HashMap<String, f64>| -> anyhow::Result<()> {
+            while let Some(line) = lines.next_line().await? {
+                if let Some((k, v)) = line.strip_prefix("RESULT ").and_then(|l| l.split_once('=')) {
+                    results.insert(k.to_owned(), v.parse()?);
+                    if k == key {
+                        return Ok(());
+                    }
+                }
+            }
+            bail!("the client process ended before reporting {key}")
+        };
+    read_until("sync_ms", &mut results).await?;
+    let rss_synced = rss_mib();
+
+    let encodings_before = encodings(&registry);
+    for change in 0..args.changes {
+        let tag = format!("c{change}@{}", unix_nanos());
+        let update = workload(change * 7 % args.workloads.max(1), args.services, &tag);
+        let feed = server.clone();
+        tokio::task::spawn_blocking(move || feed.update([update], [])).await?;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    read_until("change_p99_ms", &mut results).await?;
+    let encodings_per_change =
+        (encodings(&registry) - encodings_before) / args.changes.max(1) as f64;
+    let _ = child.wait().await;
+
+    let mut section = Section::new("xDS server");
+    section.notes.push(format!(
+        "{} workloads, {} services, {} policies; {} wildcard clients in a separate process over plaintext loopback gRPC (the TLS port adds the handshake once per stream); {} single-workload changes, 30 ms apart",
+        args.workloads, args.services, args.policies, args.clients, args.changes
+    ));
+    let get = |k: &str| results.get(k).copied().unwrap_or(f64::NAN);
+    section.row(
+        "encode the full state once",
+        encode.as_secs_f64() * 1e3,
+        "ms",
+    );
+    section.row(
+        &format!("full state to all {} clients", args.clients),
+        get("sync_ms"),
+        "ms",
+    );
+    section.row("change to all clients p50", get("change_p50_ms"), "ms");
+    section.row("change to all clients p99", get("change_p99_ms"), "ms");
+    section.row(
+        "bytes per client for one pod change",
+        get("change_bytes"),
+        "B",
+    );
+    section.row("resource encodings per change", encodings_per_change, "");
+    section.row("server RSS empty", rss_empty, "MiB");
+    section.compared(
+        "server RSS with the state loaded",
+        rss_loaded,
+        rss_empty,
+        "MiB",
+    );
+    section.compared(
+        "server RSS after the full sync",
+        rss_synced,
+        rss_empty,
+        "MiB",
+    );
+    Ok(section)
+}
+
+/// Reads `meshbox_xds_resource_encodings_total` from the registry.
+fn encodings(registry: &prometheus_client::registry::Registry) -> f64 {
+    let mut text = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text.lines()
+        .find(|l| l.starts_with("meshbox_xds_resource_encodings_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+pub async fn run_clients(args: ClientArgs) -> anyhow::Result<()> {
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(Option<String>, u128, usize)>();
+    let started = Instant::now();
+    for _ in 0..args.clients {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))?
+            .connect_lazy();
+        let seen = seen_tx.clone();
+        let (expect_addresses, expect_policies) = (args.expect_addresses, args.expect_policies);
+        tokio::spawn(async move {
+            let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
+            let Ok(response) = AggregatedDiscoveryServiceClient::new(channel)
+                .delta_aggregated_resources(ReceiverStream::new(rx))
+                .await
+            else {
+                return;
+            };
+            let mut stream = response.into_inner();
+            for type_url in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
+                let _ = tx
+                    .send(DeltaDiscoveryRequest {
+                        type_url: type_url.into(),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            let mut synced = false;
+            while let Ok(Some(r)) = stream.message().await {
+                *counts.entry(r.type_url.clone()).or_default() += r.resources.len();
+                if !synced {
+                    if counts.get(ADDRESS_TYPE_URL).copied().unwrap_or(0) >= expect_addresses
+                        && counts.get(AUTHORIZATION_TYPE_URL).copied().unwrap_or(0)
+                            >= expect_policies
+                    {
+                        synced = true;
+                        let _ = seen.send((None, unix_nanos(), 0));
+                    }
+                } else {
+                    for res in &r.resources {
+                        if let Some(any) = &res.resource
+                            && let Ok(a) = Address::decode(any.value.as_slice())
+                            && let Some(address::Type::Workload(w)) = a.r#type
+                        {
+                            let _ = seen.send((
+                                Some(w.canonical_revision),
+                                unix_nanos(),
+                                r.encoded_len(),
+                            ));
+                        }
+                    }
+                }
+                let _ = tx
+                    .send(DeltaDiscoveryRequest {
+                        type_url: r.type_url.clone(),
+                        response_nonce: r.nonce.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        });
+    }
+    let mut synced = 0;
+    while synced < args.clients {
+        match seen_rx.recv().await {
+            Some((None, _, _)) => synced += 1,
+            Some(_) => {}
+            None => bail!("clients ended"),
+        }
+    }
+    println!("RESULT sync_ms={}", started.elapsed().as_secs_f64() * 1e3);
+    let mut per_change: HashMap<String, (usize, u128)> = HashMap::new();
+    let mut latencies = Vec::new();
+    let mut bytes = 0;
+    while latencies.len() < args.changes {
+        let Some((Some(tag), at, size)) = seen_rx.recv().await else {
+            continue;
+        };
+        let Some(sent) = tag
+            .split_once('@')
+            .and_then(|(_, s)| s.parse::<u128>().ok())
+        else {
+            continue;
+        };
+        bytes = size;
+        let entry = per_change.entry(tag).or_insert((0, 0));
+        entry.0 += 1;
+        entry.1 = entry.1.max(at.saturating_sub(sent));
+        if entry.0 == args.clients {
+            latencies.push(entry.1 as f64 / 1e6);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    println!("RESULT change_bytes={bytes}");
+    println!("RESULT change_p50_ms={}", pct(0.5));
+    println!("RESULT change_p99_ms={}", pct(0.99));
+    Ok(())
+}
