@@ -111,18 +111,6 @@ fn start_control_plane() -> anyhow::Result<ControlPlane> {
     Ok(ControlPlane { child, grpc, state })
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Runs `work` on `threads` threads for `duration`; returns successful
 /// calls per second. Each thread gets its own state from `setup`.
 fn rate_on_threads<S>(
@@ -306,7 +294,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<Section> {
         .collect::<Result<_, _>>()?;
     let csrs = Arc::new(csrs);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss = rss_kib(cp.child.id());
+    let idle_rss = crate::proc::rss_kib(Some(cp.child.id()));
 
     let duration = Duration::from_secs(args.seconds);
     let raw = tokio::task::spawn_blocking(move || raw_sign_rate(cores, duration)).await?;
@@ -339,7 +327,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<Section> {
     )
     .await?;
     let total = grpc.issued + more.issued;
-    let loaded_rss = rss_kib(cp.child.id());
+    let loaded_rss = crate::proc::rss_kib(Some(cp.child.id()));
 
     let mut section = Section::new("CA issuance");
     section.notes.push(format!(

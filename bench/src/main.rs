@@ -6,6 +6,7 @@
 
 mod ca;
 mod model;
+mod proc;
 mod report;
 mod xds;
 

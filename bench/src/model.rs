@@ -85,18 +85,6 @@ fn world(pods: usize) -> Vec<Object> {
     objs
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 pub fn run(args: ModelArgs) -> Section {
     let mut section = Section::new("Mesh model");
     section.notes.push(format!(
@@ -108,12 +96,12 @@ pub fn run(args: ModelArgs) -> Section {
         .push("memory = process RSS growth while the model is held (an upper bound)".into());
     for &pods in &args.pods {
         let objs = world(pods);
-        let rss_before = rss_kib();
+        let rss_before = crate::proc::rss_kib(None);
         let started = Instant::now();
         let mut index = MeshIndex::new(MeshConfig::default());
         let _ = index.replace_all(objs);
         let build = started.elapsed();
-        let rss_model = rss_kib().saturating_sub(rss_before);
+        let rss_model = crate::proc::rss_kib(None).saturating_sub(rss_before);
 
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = move || {

@@ -74,19 +74,6 @@ fn unix_nanos() -> u128 {
         .unwrap_or(0)
 }
 
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 fn workload(i: usize, services: usize, tag: &str) -> (String, Option<Arc<Address>>) {
     let name = format!("pod-{i}");
     let uid = format!("Kubernetes//Pod/default/{name}");
@@ -182,7 +169,7 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    let rss_empty = rss_mib();
+    let rss_empty = crate::proc::rss_kib(None) as f64 / 1024.0;
     let addresses: Vec<_> = (0..args.workloads)
         .map(|i| workload(i, args.services, "v0"))
         .chain((0..args.services).map(service))
@@ -192,7 +179,7 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
     let feed = server.clone();
     tokio::task::spawn_blocking(move || feed.update(addresses, policies)).await?;
     let encode = encode.elapsed();
-    let rss_loaded = rss_mib();
+    let rss_loaded = crate::proc::rss_kib(None) as f64 / 1024.0;
 
     let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
@@ -225,7 +212,7 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
             bail!("the client process ended before reporting {key}")
         };
     read_until("sync_ms", &mut results).await?;
-    let rss_synced = rss_mib();
+    let rss_synced = crate::proc::rss_kib(None) as f64 / 1024.0;
 
     let encodings_before = encodings(&registry);
     for change in 0..args.changes {
