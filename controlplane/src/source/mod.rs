@@ -24,53 +24,54 @@ pub async fn run_manifests(
     store: Arc<MeshStore>,
     ready: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    folder = tokio::task::spawn_blocking(move || {
-        folder.rescan();
-        folder
-    })
-    .await?;
+    if rescan(&mut folder).await.is_none() {
+        anyhow::bail!("reading the manifest folder failed");
+    }
     publish(&folder, &store);
     ready.store(true, Ordering::Release);
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(POLL_INTERVAL).await;
-            let (back, changed) = match tokio::task::spawn_blocking(move || {
-                let changed = folder.rescan();
-                (folder, changed)
-            })
-            .await
-            {
-                Ok(result) => result,
-                Err(e) => {
-                    tracing::error!(error = %e, "manifest scan failed");
-                    return;
-                }
+            let Some(changed) = rescan(&mut folder).await else {
+                return;
             };
-            folder = back;
             if !changed {
                 continue;
             }
             // Wait until the folder settles, then apply once.
             loop {
                 tokio::time::sleep(SETTLE).await;
-                let (back, again) = match tokio::task::spawn_blocking(move || {
-                    let again = folder.rescan();
-                    (folder, again)
-                })
-                .await
-                {
-                    Ok(result) => result,
-                    Err(_) => return,
-                };
-                folder = back;
-                if !again {
-                    break;
+                match rescan(&mut folder).await {
+                    Some(true) => continue,
+                    Some(false) => break,
+                    None => return,
                 }
             }
             publish(&folder, &store);
         }
     });
     Ok(())
+}
+
+/// Rescans off the async threads (it reads files). `None` if the scan task
+/// failed, which only a panic in it could cause; the folder is then gone.
+async fn rescan(folder: &mut ManifestFolder) -> Option<bool> {
+    let mut owned = std::mem::replace(folder, ManifestFolder::new(folder.dir().to_owned()));
+    match tokio::task::spawn_blocking(move || {
+        let changed = owned.rescan();
+        (owned, changed)
+    })
+    .await
+    {
+        Ok((back, changed)) => {
+            *folder = back;
+            Some(changed)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "manifest scan failed");
+            None
+        }
+    }
 }
 
 fn publish(folder: &ManifestFolder, store: &MeshStore) {

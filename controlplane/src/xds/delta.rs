@@ -22,6 +22,7 @@ use tonic::Status;
 use super::cache::Cache;
 use super::codec::{OutResource, Outbound};
 use super::resource::{Encoded, Kind, NetIp};
+use super::status::{NackInfo, TypeInfo};
 
 /// The name that turns a wildcard subscription on or off.
 const WILDCARD: &str = "*";
@@ -180,25 +181,6 @@ pub(crate) enum Handled {
     UnknownNonce,
 }
 
-/// The last NACK, for the status API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct LastNack {
-    pub version: String,
-    pub message: String,
-}
-
-/// A summary for `GET /api/v1/dataplanes`.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Summary {
-    pub wildcard: bool,
-    pub subscribed: usize,
-    pub resources: usize,
-    pub pending: usize,
-    pub last_sent_version: Option<String>,
-    pub last_acked_version: Option<String>,
-    pub last_nack: Option<LastNack>,
-}
-
 /// A response sent and not yet ACKed: what it carried, for a NACK.
 #[derive(Debug)]
 struct Sent {
@@ -257,7 +239,7 @@ pub(crate) struct TypeState {
     unacked: VecDeque<Sent>,
     last_sent_version: Option<String>,
     last_acked_version: Option<String>,
-    last_nack: Option<LastNack>,
+    last_nack: Option<NackInfo>,
 }
 
 /// A response being filled.
@@ -314,8 +296,10 @@ impl TypeState {
                 || (push_due && self.cursor < latest))
     }
 
-    pub(crate) fn summary(&self, cache: &Cache) -> Summary {
-        Summary {
+    /// This type's row of `GET /api/v1/dataplanes`.
+    pub(crate) fn summary(&self, cache: &Cache) -> TypeInfo {
+        TypeInfo {
+            type_url: self.kind.type_url().to_owned(),
             wildcard: self.wildcard,
             subscribed: self.subs.len(),
             resources: if self.wildcard {
@@ -400,7 +384,7 @@ impl TypeState {
                     self.nacked.insert(name, version);
                 }
                 let message = shorten(&status.message, MAX_NACK_MESSAGE).to_owned();
-                self.last_nack = Some(LastNack {
+                self.last_nack = Some(NackInfo {
                     version: sent.version.clone(),
                     message: message.clone(),
                 });

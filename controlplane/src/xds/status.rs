@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::Peer;
-use super::delta::{Summary, shorten};
+use super::delta::shorten;
 use super::resource::Kind;
 
 const MAX_CLIENT_TEXT: usize = 256;
@@ -66,7 +66,7 @@ pub struct NackInfo {
 struct Live {
     node_id: Option<String>,
     node_name: Option<String>,
-    types: [Option<Summary>; 2],
+    types: [Option<TypeInfo>; 2],
 }
 
 /// The shared view of one stream.
@@ -117,7 +117,7 @@ impl StreamStatus {
         }
     }
 
-    pub(crate) fn record_type(&self, kind: Kind, summary: Summary) {
+    pub(crate) fn record_type(&self, kind: Kind, summary: TypeInfo) {
         self.live().types[kind.index()] = Some(summary);
     }
 
@@ -125,22 +125,7 @@ impl StreamStatus {
         let live = self.live();
         let types = Kind::ALL
             .iter()
-            .filter_map(|kind| {
-                let s = live.types[kind.index()].as_ref()?;
-                Some(TypeInfo {
-                    type_url: kind.type_url().to_owned(),
-                    wildcard: s.wildcard,
-                    subscribed: s.subscribed,
-                    resources: s.resources,
-                    pending: s.pending,
-                    last_sent_version: s.last_sent_version.clone(),
-                    last_acked_version: s.last_acked_version.clone(),
-                    last_nack: s.last_nack.as_ref().map(|n| NackInfo {
-                        version: n.version.clone(),
-                        message: n.message.clone(),
-                    }),
-                })
-            })
+            .filter_map(|kind| live.types[kind.index()].clone())
             .collect();
         ConnectionInfo {
             caller: self.peer.caller.clone(),
