@@ -15,6 +15,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::TcpConnectInfo;
 use tower::ServiceExt;
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -158,6 +159,7 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ap
         let app = app.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
+            let local = tcp.local_addr().ok();
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
@@ -177,7 +179,7 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ap
                     .and_then(|certs| certs.first())
                     .and_then(meshbox_certs::tls::spiffe_id_of),
             );
-            serve_connection(stream, peer, identity, app).await;
+            serve_connection(stream, peer, local, identity, app).await;
         });
     }
 }
@@ -190,19 +192,41 @@ pub async fn serve_plain(listener: TcpListener, app: axum::Router) {
             continue;
         };
         let app = app.clone();
-        tokio::spawn(serve_connection(tcp, peer, PeerIdentity::default(), app));
+        let local = tcp.local_addr().ok();
+        tokio::spawn(serve_connection(
+            tcp,
+            peer,
+            local,
+            PeerIdentity::default(),
+            app,
+        ));
     }
 }
 
-async fn serve_connection<S>(stream: S, peer: SocketAddr, identity: PeerIdentity, app: axum::Router)
-where
+/// Serves one connection. Every request carries the peer's address twice:
+/// as axum's `ConnectInfo` (axum extractors) and as tonic's `TcpConnectInfo`,
+/// which is what `tonic::Request::remote_addr()` reads (gRPC services).
+/// tonic only fills that in itself when its own server accepts the
+/// connection, which ours (TLS in front, one port for both) does not.
+async fn serve_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    identity: PeerIdentity,
+    app: axum::Router,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let connect_info = TcpConnectInfo {
+        local_addr: local,
+        remote_addr: Some(peer),
+    };
     let service = app.map_request(move |req: http::Request<hyper::body::Incoming>| {
         let mut req = req.map(axum::body::Body::new);
         req.extensions_mut().insert(identity.clone());
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
+        req.extensions_mut().insert(connect_info.clone());
         req
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

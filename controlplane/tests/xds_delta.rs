@@ -538,6 +538,11 @@ async fn connections_report_node_and_versions() {
     assert_eq!(info.caller, "node:worker-1");
     assert_eq!(info.node.as_deref(), Some("worker-1"));
     assert!(info.node_id.as_deref().unwrap().starts_with("ztunnel~"));
+    let remote: std::net::SocketAddr = info.remote_addr.as_deref().unwrap().parse().unwrap();
+    assert!(
+        remote.ip().is_loopback() && remote.port() != h.addr.port(),
+        "{remote}"
+    );
     let address = info.types.iter().find(|t| t.type_url == ADDRESS).unwrap();
     assert!(address.wildcard);
     assert_eq!(address.resources, 1);

@@ -60,6 +60,16 @@ async fn a_dataplane_syncs_over_tls_and_follows_folder_edits() {
     assert_eq!(status, 200);
     let dataplanes: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(dataplanes[0]["node"], "node-1", "{dataplanes:#}");
+    // The peer's real socket address, though TLS is terminated in front of
+    // tonic.
+    let remote: std::net::SocketAddr = dataplanes[0]["remoteAddr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no remoteAddr: {dataplanes:#}"))
+        .parse()
+        .unwrap();
+    assert!(remote.ip().is_loopback(), "{remote}");
+    assert_ne!(remote.port(), 0);
+    assert_ne!(remote.port(), cp.grpc.port(), "{remote} is our own address");
 
     // Delete a policy from the folder: the dataplane loses it.
     let policies = cp.config.join("policies.yaml");
