@@ -3,13 +3,27 @@
 //! until all hold the full state, the time from one workload change to all
 //! clients having it, the bytes each client receives for that change, the
 //! encodings per change (must be 1, not N), and the server's memory.
+//!
+//! By default the server is reached the way dataplanes reach port 15012:
+//! the control plane's own serving code (TLS with a certificate from its CA,
+//! kept in a state directory), node tokens checked by the same authenticator,
+//! and clients that trust `root-cert.pem` from that state directory.
+//! `--plaintext` serves it like the development port 15010 instead. Changes
+//! are fed to the xDS server directly (as the model does), so the figures are
+//! the xDS server's, not the manifest folder's polling.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use meshbox_controlplane::xds::{Peer, StreamAuthenticator, XdsOptions, XdsServer};
+use meshbox_certs::ca::{CaPolicy, CertificateAuthority};
+use meshbox_controlplane::auth::Authenticator;
+use meshbox_controlplane::auth::local::LocalTokens;
+use meshbox_controlplane::run::XdsAuth;
+use meshbox_controlplane::serving::{ServingCertificate, ServingNames, serve_plain, serve_tls};
+use meshbox_controlplane::xds::{XdsOptions, XdsServer};
 use meshbox_proto::security::{Action, Authorization, Clause, Match, Rule, Scope};
 use meshbox_proto::workload::{
     Address, NetworkAddress, Port, PortList, Service, Workload, address,
@@ -21,6 +35,7 @@ use prost::Message;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::report::Section;
 
@@ -37,6 +52,10 @@ pub struct XdsArgs {
     /// Single-workload changes measured after the full sync.
     #[arg(long, default_value_t = 50)]
     changes: usize,
+    /// Serve without TLS (like the development port 15010) instead of the
+    /// TLS path of port 15012.
+    #[arg(long)]
+    plaintext: bool,
 }
 
 /// The client side, run as a child process: `bench xds-clients`.
@@ -44,6 +63,9 @@ pub struct XdsArgs {
 pub struct ClientArgs {
     #[arg(long)]
     addr: String,
+    /// Trust this root and connect over TLS (else plaintext).
+    #[arg(long)]
+    root: Option<PathBuf>,
     #[arg(long)]
     clients: usize,
     #[arg(long)]
@@ -54,17 +76,49 @@ pub struct ClientArgs {
     changes: usize,
 }
 
-/// Benchmarks accept any caller.
-struct AnyCaller;
+/// The bearer token the client process presents (an environment variable,
+/// not an argument, so it does not show in `ps`).
+const TOKEN_ENV: &str = "MESHBOX_BENCH_XDS_TOKEN";
 
-#[tonic::async_trait]
-impl StreamAuthenticator for AnyCaller {
-    async fn authenticate(&self, _: Option<&str>) -> Result<Peer, tonic::Status> {
-        Ok(Peer {
-            caller: "bench".into(),
-            node: None,
-        })
+/// A state directory for the benchmark's CA and token key, removed at the
+/// end.
+struct StateDir(PathBuf);
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Serves `server` on a loopback port the way `controlplane run` serves
+/// 15012 (or, with `plaintext`, 15010). Returns the address and, over TLS,
+/// the serving certificate (renewed for as long as it is held) and the path
+/// of the root certificate clients must trust.
+async fn serve(
+    server: &XdsServer,
+    state: &Path,
+    plaintext: bool,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    Option<(Arc<ServingCertificate>, PathBuf)>,
+)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = tonic::service::Routes::new(server.service()).into_axum_router();
+    if plaintext {
+        tokio::spawn(serve_plain(listener, app));
+        return Ok((addr, None));
+    }
+    let ca = Arc::new(CertificateAuthority::load_or_create(
+        state,
+        None,
+        CaPolicy::new("cluster.local"),
+    )?);
+    let names = ServingNames::new("meshbox-controlplane", "meshbox-system", &[]);
+    let serving = ServingCertificate::start(ca.clone(), names, Duration::from_secs(24 * 3600))?;
+    let tls = serving.server_config(ca.roots(), "cluster.local", &[b"h2"])?;
+    tokio::spawn(serve_tls(listener, tls, app));
+    Ok((addr, Some((serving, state.join("root-cert.pem")))))
 }
 
 fn unix_nanos() -> u128 {
@@ -154,20 +208,18 @@ fn policy(p: usize) -> (String, Option<Arc<Authorization>>) {
 }
 
 pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
+    let state =
+        StateDir(std::env::temp_dir().join(format!("meshbox-bench-xds-{}", std::process::id())));
+    std::fs::create_dir_all(&state.0)?;
+    let tokens = LocalTokens::load_or_create(&state.0, "cluster.local")?;
+    let token = tokens.mint_for_node("bench-node", Duration::from_secs(3600))?;
     let mut registry = prometheus_client::registry::Registry::default();
     let server = Arc::new(XdsServer::new(
-        Arc::new(AnyCaller),
+        Arc::new(XdsAuth(Arc::new(Authenticator::Local(tokens)))),
         &mut registry,
         XdsOptions::default(),
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let routes = tonic::service::Routes::new(server.service());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (addr, tls) = serve(&server, &state.0, args.plaintext).await?;
 
     let rss_empty = crate::proc::rss_kib(None) as f64 / 1024.0;
     let addresses: Vec<_> = (0..args.workloads)
@@ -182,8 +234,12 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
     let rss_loaded = crate::proc::rss_kib(None) as f64 / 1024.0;
 
     let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
-        .arg("xds-clients")
+    let mut command = tokio::process::Command::new(exe);
+    command.arg("xds-clients");
+    if let Some((_, root)) = &tls {
+        command.arg("--root").arg(root);
+    }
+    let mut child = command
         .args(["--addr", &addr.to_string()])
         .args(["--clients", &args.clients.to_string()])
         .args([
@@ -192,6 +248,7 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
         ])
         .args(["--expect-policies", &args.policies.to_string()])
         .args(["--changes", &args.changes.to_string()])
+        .env(TOKEN_ENV, &token)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -229,8 +286,17 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
 
     let mut section = Section::new("xDS server");
     section.notes.push(format!(
-        "{} workloads, {} services, {} policies; {} wildcard clients in a separate process over plaintext loopback gRPC (the TLS port adds the handshake once per stream); {} single-workload changes, 30 ms apart",
-        args.workloads, args.services, args.policies, args.clients, args.changes
+        "{} workloads, {} services, {} policies; {} wildcard clients in a separate process, each on its own connection, {}; {} single-workload changes, 30 ms apart",
+        args.workloads,
+        args.services,
+        args.policies,
+        args.clients,
+        if args.plaintext {
+            "over plaintext loopback gRPC (the development port's path, --plaintext)"
+        } else {
+            "over TLS on loopback through the control plane's serving code (a certificate from its CA, clients trusting root-cert.pem from the state dir, node tokens)"
+        },
+        args.changes
     ));
     let get = |k: &str| results.get(k).copied().unwrap_or(f64::NAN);
     section.row(
@@ -280,19 +346,42 @@ fn encodings(registry: &prometheus_client::registry::Registry) -> f64 {
 
 pub async fn run_clients(args: ClientArgs) -> anyhow::Result<()> {
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(Option<String>, u128, usize)>();
+    let token = std::env::var(TOKEN_ENV).with_context(|| format!("{TOKEN_ENV} is not set"))?;
+    let authorization: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+    let endpoint = match &args.root {
+        Some(root) => {
+            let root = std::fs::read_to_string(root)
+                .with_context(|| format!("reading {}", root.display()))?;
+            Endpoint::from_shared(format!("https://{}", args.addr))?.tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(root))
+                    .domain_name("localhost"),
+            )?
+        }
+        None => Endpoint::from_shared(format!("http://{}", args.addr))?,
+    };
     let started = Instant::now();
     for _ in 0..args.clients {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))?
-            .connect_lazy();
+        // One connection per client, as separate dataplanes would have.
+        let channel = endpoint.connect_lazy();
+        let authorization = authorization.clone();
         let seen = seen_tx.clone();
         let (expect_addresses, expect_policies) = (args.expect_addresses, args.expect_policies);
         tokio::spawn(async move {
             let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-            let Ok(response) = AggregatedDiscoveryServiceClient::new(channel)
-                .delta_aggregated_resources(ReceiverStream::new(rx))
+            let mut request = tonic::Request::new(ReceiverStream::new(rx));
+            request
+                .metadata_mut()
+                .insert("authorization", authorization);
+            let response = match AggregatedDiscoveryServiceClient::new(channel)
+                .delta_aggregated_resources(request)
                 .await
-            else {
-                return;
+            {
+                Ok(response) => response,
+                Err(status) => {
+                    eprintln!("xDS stream refused: {status}");
+                    return;
+                }
             };
             let mut stream = response.into_inner();
             for type_url in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {

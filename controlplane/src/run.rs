@@ -243,7 +243,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 }
 
 /// Authenticates xDS streams with the same tokens as the CA.
-struct XdsAuth(Arc<Authenticator>);
+pub struct XdsAuth(pub Arc<Authenticator>);
 
 #[tonic::async_trait]
 impl StreamAuthenticator for XdsAuth {
