@@ -1,16 +1,33 @@
 //! The meshbox dataplane (a "mini ztunnel").
 //!
-//! It carries meshed pods' TCP traffic over HBONE (mutual TLS + HTTP/2
-//! CONNECT) with L4 authorization. This crate is being built module by
-//! module; what exists today:
-//! - [`identity`]: workload keys and certificates from the CA, cached per
-//!   identity and renewed at half-life;
+//! It carries meshed workloads' TCP traffic over HBONE (mutual TLS + HTTP/2
+//! CONNECT) with L4 authorization, with state from the control plane's
+//! workload xDS and certificates from its CA. Boundaries: it does not
+//! install capture rules (that is the node agent's job); it serves the
+//! listeners that those rules redirect to.
+//!
+//! - [`config`]: flags and Istio's environment names, checked as a whole;
+//! - [`app`]: wiring and graceful drain;
 //! - [`xds`]: the Delta ADS client that keeps the mesh state current;
 //! - [`state`]: that state indexed for the proxy, and destination selection
 //!   (workload, service VIP to endpoint, waypoint, passthrough);
-//! - [`authz`]: L4 authorization with Istio's semantics.
+//! - [`mesh`]: the state behind its lock, fed from xDS, with on-demand
+//!   lookups;
+//! - [`identity`]: workload keys and certificates from the CA, cached per
+//!   identity and renewed at half-life;
+//! - [`authz`]: L4 authorization with Istio's semantics;
+//! - [`proxy`]: the outbound, inbound HBONE and inbound plaintext
+//!   listeners, the HBONE connection pool and socket options;
+//! - [`telemetry`]: access logs and Istio's `istio_tcp_*` metrics;
+//! - [`admin`]: `/config_dump`, `/metrics`, `/healthz/ready`.
 
+pub mod admin;
+pub mod app;
 pub mod authz;
+pub mod config;
 pub mod identity;
+pub mod mesh;
+pub mod proxy;
 pub mod state;
+pub mod telemetry;
 pub mod xds;

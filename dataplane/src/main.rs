@@ -1,15 +1,15 @@
 //! `dataplane`: the meshbox node proxy.
-//!
-//! Only the certificate manager exists so far (see the crate docs); the proxy
-//! itself is being built, so `run` says so instead of pretending.
 
 use clap::{Parser, Subcommand};
+use meshbox_dataplane::config::{Config, LogFormat, Settings};
+use tracing::info;
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
     name = "dataplane",
     version,
-    about = "The meshbox node proxy (in progress)"
+    about = "The meshbox node proxy (a mini ztunnel)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -18,15 +18,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy (not available yet).
-    Run,
+    /// Run the proxy.
+    Run(Settings),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run => anyhow::bail!(
-            "the dataplane proxy is not built yet; this release ships the control plane \
-             (see README.md)"
-        ),
+        Command::Run(settings) => {
+            let log_format = settings.log_format;
+            init_logging(log_format);
+            let drain_timeout = settings.drain_timeout;
+            let config = Config::from_settings(settings)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let running = meshbox_dataplane::app::start(config).await?;
+                    wait_for_signal().await?;
+                    info!("shutting down");
+                    running.drain(drain_timeout).await;
+                    Ok(())
+                })
+        }
     }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
 }

@@ -68,6 +68,11 @@ pub struct ConnectionInfo {
 }
 
 impl Policy {
+    /// The compiled rules, readable, for `/config_dump`.
+    pub fn describe_rules(&self) -> String {
+        format!("{:?}", self.rules)
+    }
+
     /// Compiles an xDS `Authorization` published under `key`.
     ///
     /// Anything malformed rejects the whole policy rather than dropping the

@@ -15,6 +15,7 @@
 mod address;
 mod route;
 mod service;
+mod sync;
 mod workload;
 
 #[cfg(test)]
@@ -35,6 +36,7 @@ use crate::authz::{Policy, PolicyError, PolicyLookup, PolicyStore};
 pub use address::{GatewayAddress, GatewayTarget, HBONE_PORT, ip_from_bytes};
 pub use route::{Route, RouteError, ServiceInfo, Transport, Upstream};
 pub use service::{HealthPolicy, IpFamilies, LbMode, LbScope, LoadBalancing, NetworkIp, Service};
+pub use sync::{Applied, validator};
 pub use workload::{HealthStatus, Locality, Protocol, Workload};
 
 /// Why an xDS resource was rejected. The previous version of the resource (if
@@ -335,6 +337,12 @@ impl ProxyState {
     ) -> Option<&Arc<Service>> {
         self.service_entry_by_vip(network, vip, client_namespace)
             .map(|e| &e.service)
+    }
+
+    /// Whether any service (visible to anyone) has `vip` in `network`.
+    pub fn is_service_vip(&self, network: &str, vip: IpAddr) -> bool {
+        self.services_by_vip
+            .contains_key(&(network.to_owned(), vip.to_canonical()))
     }
 
     fn service_entry_by_vip(

@@ -1,0 +1,266 @@
+//! Wires the dataplane together from a [`Config`]: control-plane channels,
+//! the xDS client feeding the mesh state, the certificate manager, the proxy
+//! listeners and the admin endpoints; and drains it all on shutdown.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper_util::rt::TokioIo;
+use meshbox_certs::SpiffeId;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Uri};
+use tracing::{info, warn};
+
+use crate::admin::{self, Admin};
+use crate::config::{Config, Endpoint, Scope};
+use crate::identity::{CaClient, CertificateManager, TokenSource};
+use crate::mesh::Mesh;
+use crate::proxy::pool::{Pool, PoolSettings};
+use crate::proxy::socket::Sockets;
+use crate::proxy::{BoundAddrs, Listeners, ProxyContext};
+use crate::telemetry::Telemetry;
+use crate::xds::{ClientOptions, Credentials, XdsClient};
+
+/// A running dataplane.
+pub struct Running {
+    pub ctx: Arc<ProxyContext>,
+    pub proxy: BoundAddrs,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+    /// Keeps the xDS stream open.
+    _xds: XdsClient,
+}
+
+impl Running {
+    /// Stops accepting, lets open connections finish for up to `timeout`,
+    /// then returns (dropping the runtime cuts whatever is left).
+    pub async fn drain(self, timeout: Duration) {
+        let ctx = &self.ctx;
+        ctx.shutdown.cancel();
+        ctx.tasks.close();
+        let open = ctx.tasks.len();
+        info!(open_tasks = open, ?timeout, "draining");
+        if tokio::time::timeout(timeout, ctx.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                still_open = ctx.tasks.len(),
+                "drain deadline reached; closing the remaining connections"
+            );
+        } else {
+            info!("drained");
+        }
+    }
+}
+
+/// Starts everything; listeners are bound before this returns, so bind
+/// errors surface here.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    meshbox_certs::install_crypto_provider();
+    let sockets = Sockets::probe(config.packet_mark);
+
+    let xds_channel = channel(&config.xds, sockets)
+        .await
+        .context("setting up the xDS connection")?;
+    let ca_channel = if config.ca == config.xds {
+        xds_channel.clone()
+    } else {
+        channel(&config.ca, sockets)
+            .await
+            .context("setting up the CA connection")?
+    };
+
+    let credentials = match &config.auth_token {
+        Some(path) => Credentials::BearerFile(path.clone()),
+        None => Credentials::None,
+    };
+    let mut metadata = vec![("CLUSTER_ID", config.cluster_id.clone())];
+    if let Some(node) = config.node_name() {
+        metadata.push(("NODE_NAME", node.to_owned()));
+    }
+    let node_id = match &config.scope {
+        Scope::Node { node } => format!("meshbox-dataplane~{node}"),
+        Scope::Workload {
+            namespace, name, ..
+        } => {
+            metadata.push(("NAME", name.clone()));
+            metadata.push(("NAMESPACE", namespace.clone()));
+            format!("meshbox-dataplane~{namespace}/{name}")
+        }
+    };
+    let mut options = ClientOptions::new(credentials, crate::xds::node(node_id, metadata));
+    options.validator = Some(crate::state::validator());
+    let xds = XdsClient::start(xds_channel, options);
+
+    let token = match &config.auth_token {
+        Some(path) => TokenSource::File(path.clone()),
+        None => TokenSource::None,
+    };
+    let impersonate = matches!(config.scope, Scope::Node { .. });
+    let certs = CertificateManager::new(Arc::new(CaClient::new(
+        ca_channel,
+        token,
+        impersonate,
+        config.cert_ttl,
+    )));
+
+    let mesh = Mesh::new(
+        xds.state(),
+        config.on_demand_lookup.then(|| xds.clone()),
+        config.network.clone(),
+    );
+
+    let mut registry = Registry::default();
+    let telemetry = Telemetry::register(&mut registry);
+
+    let listeners = Listeners::bind(
+        &sockets,
+        config.outbound_addr,
+        config.inbound_addr,
+        config.inbound_plaintext_addr,
+        config.socks5_addr,
+    )?;
+    let proxy = listeners.addrs()?;
+    let ctx = Arc::new(ProxyContext {
+        mesh: mesh.clone(),
+        certs: certs.clone(),
+        scope: config.scope.clone(),
+        cluster_id: config.cluster_id.clone(),
+        trust_domain: config.trust_domain.clone(),
+        sockets,
+        pool: Pool::new(
+            PoolSettings {
+                max_streams: config.pool_max_streams,
+                idle_timeout: config.pool_idle_timeout,
+            },
+            sockets,
+        ),
+        telemetry,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        own_ports: listeners.ports(),
+        server_configs: Default::default(),
+    });
+
+    // Certificates for local workloads are fetched ahead of the first
+    // connection and dropped when the workload leaves.
+    if let Scope::Workload { identity, .. } = &config.scope {
+        certs.prefetch(identity);
+    }
+    let follow_ctx = ctx.clone();
+    let mut local = BTreeSet::<String>::new();
+    tokio::spawn(mesh.clone().follow(move |mesh| {
+        let ids: Vec<SpiffeId> = follow_ctx.local_identities(&mesh.read());
+        let now: BTreeSet<String> = ids.iter().map(|i| i.to_string()).collect();
+        for id in &ids {
+            if !local.contains(&id.to_string()) {
+                follow_ctx.certs.prefetch(id);
+            }
+        }
+        if matches!(follow_ctx.scope, Scope::Node { .. }) {
+            for gone in local.difference(&now) {
+                if let Ok(id) = gone.parse::<SpiffeId>() {
+                    follow_ctx.certs.forget(&id);
+                }
+            }
+        }
+        local = now;
+    }));
+
+    let admin_api = Admin::new(ctx.clone(), registry);
+    let admin_listener = admin::bind(config.admin_addr).await?;
+    let metrics_listener = admin::bind(config.metrics_addr).await?;
+    let readiness_listener = admin::bind(config.readiness_addr).await?;
+    let running = Running {
+        proxy,
+        admin: admin_listener.local_addr()?,
+        metrics: metrics_listener.local_addr()?,
+        readiness: readiness_listener.local_addr()?,
+        ctx: ctx.clone(),
+        _xds: xds,
+    };
+    // The HTTP endpoints are not drained with the proxy: readiness must
+    // keep answering (not ready) while connections finish.
+    let http_shutdown = CancellationToken::new();
+    for (listener, router) in [
+        (admin_listener, admin_api.admin_router()),
+        (metrics_listener, admin_api.metrics_router()),
+        (readiness_listener, admin_api.readiness_router()),
+    ] {
+        tokio::spawn(admin::serve(listener, router, http_shutdown.clone()));
+    }
+    listeners.serve(ctx);
+    info!(
+        admin = %running.admin,
+        metrics = %running.metrics,
+        readiness = %running.readiness,
+        "admin endpoints listening"
+    );
+    Ok(running)
+}
+
+/// A lazily connected channel to a control-plane endpoint, over TLS when
+/// the address is https, every socket marked.
+async fn channel(endpoint: &Endpoint, sockets: Sockets) -> anyhow::Result<Channel> {
+    let uri: Uri = endpoint
+        .uri
+        .parse()
+        .with_context(|| format!("{} is not a valid address", endpoint.uri))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("{} has no host", endpoint.uri))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let mut builder = TonicEndpoint::from(uri.clone())
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(root) = &endpoint.root_ca {
+        let pem = tokio::fs::read(root)
+            .await
+            .with_context(|| format!("reading the root certificate {}", root.display()))?;
+        if meshbox_certs::pem::parse_certificates(&pem)
+            .map(|c| c.is_empty())
+            .unwrap_or(true)
+        {
+            anyhow::bail!("{} holds no PEM certificate", root.display());
+        }
+        builder = builder.tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(pem))
+                .domain_name(host),
+        )?;
+    }
+    let connector = tower::service_fn(move |uri: Uri| async move {
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("https") => 443,
+            _ => 80,
+        });
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} did not resolve"),
+        );
+        for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+            match sockets.connect(addr, None).await {
+                Ok(stream) => return Ok(TokioIo::new(stream)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    });
+    Ok(builder.connect_with_connector_lazy(connector))
+}

@@ -1,0 +1,281 @@
+//! Inbound HBONE (15008): mutual TLS with the destination workload's
+//! certificate, then HTTP/2 CONNECT streams, each authorized and forwarded to
+//! the local application.
+//!
+//! There is no SNI: the certificate is chosen by the address the connection
+//! arrived at (with TPROXY, the pod's own IP). A CONNECT must name a local
+//! workload served under that same identity; anything else is refused and
+//! logged as a possible attack, because a well-behaved peer never sends it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshbox_certs::SpiffeId;
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::pool::{CONNECTION_WINDOW, KEEPALIVE, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::socket::canonical;
+use super::{ProxyContext, error_text, relay};
+use crate::authz::{ConnectionInfo, authorize};
+use crate::identity::WorkloadCertificate;
+use crate::telemetry::{Connection, Direction, Security};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CERT_WAIT: Duration = Duration::from_secs(10);
+/// CONNECT streams per connection; matches the client pool's default.
+const MAX_STREAMS: u32 = 100;
+
+/// TLS server configs per identity, rebuilt when the certificate rotates.
+#[derive(Default)]
+pub(crate) struct ServerConfigs {
+    by_identity: Mutex<HashMap<SpiffeId, (String, Arc<ServerConfig>)>>,
+}
+
+impl ServerConfigs {
+    fn get(
+        &self,
+        cert: &WorkloadCertificate,
+        trust_domain: &str,
+    ) -> Result<Arc<ServerConfig>, rustls::Error> {
+        let mut map = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((serial, config)) = map.get(&cert.identity)
+            && *serial == cert.serial
+        {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(meshbox_certs::tls::workload_server_config(
+            cert.chain.clone(),
+            cert.private_key(),
+            &cert.roots,
+            trust_domain,
+        )?);
+        map.insert(cert.identity.clone(), (cert.serial.clone(), config.clone()));
+        Ok(config)
+    }
+}
+
+/// What is known of an accepted HBONE connection.
+struct Peer {
+    addr: SocketAddr,
+    /// Where the connection arrived (the destination pod's IP under TPROXY).
+    local: SocketAddr,
+    identity: SpiffeId,
+    /// The identity this connection was served with.
+    served: SpiffeId,
+}
+
+pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
+    let Ok(local) = stream.local_addr().map(canonical) else {
+        return;
+    };
+    let served = {
+        let state = ctx.mesh.read();
+        ctx.served_identity(&state, local.ip())
+    };
+    let Some(served) = served else {
+        warn!(src.addr = %peer, dst.addr = %local, "inbound HBONE connection to an address that is no local workload; closing");
+        ctx.telemetry
+            .refused(Direction::Inbound, "unknown_destination");
+        return;
+    };
+    let cert = match tokio::time::timeout(CERT_WAIT, ctx.certs.get(&served)).await {
+        Ok(Ok(cert)) => cert,
+        Ok(Err(error)) => {
+            warn!(identity = %served, %error, "no certificate to serve inbound HBONE; refusing");
+            ctx.telemetry.refused(Direction::Inbound, "no_certificate");
+            return;
+        }
+        Err(_) => {
+            warn!(identity = %served, "timed out waiting for a certificate to serve inbound HBONE; refusing");
+            ctx.telemetry.refused(Direction::Inbound, "no_certificate");
+            return;
+        }
+    };
+    let config = match ctx.server_configs.get(&cert, &ctx.trust_domain) {
+        Ok(c) => c,
+        Err(error) => {
+            warn!(identity = %served, %error, "unusable certificate for inbound HBONE");
+            return;
+        }
+    };
+    let tls =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                // Plaintext to 15008, an untrusted or expired certificate, a
+                // foreign trust domain: all end here.
+                warn!(src.addr = %peer, dst.addr = %local, %error, "inbound TLS handshake refused");
+                ctx.telemetry.refused(Direction::Inbound, "tls_handshake");
+                return;
+            }
+            Err(_) => {
+                debug!(src.addr = %peer, "inbound TLS handshake timed out");
+                ctx.telemetry.refused(Direction::Inbound, "tls_handshake");
+                return;
+            }
+        };
+    let identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(meshbox_certs::tls::spiffe_id_of);
+    let Some(identity) = identity else {
+        // The verifier requires one; never serve without it.
+        return;
+    };
+    let conn = Arc::new(Peer {
+        addr: peer,
+        local,
+        identity,
+        served,
+    });
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| {
+            let ctx = ctx.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(serve_connect(ctx, conn, req).await) }
+        })
+    };
+    let connection = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(KEEPALIVE)
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = ctx.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        debug!(src.addr = %peer, %error, "inbound HBONE connection ended");
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+async fn serve_connect(
+    ctx: Arc<ProxyContext>,
+    peer: Arc<Peer>,
+    mut req: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        warn!(src.addr = %peer.addr, src.identity = %peer.identity, method = %req.method(), "inbound HBONE request is not CONNECT; refusing");
+        ctx.telemetry.refused(Direction::Inbound, "not_connect");
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let target = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .map(canonical);
+    let Some(target) = target else {
+        warn!(src.addr = %peer.addr, src.identity = %peer.identity, uri = %req.uri(), "inbound CONNECT without an ip:port authority; refusing");
+        ctx.telemetry.refused(Direction::Inbound, "bad_authority");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let (dst, decision) = {
+        let state = ctx.mesh.read();
+        let Some(dst) = ctx.local_workload(&state, target.ip()) else {
+            warn!(src.addr = %peer.addr, src.identity = %peer.identity, authority = %target, "possible attack: CONNECT to an address that is no local workload; refusing");
+            ctx.telemetry.refused(Direction::Inbound, "not_local");
+            return status(StatusCode::FORBIDDEN);
+        };
+        if dst.identity != peer.served {
+            warn!(src.addr = %peer.addr, src.identity = %peer.identity, authority = %target, served = %peer.served, dst.identity = %dst.identity,
+                "possible attack: CONNECT to a workload other than the one this connection was opened to; refusing");
+            ctx.telemetry
+                .refused(Direction::Inbound, "identity_mismatch");
+            return status(StatusCode::FORBIDDEN);
+        }
+        if target.ip() == peer.local.ip() && ctx.own_ports.contains(&target.port()) {
+            warn!(src.addr = %peer.addr, authority = %target, "CONNECT to the proxy's own port; refusing");
+            ctx.telemetry.refused(Direction::Inbound, "proxy_port");
+            return status(StatusCode::BAD_REQUEST);
+        }
+        let info = ConnectionInfo {
+            src_ip: peer.addr.ip(),
+            src_identity: Some(peer.identity.clone()),
+            dst: target,
+        };
+        let decision = authorize(&info, &dst, &*state);
+        (dst, decision)
+    };
+    if !decision.is_allowed() {
+        info!(
+            src.addr = %peer.addr,
+            src.identity = %peer.identity,
+            dst.addr = %target,
+            dst.workload = %dst.name,
+            dst.namespace = %dst.namespace,
+            reason = ?decision.outcome.reason,
+            "connection denied by authorization policy"
+        );
+        ctx.telemetry.refused(Direction::Inbound, "policy_denied");
+        return status(StatusCode::UNAUTHORIZED);
+    }
+    let mut app = match ctx.connect_app(target, peer.addr.ip()).await {
+        Ok(app) => app,
+        Err(error) => {
+            info!(src.identity = %peer.identity, dst.addr = %target, %error, "the application refused the connection");
+            ctx.telemetry.refused(Direction::Inbound, "app_unreachable");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let src_workload = {
+        let state = ctx.mesh.read();
+        state
+            .workload_by_ip(ctx.mesh.network(), peer.addr.ip())
+            .cloned()
+    };
+    let record = ctx.telemetry.open(Connection {
+        direction: Direction::Inbound,
+        src_addr: peer.addr,
+        src_workload,
+        src_identity: Some(peer.identity.clone()),
+        dst_addr: peer.local,
+        hbone_addr: Some(target),
+        dst_service: None,
+        dst_workload: Some(dst.clone()),
+        dst_identity: Some(dst.identity.clone()),
+        security: Security::MutualTls,
+    });
+    let upgrade = hyper::upgrade::on(&mut req);
+    ctx.tasks.spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let mut tunnel = TokioIo::new(upgraded);
+                let (request, response, error) = relay(&mut tunnel, &mut app).await;
+                record.finish(request, response, error_text(&error).as_deref());
+            }
+            Err(error) => record.finish(0, 0, Some(&error.to_string())),
+        }
+    });
+    status(StatusCode::OK)
+}

@@ -1,0 +1,337 @@
+//! The proxy: the listeners of one set of local workloads and what happens
+//! to each connection.
+//!
+//! - [`outbound`]: 15001, captured outbound TCP (and an optional SOCKS5
+//!   listener for uncaptured development use) → route → HBONE, plain TCP to
+//!   a workload outside HBONE, or passthrough out of the mesh;
+//! - [`inbound`]: 15008, HBONE (mutual TLS + HTTP/2 CONNECT) → authorize →
+//!   the local application;
+//! - [`plaintext`]: 15006, captured inbound plaintext → authorize (no
+//!   identity) → the local application;
+//! - [`pool`]: pooled HBONE client connections;
+//! - [`socket`]: marks, transparent sockets, original destinations.
+//!
+//! Every path fails closed: no certificate, no state, an unknown source or
+//! a policy error refuses the connection; nothing is ever forwarded around
+//! the mesh in plaintext.
+
+pub mod inbound;
+pub mod outbound;
+pub mod plaintext;
+pub mod pool;
+pub mod socket;
+mod socks5;
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use meshbox_certs::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Scope;
+use crate::identity::CertificateManager;
+use crate::mesh::Mesh;
+use crate::state::{ProxyState, Workload};
+use crate::telemetry::Telemetry;
+use pool::Pool;
+use socket::Sockets;
+
+/// How long to wait for the application to accept a forwarded connection.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Copy buffer per direction.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// What every connection handler needs.
+pub struct ProxyContext {
+    pub mesh: Arc<Mesh>,
+    pub certs: Arc<CertificateManager>,
+    pub scope: Scope,
+    pub cluster_id: String,
+    pub trust_domain: String,
+    pub sockets: Sockets,
+    pub pool: Pool,
+    pub telemetry: Telemetry,
+    /// Set on SIGTERM: listeners stop accepting, HBONE servers send GOAWAY.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so a drain can wait for them.
+    pub tasks: TaskTracker,
+    /// The proxy's own ports: a connection aimed at one of them would loop.
+    pub(crate) own_ports: Vec<u16>,
+    pub(crate) server_configs: inbound::ServerConfigs,
+}
+
+impl ProxyContext {
+    /// The local workload reached at `ip`: on this node (node mode) or the
+    /// one workload this proxy serves (dedicated mode).
+    pub fn local_workload(&self, state: &ProxyState, ip: IpAddr) -> Option<Arc<Workload>> {
+        let network = self.mesh.network();
+        match &self.scope {
+            Scope::Node { node } => state.local_workload(network, ip, node).cloned(),
+            Scope::Workload {
+                namespace, name, ..
+            } => state
+                .workload_by_ip(network, ip)
+                .filter(|w| w.namespace == *namespace && w.name == *name)
+                .cloned(),
+        }
+    }
+
+    /// The workload an outbound connection from `peer` comes from.
+    pub fn outbound_source(&self, state: &ProxyState, peer: IpAddr) -> Option<Arc<Workload>> {
+        match &self.scope {
+            Scope::Node { .. } => self.local_workload(state, peer),
+            Scope::Workload {
+                namespace, name, ..
+            } => {
+                let uid = format!("{}//Pod/{namespace}/{name}", self.cluster_id);
+                state.workload_by_uid(&uid).cloned().or_else(|| {
+                    state
+                        .workloads()
+                        .find(|w| w.namespace == *namespace && w.name == *name)
+                        .cloned()
+                })
+            }
+        }
+    }
+
+    /// The identity whose certificate an inbound connection to `local_ip`
+    /// is served with.
+    pub fn served_identity(&self, state: &ProxyState, local_ip: IpAddr) -> Option<SpiffeId> {
+        match &self.scope {
+            Scope::Node { .. } => self
+                .local_workload(state, local_ip)
+                .map(|w| w.identity.clone()),
+            Scope::Workload { identity, .. } => Some(identity.clone()),
+        }
+    }
+
+    /// Identities of the workloads this proxy serves now.
+    pub fn local_identities(&self, state: &ProxyState) -> Vec<SpiffeId> {
+        let mut ids: Vec<SpiffeId> = match &self.scope {
+            Scope::Node { node } => state
+                .workloads()
+                .filter(|w| w.node == *node)
+                .map(|w| w.identity.clone())
+                .collect(),
+            Scope::Workload { identity, .. } => vec![identity.clone()],
+        };
+        ids.sort_by_key(|i| i.to_string());
+        ids.dedup();
+        ids
+    }
+
+    /// Connects to a local application on behalf of `source`, keeping the
+    /// source address where the kernel allows.
+    async fn connect_app(&self, dst: SocketAddr, source: IpAddr) -> io::Result<TcpStream> {
+        match tokio::time::timeout(APP_CONNECT_TIMEOUT, self.sockets.connect(dst, Some(source)))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connecting to the application timed out",
+            )),
+        }
+    }
+}
+
+/// The bound listeners of one proxy.
+pub struct Listeners {
+    pub outbound: TcpListener,
+    pub inbound: TcpListener,
+    pub plaintext: TcpListener,
+    pub socks5: Option<TcpListener>,
+}
+
+/// Addresses the listeners ended up on (port 0 resolved).
+#[derive(Clone, Copy, Debug)]
+pub struct BoundAddrs {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub plaintext: SocketAddr,
+    pub socks5: Option<SocketAddr>,
+}
+
+impl Listeners {
+    pub fn bind(
+        sockets: &Sockets,
+        outbound: SocketAddr,
+        inbound: SocketAddr,
+        plaintext: SocketAddr,
+        socks5: Option<SocketAddr>,
+    ) -> io::Result<Self> {
+        let bind = |addr: SocketAddr, what: &str| {
+            sockets.listen(addr).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("binding the {what} listener on {addr}: {e}"),
+                )
+            })
+        };
+        Ok(Self {
+            outbound: bind(outbound, "outbound")?,
+            inbound: bind(inbound, "inbound HBONE")?,
+            plaintext: bind(plaintext, "inbound plaintext")?,
+            socks5: socks5.map(|a| bind(a, "SOCKS5")).transpose()?,
+        })
+    }
+
+    pub fn addrs(&self) -> io::Result<BoundAddrs> {
+        Ok(BoundAddrs {
+            outbound: self.outbound.local_addr()?,
+            inbound: self.inbound.local_addr()?,
+            plaintext: self.plaintext.local_addr()?,
+            socks5: self.socks5.as_ref().map(|l| l.local_addr()).transpose()?,
+        })
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.addrs()
+            .map(|a| {
+                [
+                    Some(a.outbound),
+                    Some(a.inbound),
+                    Some(a.plaintext),
+                    a.socks5,
+                ]
+                .into_iter()
+                .flatten()
+                .map(|a| a.port())
+                .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Serves until `ctx.shutdown`; connection tasks are tracked in
+    /// `ctx.tasks`.
+    pub fn serve(self, ctx: Arc<ProxyContext>) {
+        if let Ok(addrs) = self.addrs() {
+            info!(
+                outbound = %addrs.outbound,
+                inbound = %addrs.inbound,
+                inbound_plaintext = %addrs.plaintext,
+                socks5 = addrs.socks5.map(|a| a.to_string()),
+                "proxy listening"
+            );
+        }
+        let local = self.outbound.local_addr().ok();
+        ctx.tasks.spawn(accept_loop(
+            self.outbound,
+            ctx.clone(),
+            move |ctx, s, peer| outbound::handle_captured(ctx, s, peer, local),
+        ));
+        ctx.tasks
+            .spawn(accept_loop(self.inbound, ctx.clone(), inbound::handle));
+        let local = self.plaintext.local_addr().ok();
+        ctx.tasks.spawn(accept_loop(
+            self.plaintext,
+            ctx.clone(),
+            move |ctx, s, peer| plaintext::handle(ctx, s, peer, local),
+        ));
+        if let Some(socks) = self.socks5 {
+            ctx.tasks
+                .spawn(accept_loop(socks, ctx.clone(), socks5::handle));
+        }
+    }
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Arc<ProxyContext>, handle: F)
+where
+    F: Fn(Arc<ProxyContext>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    ctx.tasks.spawn(handle(ctx.clone(), stream, socket::canonical(peer)));
+                }
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Copies both ways until both sides are done, passing half-closes on.
+/// Returns bytes `a → b`, bytes `b → a`, and the error that ended it, if any.
+pub async fn relay<A, B>(a: &mut A, b: &mut B) -> (u64, u64, Option<io::Error>)
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a = Counted { inner: a, read: 0 };
+    let mut b = Counted { inner: b, read: 0 };
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await;
+    (a.read, b.read, result.err())
+}
+
+/// Counts the bytes read through it, so a relay that ends in an error still
+/// reports how much it moved.
+struct Counted<'a, T: ?Sized> {
+    inner: &'a mut T,
+    read: u64,
+}
+
+impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// An error as a short string for access logs.
+pub(crate) fn error_text(error: &Option<io::Error>) -> Option<String> {
+    error.as_ref().map(|e| e.to_string())
+}

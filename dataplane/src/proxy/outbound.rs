@@ -1,0 +1,226 @@
+//! Outbound (15001): a local workload's connection, captured, is routed by
+//! the mesh state — HBONE to the destination (or its waypoint) with the
+//! source workload's certificate, plain TCP to a workload outside HBONE, or
+//! out of the mesh untouched — and relayed.
+//!
+//! [`establish`] is shared with the SOCKS5 listener, which differs only in
+//! how it learns the destination.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::pool::{PoolKey, StreamGuard};
+use super::{ProxyContext, error_text, relay, socket};
+use crate::state::{Route, Transport};
+use crate::telemetry::{Connection, ConnectionRecord, Direction, Security};
+
+const CERT_WAIT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an outbound connection was not established. The reason is logged
+/// where it happens; callers only close (or answer SOCKS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Routing or policy: the mesh says no.
+    NotAllowed,
+    /// The far end could not be reached.
+    Unreachable,
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// An upstream ready for bytes.
+pub struct Established {
+    pub io: Box<dyn Io>,
+    pub record: ConnectionRecord,
+    /// Keeps the pooled HBONE stream's slot.
+    _stream: Option<StreamGuard>,
+}
+
+pub async fn handle_captured(
+    ctx: Arc<ProxyContext>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    listener: Option<SocketAddr>,
+) {
+    let target = match socket::original_dst(&stream) {
+        Ok(target) => target,
+        Err(error) => {
+            warn!(src.addr = %peer, %error, "outbound connection without an original destination (not redirected by the capture rules); refusing");
+            ctx.telemetry.refused(Direction::Outbound, "not_redirected");
+            return;
+        }
+    };
+    let local = stream.local_addr().ok().map(socket::canonical);
+    if Some(target) == local || Some(target) == listener {
+        warn!(src.addr = %peer, "outbound connection addressed to the proxy itself (not redirected); refusing");
+        ctx.telemetry.refused(Direction::Outbound, "not_redirected");
+        return;
+    }
+    let Ok(mut upstream) = establish(&ctx, peer, target).await else {
+        return;
+    };
+    let (request, response, error) = relay(&mut stream, &mut upstream.io).await;
+    upstream
+        .record
+        .finish(request, response, error_text(&error).as_deref());
+}
+
+/// Routes and connects a connection from `peer` (a local workload) to
+/// `target`.
+pub async fn establish(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    target: SocketAddr,
+) -> Result<Established, Refusal> {
+    ctx.mesh.lookup(target.ip()).await;
+    let (source, route) = {
+        let state = ctx.mesh.read();
+        let Some(source) = ctx.outbound_source(&state, peer.ip()) else {
+            warn!(src.addr = %peer, dst.addr = %target, "outbound connection from an address that is no local workload; refusing");
+            ctx.telemetry.refused(Direction::Outbound, "unknown_source");
+            return Err(Refusal::NotAllowed);
+        };
+        let route = state.route(&source, target);
+        (source, route)
+    };
+    let route = match route {
+        Ok(route) => route,
+        Err(error) => {
+            info!(src.workload = %source.name, src.namespace = %source.namespace, dst.addr = %target, %error, "no route; refusing");
+            ctx.telemetry.refused(Direction::Outbound, "no_route");
+            return Err(Refusal::NotAllowed);
+        }
+    };
+    let unreachable = |what: &str, error: &dyn std::fmt::Display| {
+        info!(src.workload = %source.name, dst.addr = %target, %error, "{what}");
+        ctx.telemetry
+            .refused(Direction::Outbound, "upstream_unreachable");
+        Refusal::Unreachable
+    };
+    match route {
+        Route::Passthrough(addr) => {
+            debug!(src.workload = %source.name, dst.addr = %addr, "passthrough: not a mesh destination");
+            let io = connect_tcp(ctx, addr)
+                .await
+                .map_err(|e| unreachable("passthrough connect failed", &e))?;
+            let record = ctx.telemetry.open(Connection {
+                direction: Direction::Outbound,
+                src_addr: peer,
+                src_workload: Some(source.clone()),
+                src_identity: None,
+                dst_addr: addr,
+                hbone_addr: None,
+                dst_service: None,
+                dst_workload: None,
+                dst_identity: None,
+                security: Security::Plaintext,
+            });
+            Ok(Established {
+                io: Box::new(io),
+                record,
+                _stream: None,
+            })
+        }
+        Route::Upstream(up) => match &up.transport {
+            Transport::Tcp => {
+                let io = connect_tcp(ctx, up.connect_to)
+                    .await
+                    .map_err(|e| unreachable("connect failed", &e))?;
+                let record = ctx.telemetry.open(Connection {
+                    direction: Direction::Outbound,
+                    src_addr: peer,
+                    src_workload: Some(source.clone()),
+                    src_identity: None,
+                    dst_addr: up.connect_to,
+                    hbone_addr: None,
+                    dst_service: up.destination_service.clone(),
+                    dst_workload: Some(up.peer.clone()),
+                    dst_identity: None,
+                    security: Security::Plaintext,
+                });
+                Ok(Established {
+                    io: Box::new(io),
+                    record,
+                    _stream: None,
+                })
+            }
+            Transport::Hbone {
+                authority,
+                expected_identities,
+            } => {
+                let cert = match tokio::time::timeout(CERT_WAIT, ctx.certs.get(&source.identity))
+                    .await
+                {
+                    Ok(Ok(cert)) => cert,
+                    Ok(Err(error)) => {
+                        warn!(identity = %source.identity, %error, "no certificate for the source workload; refusing");
+                        ctx.telemetry.refused(Direction::Outbound, "no_certificate");
+                        return Err(Refusal::Unreachable);
+                    }
+                    Err(_) => {
+                        warn!(identity = %source.identity, "timed out waiting for the source workload's certificate; refusing");
+                        ctx.telemetry.refused(Direction::Outbound, "no_certificate");
+                        return Err(Refusal::Unreachable);
+                    }
+                };
+                let key = PoolKey::new(
+                    source.identity.clone(),
+                    expected_identities.clone(),
+                    up.connect_to,
+                );
+                let source_ip = source
+                    .addresses
+                    .iter()
+                    .copied()
+                    .find(|ip| ip.is_ipv4() == up.connect_to.ip().is_ipv4());
+                let tunnel = ctx
+                    .pool
+                    .connect(&key, &cert, source_ip, *authority)
+                    .await
+                    .map_err(|e| unreachable("HBONE connect failed", &e))?;
+                debug!(
+                    src.workload = %source.name,
+                    dst.hbone_addr = %authority,
+                    via = %up.connect_to,
+                    waypoint = up.via_waypoint,
+                    new_connection = tunnel.new_connection,
+                    "proxying over HBONE"
+                );
+                let record = ctx.telemetry.open(Connection {
+                    direction: Direction::Outbound,
+                    src_addr: peer,
+                    src_workload: Some(source.clone()),
+                    src_identity: Some(source.identity.clone()),
+                    dst_addr: up.connect_to,
+                    hbone_addr: Some(*authority),
+                    dst_service: up.destination_service.clone(),
+                    dst_identity: Some(up.peer.identity.clone()),
+                    dst_workload: Some(up.peer.clone()),
+                    security: Security::MutualTls,
+                });
+                Ok(Established {
+                    io: Box::new(tunnel.io),
+                    record,
+                    _stream: Some(tunnel.guard),
+                })
+            }
+        },
+    }
+}
+
+async fn connect_tcp(ctx: &ProxyContext, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, ctx.sockets.connect(addr, None)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
+    }
+}
