@@ -1,5 +1,7 @@
 //! `dataplane`: the meshbox node proxy.
 
+use std::io::IsTerminal;
+
 use clap::{Parser, Subcommand};
 use meshbox_dataplane::config::{Config, LogFormat, Settings};
 use tracing::info;
@@ -45,7 +47,10 @@ fn main() -> anyhow::Result<()> {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: access logs end up in files and pipes.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -1,0 +1,690 @@
+//! A whole mesh on loopback for end-to-end tests: the real control plane
+//! (in-process, on its own runtime so it can be killed and restarted), real
+//! `dataplane` processes in dedicated mode, one per workload, each on its
+//! own 127.x.y.z address, and small TCP apps. Traffic enters a dataplane
+//! through its SOCKS5 listener, since nothing is captured without root.
+//!
+//! Each test uses its own `127.{net}.0.0/16`, so tests run in parallel
+//! without port clashes.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use meshbox_certs::SpiffeId;
+use meshbox_controlplane::auth::local::LocalTokens;
+use meshbox_controlplane::run::RunConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dataplane");
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("meshbox-dp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    #[command(flatten)]
+    config: RunConfig,
+}
+
+/// The control plane on a runtime of its own: dropping it kills every task
+/// it spawned, as a crashed process would.
+pub struct ControlPlane {
+    runtime: Option<tokio::runtime::Runtime>,
+    /// Its gRPC (xDS + CA) address; free ports are picked at start so a
+    /// developer's own control plane on 15012 does not get in the way.
+    pub grpc: SocketAddr,
+    args: Vec<String>,
+}
+
+fn free_port(ip: IpAddr) -> SocketAddr {
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+impl ControlPlane {
+    pub fn start(addr: IpAddr, config_dir: &Path, state_dir: &Path, extra: &[&str]) -> Self {
+        let grpc = free_port(addr);
+        let mut args: Vec<String> = [
+            "controlplane",
+            "--config-dir",
+            config_dir.to_str().unwrap(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--grpc-addr",
+            &grpc.to_string(),
+            "--rest-addr",
+            &free_port(addr).to_string(),
+            "--server-san",
+            &addr.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut cp = Self {
+            runtime: None,
+            grpc,
+            args,
+        };
+        cp.boot();
+        cp
+    }
+
+    fn boot(&mut self) {
+        let config = RunArgs::try_parse_from(&self.args).unwrap().config;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(async move {
+            if let Err(e) = meshbox_controlplane::run::run(config).await {
+                eprintln!("control plane stopped: {e:#}");
+            }
+        });
+        self.runtime = Some(runtime);
+        wait_for_port(self.grpc, Duration::from_secs(30));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.boot();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wait_for_port(addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "{addr} did not open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `dataplane run` process in dedicated mode for one workload.
+pub struct Dataplane {
+    child: Child,
+    pub ip: IpAddr,
+    /// SOCKS5, admin, metrics and readiness: free ports, picked at start.
+    ports: [u16; 4],
+    pub name: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+pub struct DataplaneSpec<'a> {
+    pub ip: &'a str,
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    pub service_account: &'a str,
+    pub extra: Vec<String>,
+}
+
+impl Dataplane {
+    pub fn start(mesh: &Mesh, spec: DataplaneSpec<'_>) -> Self {
+        let ip: IpAddr = spec.ip.parse().unwrap();
+        let identity = format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            spec.namespace, spec.service_account
+        );
+        let token = mesh.token_file(&identity);
+        let at = |port: u16| SocketAddr::new(ip, port).to_string();
+        let ports = [0; 4].map(|_| free_port(ip).port());
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .args(["--xds-address", &mesh.cp_url()])
+            .args(["--xds-root-ca", mesh.root_cert().to_str().unwrap()])
+            .args(["--auth-token", token.to_str().unwrap()])
+            .args(["--proxy-mode", "dedicated"])
+            .args([
+                "--proxy-workload-info",
+                &format!("{}/{}/{}", spec.namespace, spec.pod, spec.service_account),
+            ])
+            .args(["--outbound-addr", &at(0)])
+            .args(["--inbound-addr", &at(15008)])
+            .args(["--inbound-plaintext-addr", &at(0)])
+            .args(["--socks5-addr", &at(ports[0])])
+            .args(["--admin-addr", &at(ports[1])])
+            .args(["--metrics-addr", &at(ports[2])])
+            .args(["--readiness-addr", &at(ports[3])])
+            .args(&spec.extra)
+            .env("RUST_LOG", "info")
+            .env_remove("XDS_ADDRESS")
+            .env_remove("CA_ADDRESS")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("dataplane starts");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let name = spec.pod.to_owned();
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = logs.clone();
+            let name = name.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if std::env::var_os("MESHBOX_TEST_LOGS").is_some() {
+                        eprintln!("[{name}] {line}");
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        Self {
+            child,
+            ip,
+            ports,
+            name,
+            logs,
+        }
+    }
+
+    pub fn socks(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.ports[0])
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.ports[1])
+    }
+
+    pub fn inbound(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, 15008)
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line containing every one of `needles`.
+    pub async fn wait_for_log(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(line) = self
+                .logs()
+                .into_iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no log line with {needles:?}; logs:\n{}",
+                self.name,
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) =
+                http_get(SocketAddr::new(self.ip, self.ports[3]), "/healthz/ready").await
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never became ready; logs:\n{}",
+                self.name,
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.admin(), "/config_dump").await.unwrap();
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(SocketAddr::new(self.ip, self.ports[2]), "/metrics")
+            .await
+            .unwrap()
+            .1
+    }
+
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit; `None` if it did not within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The control plane plus its manifest folder.
+pub struct Mesh {
+    pub dir: TempDir,
+    pub cp: ControlPlane,
+}
+
+impl Mesh {
+    /// A control plane on `127.{net}.0.1` serving `manifests`.
+    pub fn start(name: &str, net: u8, manifests: &str, cp_args: &[&str]) -> Self {
+        let dir = TempDir::new(name);
+        std::fs::create_dir_all(dir.path().join("config")).unwrap();
+        std::fs::write(dir.path().join("config/mesh.yaml"), manifests).unwrap();
+        let cp = ControlPlane::start(
+            format!("127.{net}.0.1").parse().unwrap(),
+            &dir.path().join("config"),
+            &dir.path().join("state"),
+            cp_args,
+        );
+        Self { dir, cp }
+    }
+
+    pub fn cp_url(&self) -> String {
+        format!("https://{}", self.cp.grpc)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn root_cert(&self) -> PathBuf {
+        self.state_dir().join("root-cert.pem")
+    }
+
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        let path = self.dir.path().join("config").join(file);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    pub fn remove_manifest(&self, file: &str) {
+        let _ = std::fs::remove_file(self.dir.path().join("config").join(file));
+    }
+
+    pub fn token_file(&self, identity: &str) -> PathBuf {
+        let tokens = LocalTokens::load_or_create(&self.state_dir(), "cluster.local").unwrap();
+        let id: SpiffeId = identity.parse().unwrap();
+        let token = tokens
+            .mint_for_identity(&id, Duration::from_secs(3600))
+            .unwrap();
+        let path = self
+            .dir
+            .path()
+            .join(format!("{}.token", id.service_account()));
+        std::fs::write(&path, token).unwrap();
+        path
+    }
+
+    /// The CA of this mesh, loaded from its state dir (to mint test
+    /// certificates a real peer would never get).
+    pub fn ca(&self) -> meshbox_certs::CertificateAuthority {
+        meshbox_certs::CertificateAuthority::load_or_create(
+            &self.state_dir(),
+            None,
+            meshbox_certs::ca::CaPolicy {
+                trust_domain: "cluster.local".into(),
+                default_ttl: Duration::from_secs(3600),
+                max_ttl: Duration::from_secs(86400),
+            },
+        )
+        .unwrap()
+    }
+}
+
+/// YAML for a Ready pod.
+pub fn pod(name: &str, namespace: &str, sa: &str, node: &str, ip: &str, labels: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {namespace}
+  labels: {{{labels}}}
+spec:
+  nodeName: {node}
+  serviceAccountName: {sa}
+  containers: [{{name: app, image: test}}]
+status:
+  phase: Running
+  podIP: {ip}
+  podIPs: [{{ip: {ip}}}]
+  conditions: [{{type: Ready, status: "True"}}]
+---
+"#
+    )
+}
+
+pub fn ambient_namespace(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels:\n    istio.io/dataplane-mode: ambient\n---\n"
+    )
+}
+
+/// An echo server on `addr`: it first sends `{name}\n`, then echoes.
+pub async fn echo_server(addr: SocketAddr, name: &str) -> tokio::task::JoinHandle<()> {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let name = name.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(format!("{name}\n").as_bytes()).await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    })
+}
+
+/// Opens a connection to `target` through a SOCKS5 listener. `Err(reply)`
+/// is the proxy's refusal code.
+pub async fn socks_connect(socks: SocketAddr, target: SocketAddr) -> Result<TcpStream, u8> {
+    let mut s = TcpStream::connect(socks).await.map_err(|_| 0xffu8)?;
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut method = [0u8; 2];
+    s.read_exact(&mut method).await.unwrap();
+    assert_eq!(method, [5, 0]);
+    let mut req = vec![5, 1, 0];
+    match target.ip() {
+        IpAddr::V4(v4) => {
+            req.push(1);
+            req.extend(v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            req.push(4);
+            req.extend(v6.octets());
+        }
+    }
+    req.extend(target.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 10];
+    match tokio::time::timeout(Duration::from_secs(15), s.read_exact(&mut reply)).await {
+        Ok(Ok(_)) if reply[1] == 0 => Ok(s),
+        Ok(Ok(_)) => Err(reply[1]),
+        _ => Err(0xfe),
+    }
+}
+
+/// Reads the echo server's greeting line.
+pub async fn greeting(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+            Ok(Ok(1)) if b[0] == b'\n' => break,
+            Ok(Ok(1)) => out.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Sends `msg` and reads it back.
+pub async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo"))??;
+    Ok(back)
+}
+
+/// One echo exchange through `socks` to `target`; the echo server's name.
+pub async fn ask(socks: SocketAddr, target: SocketAddr) -> Result<String, u8> {
+    let mut s = socks_connect(socks, target).await?;
+    let name = greeting(&mut s).await;
+    if name.is_empty() {
+        return Err(0xfd);
+    }
+    let back = roundtrip(&mut s, b"ping").await.map_err(|_| 0xfcu8)?;
+    assert_eq!(back, b"ping");
+    Ok(name)
+}
+
+/// Retries `ask` until it gives `want` (Ok or a refusal) or 10 s pass.
+pub async fn eventually(
+    socks: SocketAddr,
+    target: SocketAddr,
+    want_ok: bool,
+) -> Result<String, u8> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = ask(socks, target).await;
+        if r.is_ok() == want_ok || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET: `(status, body)`.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::other("connect timeout"))??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+        .await
+        .map_err(|_| std::io::Error::other("read timeout"))??;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((status, body.to_owned()))
+}
+
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// HBONE peers for tests: a client built from the dataplane's own pool
+/// and a server that accepts any CONNECT, with certificates minted straight
+/// from a CA (so tests can make ones a real peer would never get).
+pub mod hbone {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use meshbox_certs::{CertificateAuthority, SpiffeId, WorkloadKey};
+    use meshbox_dataplane::identity::WorkloadCertificate;
+    use meshbox_dataplane::proxy::pool::{Pool, PoolKey, PoolSettings, Tunnel};
+    use meshbox_dataplane::proxy::socket::Sockets;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    use super::Mesh;
+
+    pub fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "default", sa).unwrap()
+    }
+
+    /// A certificate for `identity` from `ca`, valid for `ttl`.
+    pub fn cert(
+        ca: &CertificateAuthority,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> WorkloadCertificate {
+        meshbox_certs::install_crypto_provider();
+        let key = WorkloadKey::generate().unwrap();
+        let issued = ca.sign_for_key(identity, &key, Some(ttl)).unwrap();
+        WorkloadCertificate::from_ca_response(identity, &key, &issued.chain_pem).unwrap()
+    }
+
+    pub struct Client {
+        pool: Pool,
+        cert: WorkloadCertificate,
+    }
+
+    /// A client for `default/{sa}` with a certificate from the mesh's CA.
+    pub fn client(mesh: &Mesh, sa: &str) -> Client {
+        with_cert(cert(&mesh.ca(), &id(sa), Duration::from_secs(600)))
+    }
+
+    pub fn with_cert(cert: WorkloadCertificate) -> Client {
+        Client {
+            pool: Pool::new(
+                PoolSettings {
+                    max_streams: 10,
+                    idle_timeout: Duration::from_secs(5),
+                },
+                Sockets::plain(),
+            ),
+            cert,
+        }
+    }
+
+    impl Client {
+        /// CONNECTs to `authority` through `peer` (a 15008), expecting the
+        /// server to be `default/{server_sa}`; errors as text.
+        pub async fn connect(
+            &self,
+            peer: SocketAddr,
+            server_sa: &str,
+            authority: SocketAddr,
+        ) -> Result<Tunnel, String> {
+            let key = PoolKey::new(self.cert.identity.clone(), vec![id(server_sa)], peer);
+            self.pool
+                .connect(&key, &self.cert, None, authority)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    /// A stand-in waypoint: accepts every CONNECT, records its authority,
+    /// greets with `{name}\n` and echoes.
+    pub struct Server {
+        pub authorities: Arc<Mutex<Vec<String>>>,
+    }
+
+    pub async fn server(addr: SocketAddr, cert: WorkloadCertificate, name: &str) -> Server {
+        let config = Arc::new(
+            meshbox_certs::tls::workload_server_config(
+                cert.chain.clone(),
+                cert.private_key(),
+                &cert.roots,
+                "cluster.local",
+            )
+            .unwrap(),
+        );
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let authorities = Arc::new(Mutex::new(Vec::new()));
+        let seen = authorities.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+                let seen = seen.clone();
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service =
+                        service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                            let seen = seen.clone();
+                            let name = name.clone();
+                            async move {
+                                seen.lock().unwrap().push(req.uri().to_string());
+                                let upgrade = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    if let Ok(up) = upgrade.await {
+                                        let mut io = TokioIo::new(up);
+                                        let _ = io.write_all(format!("{name}\n").as_bytes()).await;
+                                        let (mut r, mut w) = tokio::io::split(io);
+                                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                                    }
+                                });
+                                Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new()))
+                            }
+                        });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Server { authorities }
+    }
+}
