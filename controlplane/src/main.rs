@@ -20,7 +20,8 @@ struct Cli {
 enum Command {
     /// Run the control plane: CA and xDS on 15012, REST API on 15014.
     Run(Box<RunConfig>),
-    /// Print a bearer token this control plane accepts (standalone mode).
+    /// Print (or write to a file) a bearer token this control plane accepts
+    /// (standalone mode).
     Token(TokenArgs),
 }
 
@@ -41,6 +42,11 @@ struct TokenArgs {
     ttl: Duration,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// Write the token to this file (mode 0600, no trailing newline, the way
+    /// Kubernetes projects tokens; Istio's ztunnel sends `AUTH_TOKEN`'s
+    /// content verbatim) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 fn parse_duration(raw: &str) -> Result<Duration, String> {
@@ -72,10 +78,32 @@ fn main() -> anyhow::Result<()> {
                 (None, Some(node)) => tokens.mint_for_node(node, args.ttl)?,
                 (None, None) => anyhow::bail!("give --identity or --node"),
             };
-            println!("{token}");
-            Ok(())
+            match &args.out {
+                Some(path) => write_secret(path, token.as_bytes())
+                    .with_context(|| format!("writing {}", path.display())),
+                None => {
+                    println!("{token}");
+                    Ok(())
+                }
+            }
         }
     }
+}
+
+/// Writes `content` to `path`, readable by its owner only (also when the
+/// file already existed with wider permissions).
+fn write_secret(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(content)?;
+    file.sync_all()
 }
 
 fn init_tracing(format: &str) {

@@ -197,3 +197,41 @@ async fn a_node_proxy_may_impersonate_only_pods_on_its_node() {
         .cert_chain;
     assert_eq!(leaf_identity(&chain), PAY);
 }
+
+/// Istio's ztunnel reads `AUTH_TOKEN` (a file) and sends `Bearer ` plus the
+/// file's bytes verbatim; a trailing newline makes that header invalid and
+/// ztunnel never connects. `token --out` writes a file it can use as is.
+#[tokio::test]
+async fn a_token_file_works_the_way_ztunnel_reads_it() {
+    use std::os::unix::fs::PermissionsExt;
+    meshbox_certs::install_crypto_provider();
+    let cp = ControlPlane::start(&[("pods.yaml", PODS)], &[]);
+    let file = cp.state.join("node-a.token");
+    std::fs::write(&file, "wider permissions before").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let printed = token(
+        &cp.state,
+        &["--node", "node-a", "--out", file.to_str().unwrap()],
+    );
+    assert!(printed.is_empty(), "the token is not printed with --out");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let content = std::fs::read(&file).unwrap();
+    assert!(!content.is_empty());
+    assert!(!content.ends_with(b"\n"), "no trailing newline");
+
+    // ztunnel's header: "Bearer " + the file's bytes, unchanged.
+    let mut header = b"Bearer ".to_vec();
+    header.extend_from_slice(&content);
+    let value = tonic::metadata::AsciiMetadataValue::try_from(header.as_slice()).unwrap();
+    let mut req = request(CART, None, Some(CART), 3600);
+    req.metadata_mut().insert("authorization", value);
+    let chain = client(&cp)
+        .await
+        .create_certificate(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    assert_eq!(leaf_identity(&chain), CART);
+}
