@@ -217,6 +217,9 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`; show
+    // them as the IPv4 addresses they are.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let connect_info = TcpConnectInfo {
         local_addr: local,
         remote_addr: Some(peer),

@@ -272,7 +272,9 @@ async fn on_demand_by_name_and_ip_with_not_found_and_unsubscribe() {
         (uid("b"), workload("b", [10, 0, 0, 2], "v1")),
         (svc_name.clone(), svc),
     ]);
-    let mut options = client_options(TOKEN);
+    // On another node than the workloads: an on-demand client also gets
+    // its own node's workloads (see the test after the next).
+    let mut options = client_options_on("worker-2");
     options.wildcard = vec![ResourceType::Authorization];
     let client = XdsClient::start(h.channel(), options);
     wait_state(&client, "synced, nothing on demand yet", |s| {
@@ -365,9 +367,16 @@ async fn on_demand_by_name_and_ip_with_not_found_and_unsubscribe() {
 async fn ztunnel_style_ip_lookup_on_a_raw_stream() {
     let h = Harness::start().await;
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    // A client on another node than the workload.
+    let mut s = RawStream::open(h.channel(), Some("node-token-worker-2"))
+        .await
+        .unwrap();
     // ztunnel with XDS_ON_DEMAND: subscribe and unsubscribe "*" together.
     let mut first = wildcard(ADDRESS);
+    first.node = Some(meshbox_dataplane::xds::node(
+        "raw-test",
+        [("NODE_NAME", "worker-2")],
+    ));
     first.resource_names_subscribe = vec!["*".into()];
     first.resource_names_unsubscribe = vec!["*".into()];
     s.send(first).await;
@@ -380,6 +389,63 @@ async fn ztunnel_style_ip_lookup_on_a_raw_stream() {
     assert_eq!(sorted_names(&r), vec![uid("a")]);
     assert_eq!(r.resources[0].aliases, vec!["/10.0.0.1"]);
     assert_eq!(r.removed_resources, vec!["/10.0.0.9"]);
+}
+
+/// What Istio's control plane adds to an on-demand subscription, and a
+/// stock ztunnel relies on: in dedicated mode it waits for its own workload
+/// without asking for it, and it finds a service's endpoints through the
+/// workloads that list the service. Found with a real ztunnel
+/// (`XDS_ON_DEMAND=true`), which otherwise timed out "waiting for workload".
+#[tokio::test]
+async fn on_demand_gets_node_local_workloads_and_service_endpoints() {
+    let h = Harness::start().await;
+    let (svc_name, svc) = service("ratings", [10, 96, 0, 13]);
+    let mine = workload("mine", [10, 0, 0, 1], "v1");
+    let ep = workload("ep", [10, 0, 0, 2], "v1");
+    let other = workload("other", [10, 0, 0, 3], "v1");
+    h.put_workloads([
+        (uid("mine"), placed(&mine, "worker-1", &[])),
+        (uid("ep"), placed(&ep, "worker-2", &[&svc_name])),
+        (uid("other"), placed(&other, "worker-2", &[])),
+        (svc_name.clone(), svc),
+    ]);
+    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut first = wildcard(ADDRESS);
+    first.resource_names_subscribe = vec!["*".into()];
+    first.resource_names_unsubscribe = vec!["*".into()];
+    s.send(first).await;
+    let r = s.recv().await;
+    assert_eq!(
+        sorted_names(&r),
+        vec![uid("mine")],
+        "its own node's workloads"
+    );
+    s.ack(&r).await;
+
+    // Looking up the VIP answers with the service and its endpoints.
+    s.send(subscribe(ADDRESS, &["/10.96.0.13"])).await;
+    let r = s.recv().await;
+    let mut expected = vec![svc_name.clone(), uid("ep")];
+    expected.sort();
+    assert_eq!(sorted_names(&r), expected);
+    s.ack(&r).await;
+
+    // A pod scheduled on this node later, and a new endpoint, are pushed;
+    // a pod elsewhere is not.
+    let mine2 = workload("mine2", [10, 0, 0, 4], "v1");
+    let ep2 = workload("ep2", [10, 0, 0, 5], "v1");
+    let other2 = workload("other2", [10, 0, 0, 6], "v1");
+    h.put_workloads([
+        (uid("mine2"), placed(&mine2, "worker-1", &[])),
+        (uid("ep2"), placed(&ep2, "worker-3", &[&svc_name])),
+        (uid("other2"), placed(&other2, "worker-3", &[])),
+    ]);
+    let r = s.recv().await;
+    let mut expected = vec![uid("mine2"), uid("ep2")];
+    expected.sort();
+    assert_eq!(sorted_names(&r), expected);
+    s.ack(&r).await;
+    s.expect_silence(SHORT).await;
 }
 
 #[tokio::test]

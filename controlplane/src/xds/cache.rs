@@ -1,7 +1,9 @@
 //! The server's current set of resources and a bounded log of what changed.
 //!
 //! The cache holds every resource once, already encoded ([`Encoded`]), plus
-//! an index from IP address to the Address resources that answer to it.
+//! indexes for on-demand subscriptions: from IP address to the Address
+//! resources that answer to it, from node to the workloads on it, and from
+//! service to the workloads behind it.
 //! Every change gets a generation number and a line in the change log;
 //! streams remember the last generation they caught up with and read the
 //! log from there. The log is bounded: a stream that falls further behind
@@ -11,7 +13,7 @@
 //! The cache does no I/O and takes no locks itself; the server wraps it in
 //! one `RwLock` whose critical sections are short and never span an await.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::resource::{Encoded, Kind, NetIp};
@@ -29,6 +31,10 @@ pub(crate) struct Cache {
     generation: u64,
     resources: [HashMap<Arc<str>, Arc<Encoded>>; 2],
     by_ip: HashMap<NetIp, Vec<Arc<str>>>,
+    /// Node name → workloads on it.
+    by_node: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// Service `namespace/hostname` → workloads that list it.
+    by_service: HashMap<Arc<str>, HashSet<Arc<str>>>,
     log: VecDeque<Change>,
     log_capacity: usize,
     /// Changes up to and including this generation may have been dropped
@@ -42,6 +48,8 @@ impl Cache {
             generation: 0,
             resources: Default::default(),
             by_ip: HashMap::new(),
+            by_node: HashMap::new(),
+            by_service: HashMap::new(),
             log: VecDeque::new(),
             log_capacity: log_capacity.max(1),
             truncated_through: 0,
@@ -77,6 +85,17 @@ impl Cache {
         self.by_ip.get(ip).map(Vec::as_slice).unwrap_or_default()
     }
 
+    /// Names of the workloads on `node`.
+    pub(crate) fn on_node(&self, node: &str) -> impl Iterator<Item = &Arc<str>> {
+        self.by_node.get(node).into_iter().flatten()
+    }
+
+    /// Names of the workloads that are endpoints of `service`
+    /// (`namespace/hostname`).
+    pub(crate) fn members(&self, service: &str) -> impl Iterator<Item = &Arc<str>> {
+        self.by_service.get(service).into_iter().flatten()
+    }
+
     /// Upserts (`Some`) or removes (`None`) one resource. Returns whether
     /// anything changed: re-feeding identical content is a no-op, so a
     /// source that re-lists everything does not cause a push.
@@ -98,12 +117,23 @@ impl Cache {
                         names.push(name.clone());
                     }
                 }
+                for key in new.node.iter() {
+                    index_set(&mut self.by_node, key, &name);
+                }
+                for key in new.member_of.iter() {
+                    index_set(&mut self.by_service, key, &name);
+                }
                 let previous = map.insert(name.clone(), new.clone());
-                // Drop index entries for addresses the new content no
-                // longer has.
+                // Drop index entries the new content no longer has.
                 if let Some(old) = &previous {
                     for ip in old.ips.iter().filter(|ip| !new.ips.contains(ip)) {
                         unindex(&mut self.by_ip, ip, &name);
+                    }
+                    for key in old.node.iter().filter(|n| new.node.as_ref() != Some(*n)) {
+                        unindex_set(&mut self.by_node, key, &name);
+                    }
+                    for key in old.member_of.iter().filter(|s| !new.member_of.contains(s)) {
+                        unindex_set(&mut self.by_service, key, &name);
                     }
                 }
                 previous
@@ -114,6 +144,12 @@ impl Cache {
                 };
                 for ip in old.ips.iter() {
                     unindex(&mut self.by_ip, ip, &name);
+                }
+                for key in old.node.iter() {
+                    unindex_set(&mut self.by_node, key, &name);
+                }
+                for key in old.member_of.iter() {
+                    unindex_set(&mut self.by_service, key, &name);
                 }
                 Some(old)
             }
@@ -144,6 +180,26 @@ impl Cache {
         }
         let start = self.log.partition_point(|c| c.generation <= cursor);
         Some(self.log.range(start..))
+    }
+}
+
+fn index_set(index: &mut HashMap<Arc<str>, HashSet<Arc<str>>>, key: &Arc<str>, name: &Arc<str>) {
+    match index.get_mut(key) {
+        Some(names) => {
+            names.insert(name.clone());
+        }
+        None => {
+            index.insert(key.clone(), HashSet::from([name.clone()]));
+        }
+    }
+}
+
+fn unindex_set(index: &mut HashMap<Arc<str>, HashSet<Arc<str>>>, key: &str, name: &str) {
+    if let Some(names) = index.get_mut(key) {
+        names.remove(name);
+        if names.is_empty() {
+            index.remove(key);
+        }
     }
 }
 
@@ -209,5 +265,39 @@ mod tests {
         assert!(cache.changes_since(0).is_none());
         assert_eq!(cache.changes_since(1).unwrap().count(), 3);
         assert_eq!(cache.generation(), 4);
+    }
+
+    #[test]
+    fn node_and_service_indexes_follow_changes() {
+        let placed = |node: &str, services: &[&str]| {
+            let a = Address {
+                r#type: Some(address::Type::Workload(Workload {
+                    uid: "w".into(),
+                    node: node.into(),
+                    services: services
+                        .iter()
+                        .map(|s| (s.to_string(), Default::default()))
+                        .collect(),
+                    ..Default::default()
+                })),
+            };
+            Some(Arc::new(Encoded::address("w".into(), &a)))
+        };
+        let names = |it: &mut dyn Iterator<Item = &Arc<str>>| -> Vec<String> {
+            it.map(|n| n.to_string()).collect()
+        };
+        let mut cache = Cache::new(10);
+        cache.apply(Kind::Address, "w".into(), placed("n1", &["ns/a", "ns/b"]));
+        assert_eq!(names(&mut cache.on_node("n1")), vec!["w"]);
+        assert_eq!(names(&mut cache.members("ns/a")), vec!["w"]);
+        cache.apply(Kind::Address, "w".into(), placed("n2", &["ns/b"]));
+        assert!(names(&mut cache.on_node("n1")).is_empty());
+        assert_eq!(names(&mut cache.on_node("n2")), vec!["w"]);
+        assert!(names(&mut cache.members("ns/a")).is_empty());
+        assert_eq!(names(&mut cache.members("ns/b")), vec!["w"]);
+        cache.apply(Kind::Address, "w".into(), None);
+        assert!(names(&mut cache.on_node("n2")).is_empty());
+        assert!(names(&mut cache.members("ns/b")).is_empty());
+        assert!(cache.by_node.is_empty() && cache.by_service.is_empty());
     }
 }

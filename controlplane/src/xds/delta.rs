@@ -2,6 +2,13 @@
 //! one stream: what the client subscribed to, what it holds, what it
 //! rejected, and what it still needs to be told.
 //!
+//! An explicit (on-demand) Address subscription also gets what Istio's
+//! control plane adds to it, and what Istio's ztunnel relies on: the
+//! workloads on the client's own node (a dedicated-mode ztunnel waits for
+//! its own workload without asking for it; a node proxy needs the pods it
+//! serves), and the workloads behind a service the client subscribed to by
+//! name or VIP (a service's endpoints are those workloads).
+//!
 //! This is pure state: it reads the [`Cache`] it is handed and produces
 //! [`Outbound`] responses, but does no I/O, takes no locks and keeps no
 //! clock. The stream task decides *when* to build a response (debounce,
@@ -201,6 +208,8 @@ pub(crate) struct TypeState {
     /// The IP lookup keys among `subs`, by the address they name (one
     /// address may be spelled more than one way).
     ip_keys: HashMap<NetIp, Vec<Arc<str>>>,
+    /// The node the client runs on (Address only); see the module docs.
+    node: Option<Arc<str>>,
     /// Name → version the client holds.
     ///
     /// With explicit subscriptions this is kept for everything sent, to
@@ -260,6 +269,7 @@ impl TypeState {
             wildcard: false,
             subs: HashSet::new(),
             ip_keys: HashMap::new(),
+            node: None,
             known: HashMap::new(),
             nacked: HashMap::new(),
             answer: NameQueue::default(),
@@ -274,6 +284,19 @@ impl TypeState {
             last_sent_version: None,
             last_acked_version: None,
             last_nack: None,
+        }
+    }
+
+    /// Records the node the client runs on (the first one given counts).
+    /// On an explicit Address subscription, the workloads on that node are
+    /// then sent as if subscribed.
+    pub(crate) fn set_node(&mut self, node: &str) {
+        if self.kind != Kind::Address || self.node.is_some() || node.is_empty() {
+            return;
+        }
+        self.node = Some(node.into());
+        if self.started && !self.wildcard {
+            self.resync = true;
         }
     }
 
@@ -454,6 +477,7 @@ impl TypeState {
             let name = self.intern(name, cache);
             self.subscribe(&name);
             self.answer.push(&name);
+            self.queue_members(&name, cache);
         }
         for name in &req.resource_names_unsubscribe {
             if name == WILDCARD {
@@ -478,22 +502,18 @@ impl TypeState {
             self.dirty.push(&e.name);
         }
         self.wildcard = false;
-        let mut kept: Vec<&Arc<Encoded>> = Vec::new();
-        for name in &self.subs {
-            if let Some(e) = cache.get(self.kind, name) {
-                kept.push(e);
-            }
-        }
-        for ip in self.ip_keys.keys() {
-            kept.extend(
-                cache
-                    .lookup_ip(ip)
-                    .iter()
-                    .filter_map(|n| cache.get(self.kind, n)),
-            );
-        }
+        // Rare (a client narrowing its subscription), so one pass over the
+        // cache is fine; it catches every way a name can still be wanted.
+        let kept: Vec<&Arc<Encoded>> = cache
+            .entries(self.kind)
+            .filter(|e| self.wanted(e, cache))
+            .collect();
         let mut known = std::mem::take(&mut self.known);
-        known.retain(|name, _| cache.get(self.kind, name).is_some_and(|e| self.wanted(e)));
+        known.retain(|name, _| {
+            cache
+                .get(self.kind, name)
+                .is_some_and(|e| self.wanted(e, cache))
+        });
         for e in kept {
             if !self.dirty.contains(&e.name) && !self.answer.contains(&e.name) {
                 known
@@ -544,7 +564,7 @@ impl TypeState {
                 for matched in cache.lookup_ip(&ip) {
                     if !cache
                         .get(self.kind, matched)
-                        .is_some_and(|e| self.wanted(e))
+                        .is_some_and(|e| self.wanted(e, cache))
                     {
                         self.known.remove(matched);
                     }
@@ -553,11 +573,56 @@ impl TypeState {
         }
         if !self.wildcard {
             self.known.remove(name);
+            // The client drops what it unsubscribed from by itself, but not
+            // the workloads that came with it: those are re-evaluated, and
+            // the ones no longer wanted are sent as removed.
+            self.queue_members(name, cache);
         }
     }
 
-    fn wanted(&self, e: &Encoded) -> bool {
-        self.wildcard || self.subs.contains(&e.name) || self.matches_ip_key(e)
+    fn wanted(&self, e: &Encoded, cache: &Cache) -> bool {
+        self.wildcard
+            || self.subs.contains(&e.name)
+            || self.matches_ip_key(e)
+            || self.implied(e, cache)
+    }
+
+    /// Whether an explicit subscription gets `e` without naming it: a
+    /// workload on the client's node, or behind a service the client
+    /// subscribed to by name or by VIP.
+    fn implied(&self, e: &Encoded, cache: &Cache) -> bool {
+        if self.node.is_some() && e.node.is_some() && self.node == e.node {
+            return true;
+        }
+        e.member_of.iter().any(|service| {
+            self.subs.contains(service)
+                || (!self.ip_keys.is_empty()
+                    && cache
+                        .get(self.kind, service)
+                        .is_some_and(|s| self.matches_ip_key(s)))
+        })
+    }
+
+    /// Queues, for re-evaluation, the workloads behind the service `name`
+    /// names, or behind the services at the address it looks up.
+    fn queue_members(&mut self, name: &str, cache: &Cache) {
+        if self.kind != Kind::Address || self.wildcard {
+            return;
+        }
+        match self.ip_key(name) {
+            Some(ip) => {
+                for service in cache.lookup_ip(&ip) {
+                    for member in cache.members(service) {
+                        self.dirty.push(member);
+                    }
+                }
+            }
+            None => {
+                for member in cache.members(name) {
+                    self.dirty.push(member);
+                }
+            }
+        }
     }
 
     fn matches_ip_key(&self, e: &Encoded) -> bool {
@@ -585,9 +650,20 @@ impl TypeState {
         if !self.resync {
             match cache.changes_since(self.cursor) {
                 Some(changes) => {
+                    let explicit = !self.wildcard && self.kind == Kind::Address;
                     for change in changes.filter(|c| c.kind == self.kind) {
                         if self.relevant(&change.name, cache) {
                             self.dirty.push(&change.name);
+                        }
+                        if explicit {
+                            // A service that changed (its VIPs, or its
+                            // existence) may change which workloads come
+                            // with it.
+                            for member in cache.members(&change.name) {
+                                if self.relevant(member, cache) {
+                                    self.dirty.push(member);
+                                }
+                            }
                         }
                     }
                 }
@@ -611,7 +687,7 @@ impl TypeState {
             || self.known.contains_key(name)
             || cache
                 .get(self.kind, name)
-                .is_some_and(|e| self.matches_ip_key(e))
+                .is_some_and(|e| self.wanted(e, cache))
     }
 
     fn fill_everything(&mut self, cache: &Cache) {
@@ -632,6 +708,19 @@ impl TypeState {
         if !wildcard {
             for ip in self.ip_keys.keys() {
                 for name in cache.lookup_ip(ip) {
+                    dirty.push(name);
+                    for member in cache.members(name) {
+                        dirty.push(member);
+                    }
+                }
+            }
+            for name in &self.subs {
+                for member in cache.members(name) {
+                    dirty.push(member);
+                }
+            }
+            if let Some(node) = &self.node {
+                for name in cache.on_node(node) {
                     dirty.push(name);
                 }
             }
@@ -686,7 +775,7 @@ impl TypeState {
                     self.sweep = Vec::new();
                 }
                 if b.answered.is_empty() || !b.answered.contains(&e.name) {
-                    self.evaluate_entry(&e, &mut b);
+                    self.evaluate_entry(&e, cache, &mut b);
                 }
             } else if let Some(name) = self.dirty.pop() {
                 if b.answered.is_empty() || !b.answered.contains(&name) {
@@ -721,7 +810,7 @@ impl TypeState {
     /// already holds the current version, and "not found" if it is absent.
     fn evaluate(&mut self, name: &Arc<str>, force: bool, cache: &Cache, b: &mut Building) {
         if let Some(e) = cache.get(self.kind, name) {
-            if self.wanted(e) {
+            if self.wanted(e, cache) {
                 let e = e.clone();
                 self.offer(&e, force, b);
             } else if self.known.remove(name).is_some() {
@@ -766,8 +855,8 @@ impl TypeState {
     }
 
     /// [`Self::evaluate`] for an entry of the sweep's snapshot.
-    fn evaluate_entry(&mut self, e: &Arc<Encoded>, b: &mut Building) {
-        if self.wanted(e) {
+    fn evaluate_entry(&mut self, e: &Arc<Encoded>, cache: &Cache, b: &mut Building) {
+        if self.wanted(e, cache) {
             self.offer(e, false, b);
         } else if self.known.remove(&e.name).is_some() {
             self.push_removed(&e.name, b);
@@ -829,7 +918,7 @@ enum Nonce {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshbox_proto::workload::{Address, Workload, address};
+    use meshbox_proto::workload::{Address, NetworkAddress, PortList, Service, Workload, address};
     use meshbox_proto::xds::{DeltaDiscoveryResponse, Resource};
     use prost::Message;
 
@@ -852,6 +941,46 @@ mod tests {
             Kind::Address,
             uid.into(),
             Some(Arc::new(Encoded::address(uid.into(), &a))),
+        );
+    }
+
+    /// A workload on `node`, an endpoint of `services`.
+    fn put_on(cache: &mut Cache, uid: &str, ip: [u8; 4], node: &str, services: &[&str]) {
+        let a = Address {
+            r#type: Some(address::Type::Workload(Workload {
+                uid: uid.into(),
+                addresses: vec![ip.to_vec()],
+                node: node.into(),
+                services: services
+                    .iter()
+                    .map(|s| (s.to_string(), PortList::default()))
+                    .collect(),
+                ..Default::default()
+            })),
+        };
+        cache.apply(
+            Kind::Address,
+            uid.into(),
+            Some(Arc::new(Encoded::address(uid.into(), &a))),
+        );
+    }
+
+    fn put_service(cache: &mut Cache, name: &str, vip: [u8; 4]) {
+        let a = Address {
+            r#type: Some(address::Type::Service(Service {
+                hostname: name.into(),
+                addresses: vec![NetworkAddress {
+                    network: String::new(),
+                    address: vip.to_vec(),
+                    length: None,
+                }],
+                ..Default::default()
+            })),
+        };
+        cache.apply(
+            Kind::Address,
+            name.into(),
+            Some(Arc::new(Encoded::address(name.into(), &a))),
         );
     }
 
@@ -906,6 +1035,83 @@ mod tests {
         put(&mut cache, "c", [10, 0, 0, 1], "y");
         let r = decode(t.build(&cache, 4, 1 << 20, true).unwrap().0.unwrap());
         assert_eq!(names(&r), vec!["c"]);
+    }
+
+    #[test]
+    fn on_demand_gets_its_node_and_service_endpoints_like_istio() {
+        let mut cache = Cache::new(100);
+        put_on(&mut cache, "mine", [10, 0, 0, 1], "n1", &[]);
+        put_on(&mut cache, "other", [10, 0, 0, 2], "n2", &[]);
+        put_on(&mut cache, "ep1", [10, 0, 0, 3], "n2", &["ns/svc"]);
+        put_on(&mut cache, "ep2", [10, 0, 0, 4], "n3", &["ns/svc"]);
+        put_service(&mut cache, "ns/svc", [10, 96, 0, 1]);
+        put_service(&mut cache, "ns/svc2", [10, 96, 0, 2]);
+        let mut t = TypeState::new(Kind::Address);
+        t.set_node("n1");
+        // ztunnel's "subscribe to nothing" still gets its node's workloads.
+        t.on_request(&req(&["*"], &["*"]), &cache, &LIMITS).unwrap();
+        let r = decode(t.build(&cache, 1, 1 << 20, true).unwrap().0.unwrap());
+        assert_eq!(names(&r), vec!["mine"]);
+        // A workload scheduled on the node later is pushed; one elsewhere
+        // is not.
+        put_on(&mut cache, "mine2", [10, 0, 0, 5], "n1", &[]);
+        put_on(&mut cache, "other2", [10, 0, 0, 6], "n2", &[]);
+        let r = decode(t.build(&cache, 2, 1 << 20, true).unwrap().0.unwrap());
+        assert_eq!(names(&r), vec!["mine2"]);
+        // Moving off the node removes it.
+        put_on(&mut cache, "mine2", [10, 0, 0, 5], "n2", &[]);
+        let r = decode(t.build(&cache, 3, 1 << 20, true).unwrap().0.unwrap());
+        assert!(r.resources.is_empty());
+        assert_eq!(r.removed_resources, vec!["mine2"]);
+
+        // A VIP lookup answers with the service and its endpoints.
+        t.on_request(&req(&["/10.96.0.1"], &[]), &cache, &LIMITS)
+            .unwrap();
+        let r = decode(t.build(&cache, 4, 1 << 20, false).unwrap().0.unwrap());
+        assert_eq!(names(&r), vec!["ep1", "ep2", "ns/svc"]);
+        // A new endpoint follows; one that leaves the service is removed.
+        put_on(&mut cache, "ep3", [10, 0, 0, 7], "n3", &["ns/svc"]);
+        put_on(&mut cache, "ep1", [10, 0, 0, 3], "n2", &["ns/svc2"]);
+        let r = decode(t.build(&cache, 5, 1 << 20, true).unwrap().0.unwrap());
+        assert_eq!(names(&r), vec!["ep3"]);
+        assert_eq!(r.removed_resources, vec!["ep1"]);
+        // The service losing that VIP takes its endpoints with it.
+        put_service(&mut cache, "ns/svc", [10, 96, 0, 9]);
+        let r = decode(t.build(&cache, 6, 1 << 20, true).unwrap().0.unwrap());
+        let mut removed = r.removed_resources.clone();
+        removed.sort();
+        assert_eq!(removed, vec!["ep2", "ep3", "ns/svc"]);
+
+        // By name: the service and its endpoints; unsubscribing removes
+        // the endpoints (the client drops the service itself).
+        t.on_request(&req(&["ns/svc2"], &[]), &cache, &LIMITS)
+            .unwrap();
+        let r = decode(t.build(&cache, 7, 1 << 20, false).unwrap().0.unwrap());
+        assert_eq!(names(&r), vec!["ep1", "ns/svc2"]);
+        t.on_request(&req(&[], &["ns/svc2"]), &cache, &LIMITS)
+            .unwrap();
+        let r = decode(t.build(&cache, 8, 1 << 20, false).unwrap().0.unwrap());
+        assert!(r.resources.is_empty());
+        assert_eq!(r.removed_resources, vec!["ep1"]);
+        assert!(t.build(&cache, 9, 1 << 20, true).unwrap().0.is_none());
+    }
+
+    #[test]
+    fn a_node_learned_after_the_first_request_brings_its_workloads() {
+        let mut cache = Cache::new(100);
+        put_on(&mut cache, "mine", [10, 0, 0, 1], "n1", &[]);
+        let mut t = TypeState::new(Kind::Address);
+        t.on_request(&req(&["*"], &["*"]), &cache, &LIMITS).unwrap();
+        let r = decode(t.build(&cache, 1, 1 << 20, true).unwrap().0.unwrap());
+        assert!(r.resources.is_empty());
+        t.set_node("n1");
+        let r = decode(t.build(&cache, 2, 1 << 20, false).unwrap().0.unwrap());
+        assert_eq!(names(&r), vec!["mine"]);
+        // Wildcard subscriptions are unaffected (they get everything), and
+        // so is the Authorization type.
+        let mut a = TypeState::new(Kind::Authorization);
+        a.set_node("n1");
+        assert!(a.node.is_none());
     }
 
     #[test]

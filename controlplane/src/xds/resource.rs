@@ -6,8 +6,9 @@
 //! splices into each client's responses without touching it again. This
 //! module also derives the per-resource version (a digest of the content, so
 //! it changes only when the resource does, and is the same on every replica
-//! and after a restart) and the IP addresses an `Address` answers to, for
-//! on-demand lookups by IP. It knows nothing about streams or clients.
+//! and after a restart) and, for on-demand subscriptions, the IP addresses
+//! an `Address` answers to plus a workload's node and services. It knows
+//! nothing about streams or clients.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -108,13 +109,26 @@ pub(crate) struct Encoded {
     pub bytes: Bytes,
     /// Addresses this resource answers to (Address resources only).
     pub ips: Box<[NetIp]>,
+    /// The node a workload runs on (workload Address resources only).
+    pub node: Option<Arc<str>>,
+    /// The services (`namespace/hostname`) a workload is an endpoint of
+    /// (workload Address resources only).
+    pub member_of: Box<[Arc<str>]>,
 }
 
 impl Encoded {
     pub(crate) fn address(name: Arc<str>, address: &Address) -> Encoded {
         let ips = address_ips(address);
         let value = canonical_address_bytes(address);
-        Self::build(Kind::Address, name, value, ips)
+        let mut encoded = Self::build(Kind::Address, name, value, ips);
+        if let Some(address::Type::Workload(w)) = &address.r#type {
+            encoded.node = (!w.node.is_empty()).then(|| w.node.as_str().into());
+            let mut member_of: Vec<Arc<str>> =
+                w.services.keys().map(|s| s.as_str().into()).collect();
+            member_of.sort();
+            encoded.member_of = member_of.into_boxed_slice();
+        }
+        encoded
     }
 
     pub(crate) fn authorization(name: Arc<str>, authorization: &Authorization) -> Encoded {
@@ -140,6 +154,8 @@ impl Encoded {
             version,
             bytes: Bytes::from(resource.encode_to_vec()),
             ips,
+            node: None,
+            member_of: Box::default(),
         }
     }
 }

@@ -117,6 +117,15 @@ impl StreamStatus {
         }
     }
 
+    /// The client's node: the authenticated one, else the `NODE_NAME` it
+    /// sent (the same as the status API shows).
+    pub(crate) fn node(&self) -> Option<String> {
+        self.peer
+            .node
+            .clone()
+            .or_else(|| self.live().node_name.clone())
+    }
+
     pub(crate) fn record_type(&self, kind: Kind, summary: TypeInfo) {
         self.live().types[kind.index()] = Some(summary);
     }

@@ -59,6 +59,7 @@ pub(crate) async fn run(
 ) {
     let mut stream = Stream {
         types: Kind::ALL.map(TypeState::new),
+        node_known: false,
         next_seq: 1,
         turn: 0,
         unknown_types: HashSet::new(),
@@ -152,6 +153,8 @@ async fn deliver_error(tx: &ResponseTx, status: Status) {
 
 struct Stream {
     types: [TypeState; 2],
+    /// Whether the client's node has been handed to the type states.
+    node_known: bool,
     next_seq: u64,
     /// Which type builds first next time, so a busy type cannot starve the
     /// other.
@@ -173,6 +176,14 @@ impl Stream {
                     _ => None,
                 });
             self.status.record_node(&node.id, node_name);
+        }
+        if !self.node_known
+            && let Some(node) = self.status.node()
+        {
+            self.node_known = true;
+            for state in &mut self.types {
+                state.set_node(&node);
+            }
         }
         delta::validate(&req, &self.shared.limits)?;
         let Some(kind) = Kind::from_type_url(&req.type_url) else {

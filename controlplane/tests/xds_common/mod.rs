@@ -229,6 +229,40 @@ pub async fn wait_state(client: &XdsClient, what: &str, f: impl Fn(&XdsState) ->
 }
 
 /// A raw Delta ADS stream for protocol-level tests.
+/// [`client_options`] for a client on another node than `worker-1` (where
+/// every test workload runs), so on-demand tests see only what they ask for
+/// and not the workloads an on-demand client gets for its own node.
+pub fn client_options_on(node_name: &str) -> ClientOptions {
+    let mut options = client_options(&format!("node-token-{node_name}"));
+    options.node = node(
+        "ztunnel~10.0.0.101~ztunnel-def.istio-system~istio-system.svc.cluster.local",
+        [("NODE_NAME", node_name), ("NAMESPACE", "istio-system")],
+    );
+    options
+}
+
+/// A copy of `workload` on `node_name`, an endpoint of `services`
+/// (`namespace/hostname`, port 80 → 8080).
+pub fn placed(workload: &Address, node_name: &str, services: &[&str]) -> Arc<Address> {
+    let mut a = workload.clone();
+    if let Some(address::Type::Workload(w)) = a.r#type.as_mut() {
+        w.node = node_name.into();
+        for s in services {
+            w.services.insert(
+                (*s).to_owned(),
+                meshbox_proto::workload::PortList {
+                    ports: vec![meshbox_proto::workload::Port {
+                        service_port: 80,
+                        target_port: 8080,
+                        app_protocol: 0,
+                    }],
+                },
+            );
+        }
+    }
+    Arc::new(a)
+}
+
 pub struct RawStream {
     pub tx: mpsc::Sender<DeltaDiscoveryRequest>,
     pub rx: Streaming<DeltaDiscoveryResponse>,
