@@ -364,6 +364,7 @@ async fn config_dump(State(admin): State<Admin>) -> Response {
             "network": ctx.mesh.network(),
             "packetMark": ctx.sockets.mark(),
             "transparentSockets": ctx.sockets.transparent(),
+            "originalSource": ctx.original_source,
             "ready": readiness(ctx).err().unwrap_or_else(|| "ready".into()),
         },
         "xds": {

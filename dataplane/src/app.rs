@@ -135,6 +135,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         cluster_id: config.cluster_id.clone(),
         trust_domain: config.trust_domain.clone(),
         sockets,
+        original_source: config.original_source,
         pool: Pool::new(
             PoolSettings {
                 max_streams: config.pool_max_streams,

@@ -67,6 +67,12 @@ pub struct Settings {
     #[arg(long, env = "PACKET_MARK", default_value_t = 1337)]
     pub packet_mark: u32,
 
+    /// Connect to the application from the client's own address (needs the
+    /// capture rules' connmark and route table to get replies back; Istio's
+    /// `ENABLE_ORIG_SRC`). Default: on in node mode, off in dedicated mode.
+    #[arg(long, env = "ENABLE_ORIG_SRC")]
+    pub enable_orig_src: Option<bool>,
+
     /// Captured outbound TCP.
     #[arg(long, default_value = "[::]:15001")]
     pub outbound_addr: SocketAddr,
@@ -145,6 +151,7 @@ pub struct Config {
     pub network: String,
     /// `None`: sockets are not marked.
     pub packet_mark: Option<u32>,
+    pub original_source: bool,
     pub outbound_addr: SocketAddr,
     pub inbound_plaintext_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
@@ -275,6 +282,9 @@ impl Config {
             trust_domain: s.trust_domain,
             network: s.network,
             packet_mark: (s.packet_mark != 0).then_some(s.packet_mark),
+            original_source: s
+                .enable_orig_src
+                .unwrap_or(s.proxy_mode == ProxyMode::Shared),
             outbound_addr: s.outbound_addr,
             inbound_plaintext_addr: s.inbound_plaintext_addr,
             inbound_addr: s.inbound_addr,

@@ -102,7 +102,7 @@ async fn hbone_traffic_carries_identities_balances_services_and_obeys_policy() {
         "{inb}"
     );
     assert!(inb.contains(r#"src.workload="client""#), "{inb}");
-    // The application saw the client pod's address, not the proxy's.
+    // The tunnel came from the client pod's address, not the proxy's.
     assert!(inb.contains("src.addr=127.11.1.1:"), "{inb}");
 
     // Istio's metrics, with Istio's labels, on the receiving side.

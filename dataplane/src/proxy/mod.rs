@@ -58,6 +58,9 @@ pub struct ProxyContext {
     pub cluster_id: String,
     pub trust_domain: String,
     pub sockets: Sockets,
+    /// Connect to applications from the client's address (see
+    /// `ENABLE_ORIG_SRC`).
+    pub original_source: bool,
     pub pool: Pool,
     pub telemetry: Telemetry,
     /// Set on SIGTERM: listeners stop accepting, HBONE servers send GOAWAY.
@@ -129,12 +132,11 @@ impl ProxyContext {
         ids
     }
 
-    /// Connects to a local application on behalf of `source`, keeping the
-    /// source address where the kernel allows.
+    /// Connects to a local application on behalf of `source`, from the
+    /// source's address when configured to and the kernel allows.
     async fn connect_app(&self, dst: SocketAddr, source: IpAddr) -> io::Result<TcpStream> {
-        match tokio::time::timeout(APP_CONNECT_TIMEOUT, self.sockets.connect(dst, Some(source)))
-            .await
-        {
+        let source = self.original_source.then_some(source);
+        match tokio::time::timeout(APP_CONNECT_TIMEOUT, self.sockets.connect(dst, source)).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
