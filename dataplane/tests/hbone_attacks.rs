@@ -50,6 +50,7 @@ async fn malicious_peers_are_refused_and_honest_ones_still_served() {
             namespace: "default",
             pod: "echo-1",
             service_account: "echo",
+            node: None,
             extra: vec![],
         },
     );

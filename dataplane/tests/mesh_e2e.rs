@@ -59,6 +59,7 @@ fn dataplane(mesh: &Mesh, ip: &str, pod: &str, sa: &str) -> Dataplane {
             namespace: "default",
             pod,
             service_account: sa,
+            node: None,
             extra: vec![],
         },
     )

@@ -36,6 +36,7 @@ fn pair(mesh: &Mesh, net: u8, extra: &[&str]) -> (Dataplane, Dataplane) {
             namespace: "default",
             pod,
             service_account: sa,
+            node: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         }
     };

@@ -85,6 +85,7 @@ async fn service_traffic_goes_through_its_waypoint() {
             namespace: "default",
             pod: "client",
             service_account: "sleep",
+            node: None,
             extra: vec![],
         },
     );

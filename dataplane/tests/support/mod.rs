@@ -155,6 +155,9 @@ pub struct DataplaneSpec<'a> {
     pub namespace: &'a str,
     pub pod: &'a str,
     pub service_account: &'a str,
+    /// `Some(node)`: node mode (`PROXY_MODE=shared`) with a node token,
+    /// serving every pod on that node; `None`: dedicated to this pod.
+    pub node: Option<&'a str>,
     pub extra: Vec<String>,
 }
 
@@ -165,7 +168,10 @@ impl Dataplane {
             "spiffe://cluster.local/ns/{}/sa/{}",
             spec.namespace, spec.service_account
         );
-        let token = mesh.token_file(&identity);
+        let token = match spec.node {
+            Some(node) => mesh.node_token_file(node),
+            None => mesh.token_file(&identity),
+        };
         let at = |port: u16| SocketAddr::new(ip, port).to_string();
         let ports = [0; 4].map(|_| free_port(ip).port());
         let mut cmd = Command::new(BIN);
@@ -173,11 +179,20 @@ impl Dataplane {
             .args(["--xds-address", &mesh.cp_url()])
             .args(["--xds-root-ca", mesh.root_cert().to_str().unwrap()])
             .args(["--auth-token", token.to_str().unwrap()])
-            .args(["--proxy-mode", "dedicated"])
-            .args([
-                "--proxy-workload-info",
-                &format!("{}/{}/{}", spec.namespace, spec.pod, spec.service_account),
-            ])
+            .args(match spec.node {
+                Some(node) => vec![
+                    "--proxy-mode".into(),
+                    "shared".into(),
+                    "--node-name".into(),
+                    node.to_owned(),
+                ],
+                None => vec![
+                    "--proxy-mode".into(),
+                    "dedicated".into(),
+                    "--proxy-workload-info".into(),
+                    format!("{}/{}/{}", spec.namespace, spec.pod, spec.service_account),
+                ],
+            })
             .args(["--outbound-addr", &at(0)])
             .args(["--inbound-addr", &at(15008)])
             .args(["--inbound-plaintext-addr", &at(0)])
@@ -381,6 +396,16 @@ impl Mesh {
         path
     }
 
+    pub fn node_token_file(&self, node: &str) -> PathBuf {
+        let tokens = LocalTokens::load_or_create(&self.state_dir(), "cluster.local").unwrap();
+        let token = tokens
+            .mint_for_node(node, Duration::from_secs(3600))
+            .unwrap();
+        let path = self.dir.path().join(format!("{node}.token"));
+        std::fs::write(&path, token).unwrap();
+        path
+    }
+
     /// The CA of this mesh, loaded from its state dir (to mint test
     /// certificates a real peer would never get).
     pub fn ca(&self) -> meshbox_certs::CertificateAuthority {
@@ -448,7 +473,23 @@ pub async fn echo_server(addr: SocketAddr, name: &str) -> tokio::task::JoinHandl
 /// Opens a connection to `target` through a SOCKS5 listener. `Err(reply)`
 /// is the proxy's refusal code.
 pub async fn socks_connect(socks: SocketAddr, target: SocketAddr) -> Result<TcpStream, u8> {
-    let mut s = TcpStream::connect(socks).await.map_err(|_| 0xffu8)?;
+    let s = TcpStream::connect(socks).await.map_err(|_| 0xffu8)?;
+    socks_handshake(s, target).await
+}
+
+/// Like [`socks_connect`], from `source` (how node mode tells pods apart).
+pub async fn socks_connect_from(
+    source: IpAddr,
+    socks: SocketAddr,
+    target: SocketAddr,
+) -> Result<TcpStream, u8> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(source, 0)).unwrap();
+    let s = sock.connect(socks).await.map_err(|_| 0xffu8)?;
+    socks_handshake(s, target).await
+}
+
+async fn socks_handshake(mut s: TcpStream, target: SocketAddr) -> Result<TcpStream, u8> {
     s.write_all(&[5, 1, 0]).await.unwrap();
     let mut method = [0u8; 2];
     s.read_exact(&mut method).await.unwrap();
