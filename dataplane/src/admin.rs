@@ -249,7 +249,7 @@ fn certificates(ctx: &ProxyContext) -> Value {
 }
 
 async fn certs(State(admin): State<Admin>) -> Response {
-    axum::Json(json!({ "certificates": certificates(&admin.ctx) })).into_response()
+    pretty(json!({ "certificates": certificates(&admin.ctx) }))
 }
 
 fn gateway(g: &Option<GatewayAddress>) -> Value {
@@ -383,7 +383,18 @@ async fn config_dump(State(admin): State<Admin>) -> Response {
         "certificates": certificates(ctx),
         "hbonePool": ctx.pool.entries(),
     });
-    axum::Json(body).into_response()
+    pretty(body)
+}
+
+/// Indented JSON: these endpoints are read by people, with curl.
+fn pretty(value: Value) -> Response {
+    match serde_json::to_string_pretty(&value) {
+        Ok(mut text) => {
+            text.push('\n');
+            ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 /// Binds the three HTTP listeners (any may share an address with another
