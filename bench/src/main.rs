@@ -5,7 +5,9 @@
 //! CA; `bench model` the control plane's mesh model.
 
 mod ca;
+mod dataplane;
 mod model;
+mod netns;
 mod proc;
 mod report;
 mod xds;
@@ -18,7 +20,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "bench", about = "meshbox benchmarks")]
 struct Cli {
     /// Folder for the report (markdown + JSON).
-    #[arg(long, default_value = "target/bench-report")]
+    #[arg(long, global = true, default_value = "target/bench-report")]
     out: PathBuf,
     #[command(subcommand)]
     what: What,
@@ -28,6 +30,9 @@ struct Cli {
 enum What {
     /// CA issuance through the full gRPC path vs raw ECDSA signing.
     Ca(ca::CaArgs),
+    /// Two dataplanes carrying captured pod traffic vs the same traffic
+    /// without the mesh (root; network namespaces, iperf3, wrk, nginx).
+    Dataplane(dataplane::DataplaneArgs),
     /// The control plane's mesh model: full build, incremental updates, memory.
     Model(model::ModelArgs),
     /// The xDS server: full sync and change propagation to many clients.
@@ -45,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let section = match cli.what {
         What::Ca(args) => runtime.block_on(ca::run(args))?,
+        What::Dataplane(args) => runtime.block_on(dataplane::run(args, &cli.out))?,
         What::Model(args) => model::run(args),
         What::Xds(args) => runtime.block_on(xds::run(args))?,
         What::XdsClients(args) => return runtime.block_on(xds::run_clients(args)),
