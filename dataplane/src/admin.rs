@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Scope;
+use crate::inpod::Agent;
 use crate::proxy::ProxyContext;
 use crate::state::{GatewayAddress, Service, Workload};
 use crate::xds::ResourceType;
@@ -29,6 +30,7 @@ use crate::xds::ResourceType;
 #[derive(Clone)]
 pub struct Admin {
     ctx: Arc<ProxyContext>,
+    agent: Option<Arc<Agent>>,
     registry: Arc<Registry>,
     gauges: Arc<StatusGauges>,
 }
@@ -109,10 +111,11 @@ impl StatusGauges {
 }
 
 impl Admin {
-    pub fn new(ctx: Arc<ProxyContext>, mut registry: Registry) -> Self {
+    pub fn new(ctx: Arc<ProxyContext>, agent: Option<Arc<Agent>>, mut registry: Registry) -> Self {
         let gauges = StatusGauges::register(&mut registry);
         Self {
             ctx,
+            agent,
             registry: Arc::new(registry),
             gauges,
         }
@@ -382,6 +385,7 @@ async fn config_dump(State(admin): State<Admin>) -> Response {
         "policies": policies,
         "certificates": certificates(ctx),
         "hbonePool": ctx.pool.entries(),
+        "pods": admin.agent.as_ref().map(|a| a.status()),
     });
     pretty(body)
 }

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::admin::{self, Admin};
 use crate::config::{Config, Endpoint, Scope};
 use crate::identity::{CaClient, CertificateManager, TokenSource};
+use crate::inpod::{Agent, PodListeners};
 use crate::mesh::Mesh;
 use crate::proxy::pool::{Pool, PoolSettings};
 use crate::proxy::socket::Sockets;
@@ -29,7 +30,10 @@ use crate::xds::{ClientOptions, Credentials, XdsClient};
 /// A running dataplane.
 pub struct Running {
     pub ctx: Arc<ProxyContext>,
-    pub proxy: BoundAddrs,
+    /// The listeners in the dataplane's own namespace; `None` in in-pod
+    /// mode, where each captured pod has its own.
+    pub proxy: Option<BoundAddrs>,
+    pub agent: Option<Arc<Agent>>,
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
     pub readiness: SocketAddr,
@@ -66,13 +70,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     meshbox_certs::install_crypto_provider();
     let sockets = Sockets::probe(config.packet_mark);
 
-    let xds_channel = channel(&config.xds, sockets)
+    let xds_channel = channel(&config.xds, sockets.clone())
         .await
         .context("setting up the xDS connection")?;
     let ca_channel = if config.ca == config.xds {
         xds_channel.clone()
     } else {
-        channel(&config.ca, sockets)
+        channel(&config.ca, sockets.clone())
             .await
             .context("setting up the CA connection")?
     };
@@ -120,21 +124,33 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut registry = Registry::default();
     let telemetry = Telemetry::register(&mut registry);
 
-    let listeners = Listeners::bind(
-        &sockets,
-        config.outbound_addr,
-        config.inbound_addr,
-        config.inbound_plaintext_addr,
-        config.socks5_addr,
-    )?;
-    let proxy = listeners.addrs()?;
+    let listeners = if config.inpod {
+        None
+    } else {
+        Some(Listeners::bind(
+            &sockets,
+            config.outbound_addr,
+            config.inbound_addr,
+            config.inbound_plaintext_addr,
+            config.socks5_addr,
+        )?)
+    };
+    let proxy = listeners.as_ref().map(Listeners::addrs).transpose()?;
+    let own_ports = match &listeners {
+        Some(l) => l.ports(),
+        None => vec![
+            config.outbound_addr.port(),
+            config.inbound_addr.port(),
+            config.inbound_plaintext_addr.port(),
+        ],
+    };
     let ctx = Arc::new(ProxyContext {
         mesh: mesh.clone(),
         certs: certs.clone(),
         scope: config.scope.clone(),
         cluster_id: config.cluster_id.clone(),
         trust_domain: config.trust_domain.clone(),
-        sockets,
+        sockets: sockets.clone(),
         original_source: config.original_source,
         pool: Pool::new(
             PoolSettings {
@@ -146,7 +162,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         telemetry,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
-        own_ports: listeners.ports(),
+        own_ports,
         server_configs: Default::default(),
     });
 
@@ -155,9 +171,40 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Scope::Workload { identity, .. } = &config.scope {
         certs.prefetch(identity);
     }
+    let agent = match (&config.scope, config.inpod) {
+        (Scope::Node { node }, true) => Some(Agent::new(
+            ctx.clone(),
+            node.clone(),
+            PodListeners {
+                outbound: config.outbound_addr,
+                inbound: config.inbound_addr,
+                plaintext: config.inbound_plaintext_addr,
+            },
+        )),
+        _ => None,
+    };
+    // The agent follows the mesh: on every change, and every few seconds
+    // for pods whose namespace appeared after their workload did.
+    let reconcile = Arc::new(tokio::sync::Notify::new());
+    if let Some(agent) = &agent {
+        let agent = agent.clone();
+        let reconcile = reconcile.clone();
+        let shutdown = ctx.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = reconcile.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+                }
+                agent.reconcile().await;
+            }
+        });
+    }
     let follow_ctx = ctx.clone();
     let mut local = BTreeSet::<String>::new();
     tokio::spawn(mesh.clone().follow(move |mesh| {
+        reconcile.notify_one();
         let ids: Vec<SpiffeId> = follow_ctx.local_identities(&mesh.read());
         let now: BTreeSet<String> = ids.iter().map(|i| i.to_string()).collect();
         for id in &ids {
@@ -175,7 +222,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         local = now;
     }));
 
-    let admin_api = Admin::new(ctx.clone(), registry);
+    if let Some(agent) = &agent {
+        registry.register(
+            "meshbox_inpod_captures",
+            "Pods captured (rules and listeners installed in their network namespace)",
+            agent.captures.clone(),
+        );
+        registry.register(
+            "meshbox_inpod_capture_failures",
+            "Attempts to capture a pod that failed",
+            agent.failures.clone(),
+        );
+    }
+    let admin_api = Admin::new(ctx.clone(), agent.clone(), registry);
     let admin_listener = admin::bind(config.admin_addr).await?;
     let metrics_listener = admin::bind(config.metrics_addr).await?;
     let readiness_listener = admin::bind(config.readiness_addr).await?;
@@ -185,6 +244,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics: metrics_listener.local_addr()?,
         readiness: readiness_listener.local_addr()?,
         ctx: ctx.clone(),
+        agent,
         _xds: xds,
     };
     // The HTTP endpoints are not drained with the proxy: readiness must
@@ -197,7 +257,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     ] {
         tokio::spawn(admin::serve(listener, router, http_shutdown.clone()));
     }
-    listeners.serve(ctx);
+    if let Some(listeners) = listeners {
+        listeners.serve(ctx);
+    }
     info!(
         admin = %running.admin,
         metrics = %running.metrics,
@@ -240,28 +302,31 @@ async fn channel(endpoint: &Endpoint, sockets: Sockets) -> anyhow::Result<Channe
                 .domain_name(host),
         )?;
     }
-    let connector = tower::service_fn(move |uri: Uri| async move {
-        let host = uri
-            .host()
-            .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
-            Some("https") => 443,
-            _ => 80,
-        });
-        let mut last = std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{host} did not resolve"),
-        );
-        for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
-            match sockets.connect(addr, None).await {
-                Ok(stream) => return Ok(TokioIo::new(stream)),
-                Err(e) => last = e,
+    let connector = tower::service_fn(move |uri: Uri| {
+        let sockets = sockets.clone();
+        async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            });
+            let mut last = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{host} did not resolve"),
+            );
+            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match sockets.connect(addr, None).await {
+                    Ok(stream) => return Ok(TokioIo::new(stream)),
+                    Err(e) => last = e,
+                }
             }
+            Err(last)
         }
-        Err(last)
     });
     Ok(builder.connect_with_connector_lazy(connector))
 }

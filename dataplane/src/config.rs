@@ -73,6 +73,13 @@ pub struct Settings {
     #[arg(long, env = "ENABLE_ORIG_SRC")]
     pub enable_orig_src: Option<bool>,
 
+    /// Node mode: capture each enrolled pod on this node inside its own
+    /// network namespace (rules + listeners there) instead of serving the
+    /// listeners below in the dataplane's namespace. Needs root
+    /// (CAP_NET_ADMIN, CAP_SYS_ADMIN).
+    #[arg(long, env = "INPOD_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub inpod: bool,
+
     /// Captured outbound TCP.
     #[arg(long, default_value = "[::]:15001")]
     pub outbound_addr: SocketAddr,
@@ -152,6 +159,7 @@ pub struct Config {
     /// `None`: sockets are not marked.
     pub packet_mark: Option<u32>,
     pub original_source: bool,
+    pub inpod: bool,
     pub outbound_addr: SocketAddr,
     pub inbound_plaintext_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
@@ -196,6 +204,10 @@ pub enum ConfigError {
     BadWorkloadInfo(String),
     #[error("TRUST_DOMAIN {0:?} is not a valid trust domain")]
     BadTrustDomain(String),
+    #[error(
+        "INPOD_ENABLED (--inpod) is node mode's capture; PROXY_MODE=dedicated runs inside the pod already"
+    )]
+    InpodInDedicatedMode,
     #[error("--pool-max-streams must be at least 1")]
     ZeroStreams,
     #[error("{0} and {1} are the same address")]
@@ -255,6 +267,9 @@ impl Config {
                 }
             }
         };
+        if s.inpod && s.proxy_mode == ProxyMode::Dedicated {
+            return Err(ConfigError::InpodInDedicatedMode);
+        }
         if s.pool_max_streams == 0 {
             return Err(ConfigError::ZeroStreams);
         }
@@ -285,6 +300,7 @@ impl Config {
             original_source: s
                 .enable_orig_src
                 .unwrap_or(s.proxy_mode == ProxyMode::Shared),
+            inpod: s.inpod,
             outbound_addr: s.outbound_addr,
             inbound_plaintext_addr: s.inbound_plaintext_addr,
             inbound_addr: s.inbound_addr,

@@ -18,14 +18,18 @@
 //! - [`authz`]: L4 authorization with Istio's semantics;
 //! - [`proxy`]: the outbound, inbound HBONE and inbound plaintext
 //!   listeners, the HBONE connection pool and socket options;
+//! - [`inpod`]: node mode's capture — rules and listeners inside each
+//!   enrolled pod's network namespace;
 //! - [`telemetry`]: access logs and Istio's `istio_tcp_*` metrics;
 //! - [`admin`]: `/config_dump`, `/metrics`, `/healthz/ready`.
 
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod cni;
 pub mod config;
 pub mod identity;
+pub mod inpod;
 pub mod mesh;
 pub mod proxy;
 pub mod state;

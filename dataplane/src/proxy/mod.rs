@@ -73,6 +73,27 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// A context for one pod's listeners (in-pod mode): sockets in the
+    /// pod's namespace, a pool of its own (its connections leave from that
+    /// namespace), stopped with the pod or with the whole proxy.
+    pub fn for_pod(&self, sockets: Sockets) -> Self {
+        Self {
+            mesh: self.mesh.clone(),
+            certs: self.certs.clone(),
+            scope: self.scope.clone(),
+            cluster_id: self.cluster_id.clone(),
+            trust_domain: self.trust_domain.clone(),
+            pool: Pool::new(self.pool.settings(), sockets.clone()),
+            sockets,
+            original_source: self.original_source,
+            telemetry: self.telemetry.clone(),
+            shutdown: self.shutdown.child_token(),
+            tasks: self.tasks.clone(),
+            own_ports: self.own_ports.clone(),
+            server_configs: Default::default(),
+        }
+    }
+
     /// The local workload reached at `ip`: on this node (node mode) or the
     /// one workload this proxy serves (dedicated mode).
     pub fn local_workload(&self, state: &ProxyState, ip: IpAddr) -> Option<Arc<Workload>> {

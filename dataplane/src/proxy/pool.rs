@@ -235,6 +235,10 @@ impl Pool {
         out
     }
 
+    pub fn settings(&self) -> PoolSettings {
+        self.inner.settings
+    }
+
     /// Open connections in the pool.
     pub fn connections(&self) -> usize {
         let conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());

@@ -10,16 +10,22 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
-use socket2::SockRef;
+use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
-/// Opens sockets with the process-wide options.
-#[derive(Clone, Copy, Debug)]
+use crate::inpod::Netns;
+
+/// Opens sockets with the process-wide options, in the proxy's own network
+/// namespace or in a pod's (in-pod mode: the socket is created inside the
+/// pod's namespace and stays there).
+#[derive(Clone, Debug)]
 pub struct Sockets {
     mark: Option<u32>,
     transparent: bool,
+    netns: Option<Arc<Netns>>,
 }
 
 impl Sockets {
@@ -48,7 +54,11 @@ impl Sockets {
             }
             Err(_) => (None, false),
         };
-        Self { mark, transparent }
+        Self {
+            mark,
+            transparent,
+            netns: None,
+        }
     }
 
     /// Sockets with no special options (tests).
@@ -56,6 +66,15 @@ impl Sockets {
         Self {
             mark: None,
             transparent: false,
+            netns: None,
+        }
+    }
+
+    /// The same options, with sockets created inside `netns`.
+    pub fn in_netns(&self, netns: Arc<Netns>) -> Self {
+        Self {
+            netns: Some(netns),
+            ..self.clone()
         }
     }
 
@@ -80,7 +99,7 @@ impl Sockets {
     }
 
     fn listen_exact(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        let sock = new_socket(addr)?;
+        let sock = self.new_socket(addr)?;
         sock.set_reuseaddr(true)?;
         let r = SockRef::from(&sock);
         if let Some(mark) = self.mark {
@@ -97,7 +116,7 @@ impl Sockets {
     /// address is local, transparently when allowed, else from whatever
     /// address the kernel picks.
     pub async fn connect(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-        let sock = new_socket(dst)?;
+        let sock = self.new_socket(dst)?;
         let r = SockRef::from(&sock);
         if let Some(mark) = self.mark {
             r.set_mark(mark)?;
@@ -118,11 +137,19 @@ impl Sockets {
     }
 }
 
-fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
-    if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
+impl Sockets {
+    fn new_socket(&self, addr: SocketAddr) -> io::Result<TcpSocket> {
+        let Some(netns) = &self.netns else {
+            return if addr.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            };
+        };
+        let socket = netns.run(|| Socket::new(Domain::for_address(addr), Type::STREAM, None))?;
+        socket.set_nonblocking(true)?;
+        socket.set_cloexec(true)?;
+        Ok(TcpSocket::from_std_stream(socket.into()))
     }
 }
 

@@ -193,19 +193,24 @@ impl Dataplane {
                     format!("{}/{}/{}", spec.namespace, spec.pod, spec.service_account),
                 ],
             })
-            .args(["--outbound-addr", &at(0)])
-            .args(["--inbound-addr", &at(15008)])
-            .args(["--inbound-plaintext-addr", &at(0)])
             .args(["--socks5-addr", &at(ports[0])])
             .args(["--admin-addr", &at(ports[1])])
             .args(["--metrics-addr", &at(ports[2])])
             .args(["--readiness-addr", &at(ports[3])])
             .args(&spec.extra)
+            .env("RUST_BACKTRACE", "1")
             .env("RUST_LOG", "info")
             .env_remove("XDS_ADDRESS")
             .env_remove("CA_ADDRESS")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // In-pod mode opens its proxy listeners inside each pod, on the
+        // standard ports; otherwise they go on this dataplane's address.
+        if !spec.extra.iter().any(|a| a == "--inpod") {
+            cmd.args(["--outbound-addr", &at(0)])
+                .args(["--inbound-addr", &at(15008)])
+                .args(["--inbound-plaintext-addr", &at(0)]);
+        }
         let mut child = cmd.spawn().expect("dataplane starts");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let name = spec.pod.to_owned();
@@ -297,6 +302,14 @@ impl Dataplane {
         }
     }
 
+    /// `/config_dump`, or `None` while the admin port is not up.
+    pub async fn try_config_dump(&self) -> Option<serde_json::Value> {
+        let (status, body) = http_get(self.admin(), "/config_dump").await.ok()?;
+        (status == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
+    }
+
     pub async fn config_dump(&self) -> serde_json::Value {
         let (status, body) = http_get(self.admin(), "/config_dump").await.unwrap();
         assert_eq!(status, 200);
@@ -314,6 +327,12 @@ impl Dataplane {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
+    }
+
+    /// SIGKILL: no drain, no cleanup, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits for the process to exit; `None` if it did not within `timeout`.

@@ -1,0 +1,288 @@
+//! In-pod capture (node mode): for each enrolled pod on this node, the
+//! redirection rules go into the pod's network namespace and the proxy's
+//! listeners are opened inside it, from this one process.
+//!
+//! The [`Agent`] keeps the set of captured pods equal to what the control
+//! plane says runs here enrolled (a local workload speaking HBONE): a pod's
+//! namespace is found by the IP it holds ([`netns::scan`]), or handed over
+//! by the CNI plugin. Rules first, then listeners; a pod counts as captured
+//! only when both are in place. When a pod leaves, its listeners close and
+//! its rules are removed; when the dataplane stops, the rules stay, so
+//! captured traffic is refused (nothing listens) rather than leaked, and the
+//! next start re-adopts the pods.
+
+pub mod netns;
+pub mod rules;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+pub use netns::Netns;
+
+use crate::proxy::{Listeners, ProxyContext};
+use crate::state::Protocol;
+
+/// The listener addresses opened inside each pod.
+#[derive(Clone, Copy, Debug)]
+pub struct PodListeners {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub plaintext: SocketAddr,
+}
+
+/// Scanning every namespace is not free; at most this often.
+const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+
+struct Captured {
+    netns: Arc<Netns>,
+    ctx: Arc<ProxyContext>,
+    ips: Vec<IpAddr>,
+}
+
+/// Capture state of one pod, for `/config_dump`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub uid: String,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    pub ips: Vec<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub struct Agent {
+    base: Arc<ProxyContext>,
+    node: String,
+    ports: PodListeners,
+    captured: Mutex<HashMap<String, Captured>>,
+    /// Enrolled pods not captured yet, with why.
+    pending: Mutex<BTreeMap<String, (Vec<IpAddr>, String)>>,
+    last_scan: Mutex<Option<Instant>>,
+    reconciling: tokio::sync::Mutex<()>,
+    pub captures: prometheus_client::metrics::counter::Counter,
+    pub failures: prometheus_client::metrics::counter::Counter,
+}
+
+impl Agent {
+    pub fn new(base: Arc<ProxyContext>, node: String, ports: PodListeners) -> Arc<Self> {
+        Arc::new(Self {
+            base,
+            node,
+            ports,
+            captured: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
+            last_scan: Mutex::new(None),
+            reconciling: tokio::sync::Mutex::new(()),
+            captures: Default::default(),
+            failures: Default::default(),
+        })
+    }
+
+    /// The enrolled pods on this node: uid → IPs.
+    fn wanted(&self) -> BTreeMap<String, Vec<IpAddr>> {
+        let state = self.base.mesh.read();
+        state
+            .workloads()
+            .filter(|w| {
+                w.node == self.node && w.protocol == Protocol::Hbone && !w.addresses.is_empty()
+            })
+            .map(|w| (w.uid.clone(), w.addresses.clone()))
+            .collect()
+    }
+
+    /// Brings the captured set in line with the mesh state.
+    pub async fn reconcile(self: &Arc<Self>) {
+        let _one_at_a_time = self.reconciling.lock().await;
+        let wanted = self.wanted();
+        let gone: Vec<String> = {
+            let captured = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+            captured
+                .keys()
+                .filter(|uid| !wanted.contains_key(*uid))
+                .cloned()
+                .collect()
+        };
+        for uid in gone {
+            self.release(&uid, true).await;
+        }
+        let missing: BTreeMap<String, Vec<IpAddr>> = {
+            let captured = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+            wanted
+                .into_iter()
+                .filter(|(uid, _)| !captured.contains_key(uid))
+                .collect()
+        };
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.retain(|uid, _| missing.contains_key(uid));
+        }
+        if missing.is_empty() {
+            return;
+        }
+        {
+            let mut last = self.last_scan.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < SCAN_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let by_ip = tokio::task::spawn_blocking(netns::scan)
+            .await
+            .unwrap_or_default();
+        for (uid, ips) in missing {
+            let path = ips.iter().find_map(|ip| by_ip.get(ip));
+            let Some(path) = path else {
+                self.note_pending(
+                    &uid,
+                    &ips,
+                    "no network namespace holds the pod's IP yet".into(),
+                );
+                continue;
+            };
+            match Netns::open(path) {
+                Ok(ns) => {
+                    if let Err(error) = self.capture(&uid, ns, ips.clone()).await {
+                        self.note_pending(&uid, &ips, error.to_string());
+                    }
+                }
+                Err(error) => {
+                    self.note_pending(&uid, &ips, format!("opening {}: {error}", path.display()))
+                }
+            }
+        }
+    }
+
+    fn note_pending(&self, uid: &str, ips: &[IpAddr], why: String) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.insert(uid.to_owned(), (ips.to_vec(), why));
+    }
+
+    /// Captures one pod: rules in its namespace, then listeners inside it.
+    pub async fn capture(&self, uid: &str, netns: Netns, ips: Vec<IpAddr>) -> io::Result<()> {
+        if self
+            .captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .is_some_and(|c| c.netns.same_as(&netns))
+        {
+            return Ok(());
+        }
+        let netns = Arc::new(netns);
+        let ports = self.ports;
+        let rules_ns = netns.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            rules::apply(
+                &rules_ns,
+                ports.inbound.port(),
+                ports.plaintext.port(),
+                ports.outbound.port(),
+            )
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        if let Err(error) = applied {
+            self.failures.inc();
+            warn!(pod = uid, netns = %netns.path().display(), %error, "installing the capture rules failed");
+            return Err(error);
+        }
+        let sockets = self.base.sockets.in_netns(netns.clone());
+        let listeners = match Listeners::bind(
+            &sockets,
+            ports.outbound,
+            ports.inbound,
+            ports.plaintext,
+            None,
+        ) {
+            Ok(l) => l,
+            Err(error) => {
+                self.failures.inc();
+                warn!(pod = uid, %error, "opening listeners in the pod failed; its traffic is refused until they are");
+                return Err(error);
+            }
+        };
+        let ctx = Arc::new(self.base.for_pod(sockets));
+        listeners.serve(ctx.clone());
+        info!(pod = uid, netns = %netns.path().display(), ips = ?ips, "pod captured");
+        self.captures.inc();
+        let previous = self
+            .captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_owned(), Captured { netns, ctx, ips });
+        if let Some(old) = previous {
+            old.ctx.shutdown.cancel();
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+        Ok(())
+    }
+
+    /// Stops serving a pod; `remove_rules` when it left the mesh (not when
+    /// the dataplane stops).
+    pub async fn release(&self, uid: &str, remove_rules: bool) {
+        let Some(pod) = self
+            .captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid)
+        else {
+            return;
+        };
+        pod.ctx.shutdown.cancel();
+        if remove_rules {
+            let ns = pod.netns.clone();
+            let _ = tokio::task::spawn_blocking(move || rules::remove(&ns)).await;
+        }
+        info!(pod = uid, rules_removed = remove_rules, "pod released");
+    }
+
+    /// Whether `uid` is captured now.
+    pub fn is_captured(&self, uid: &str) -> bool {
+        self.captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(uid)
+    }
+
+    pub fn status(&self) -> Vec<PodStatus> {
+        let mut out: Vec<PodStatus> = self
+            .captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(uid, c)| PodStatus {
+                uid: uid.clone(),
+                state: "captured",
+                netns: Some(c.netns.path().display().to_string()),
+                ips: c.ips.clone(),
+                error: None,
+            })
+            .collect();
+        out.extend(
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(uid, (ips, why))| PodStatus {
+                    uid: uid.clone(),
+                    state: "pending",
+                    netns: None,
+                    ips: ips.clone(),
+                    error: Some(why.clone()),
+                }),
+        );
+        out.sort_by(|a, b| a.uid.cmp(&b.uid));
+        out
+    }
+}

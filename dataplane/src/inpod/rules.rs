@@ -1,0 +1,237 @@
+//! The redirection rules installed inside a captured pod's network
+//! namespace, as Istio's in-pod mode has them (seed 004 / design.md): inbound
+//! TCP is TPROXY'd to 15008 (HBONE) or 15006 (plaintext), outbound TCP is
+//! REDIRECTed to 15001, the proxy's own sockets (mark `0x539`) pass, and
+//! connmark `0x111` with a local route table brings replies to connections
+//! made from a client's original address back to the proxy.
+//!
+//! Everything lives in chains of our own (`MESHBOX_*`), jumped to from the
+//! built-in chains by rules tagged with the comment `meshbox`, so `iptables-save`
+//! shows what is ours and removal touches nothing else. Applying is
+//! idempotent: our chains are rebuilt, the jumps added only if missing.
+
+use std::io;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::netns::Netns;
+
+pub const PROXY_MARK: u32 = 0x539;
+pub const CONNECTION_MARK: u32 = 0x111;
+pub const ROUTE_TABLE: u32 = 133;
+const MASK: u32 = 0xfff;
+const TAG: &str = "meshbox";
+
+/// `(table, built-in chain, our chain)`.
+const JUMPS: [(&str, &str, &str); 3] = [
+    ("mangle", "PREROUTING", "MESHBOX_PRERT"),
+    ("mangle", "OUTPUT", "MESHBOX_OUTPUT"),
+    ("nat", "OUTPUT", "MESHBOX_OUTPUT"),
+];
+
+/// Input for `iptables-restore --noflush`: declares (and so empties) our
+/// chains and fills them. The jumps are added separately, once.
+pub fn chains(inbound: u16, plaintext: u16, outbound: u16) -> String {
+    let mark = format!("{PROXY_MARK:#x}/{MASK:#x}");
+    let conn = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+    format!(
+        "*mangle
+:MESHBOX_PRERT - [0:0]
+:MESHBOX_OUTPUT - [0:0]
+-A MESHBOX_OUTPUT -m connmark --mark {conn} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A MESHBOX_PRERT -m mark --mark {mark} -j CONNMARK --set-xmark {conn}
+-A MESHBOX_PRERT ! -d 127.0.0.1/32 -i lo -p tcp -j ACCEPT
+-A MESHBOX_PRERT -p tcp -m tcp --dport {inbound} -m mark ! --mark {mark} -j TPROXY --on-port {inbound} --on-ip 0.0.0.0 --tproxy-mark {conn}
+-A MESHBOX_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A MESHBOX_PRERT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark {mark} -j TPROXY --on-port {plaintext} --on-ip 0.0.0.0 --tproxy-mark {conn}
+COMMIT
+*nat
+:MESHBOX_OUTPUT - [0:0]
+-A MESHBOX_OUTPUT -p tcp -m mark --mark {conn} -j ACCEPT
+-A MESHBOX_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
+-A MESHBOX_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark {mark} -j REDIRECT --to-ports {outbound}
+COMMIT
+"
+    )
+}
+
+/// Runs a command inside `netns`, feeding `stdin`; its stderr on failure.
+fn run_in(netns: &Path, program: &str, args: &[&str], stdin: Option<&str>) -> io::Result<()> {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("running nsenter {program}: {e}")))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        use std::io::Write;
+        pipe.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Installs (or re-installs) the rules in `netns`.
+pub fn apply(netns: &Netns, inbound: u16, plaintext: u16, outbound: u16) -> io::Result<()> {
+    let path = netns.path();
+    run_in(
+        path,
+        "iptables-restore",
+        &["--noflush"],
+        Some(&chains(inbound, plaintext, outbound)),
+    )?;
+    for (table, builtin, ours) in JUMPS {
+        let rule = [
+            "-t",
+            table,
+            "-C",
+            builtin,
+            "-j",
+            ours,
+            "-m",
+            "comment",
+            "--comment",
+            TAG,
+        ];
+        if run_in(path, "iptables", &rule, None).is_err() {
+            let mut add = rule;
+            add[2] = "-A";
+            run_in(path, "iptables", &add, None)?;
+        }
+    }
+    let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+    let table = ROUTE_TABLE.to_string();
+    // `ip rule add` duplicates on every call: delete first, ignore "absent".
+    let _ = run_in(
+        path,
+        "ip",
+        &["rule", "del", "fwmark", &fwmark, "lookup", &table],
+        None,
+    );
+    run_in(
+        path,
+        "ip",
+        &[
+            "rule", "add", "fwmark", &fwmark, "pref", "32764", "lookup", &table,
+        ],
+        None,
+    )?;
+    run_in(
+        path,
+        "ip",
+        &[
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ],
+        None,
+    )?;
+    Ok(())
+}
+
+/// Removes everything [`apply`] installed; what is already gone is fine.
+pub fn remove(netns: &Netns) -> io::Result<()> {
+    let path = netns.path();
+    for (table, builtin, ours) in JUMPS {
+        let _ = run_in(
+            path,
+            "iptables",
+            &[
+                "-t",
+                table,
+                "-D",
+                builtin,
+                "-j",
+                ours,
+                "-m",
+                "comment",
+                "--comment",
+                TAG,
+            ],
+            None,
+        );
+    }
+    for (table, chain) in [
+        ("mangle", "MESHBOX_PRERT"),
+        ("mangle", "MESHBOX_OUTPUT"),
+        ("nat", "MESHBOX_OUTPUT"),
+    ] {
+        let _ = run_in(path, "iptables", &["-t", table, "-F", chain], None);
+        let _ = run_in(path, "iptables", &["-t", table, "-X", chain], None);
+    }
+    let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+    let table = ROUTE_TABLE.to_string();
+    let _ = run_in(
+        path,
+        "ip",
+        &["rule", "del", "fwmark", &fwmark, "lookup", &table],
+        None,
+    );
+    let _ = run_in(path, "ip", &["route", "flush", "table", &table], None);
+    Ok(())
+}
+
+/// Whether our rules are present in `netns` (the jump into our PREROUTING
+/// chain is the one that matters for inbound capture).
+pub fn present(netns: &Netns) -> bool {
+    run_in(
+        netns.path(),
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-C",
+            "OUTPUT",
+            "-j",
+            "MESHBOX_OUTPUT",
+            "-m",
+            "comment",
+            "--comment",
+            TAG,
+        ],
+        None,
+    )
+    .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_redirect_what_seed_004_redirects_and_spare_the_proxy() {
+        let r = chains(15008, 15006, 15001);
+        assert!(r.contains("--dport 15008 -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15008"));
+        assert!(r.contains("-j TPROXY --on-port 15006"));
+        assert!(r.contains("-j REDIRECT --to-ports 15001"));
+        // The proxy's own traffic is never redirected.
+        for line in r
+            .lines()
+            .filter(|l| l.contains("TPROXY") || l.contains("REDIRECT"))
+        {
+            assert!(line.contains("! --mark 0x539/0xfff"), "{line}");
+        }
+        // Two tables, each committed.
+        assert_eq!(r.matches("COMMIT").count(), 2);
+    }
+}

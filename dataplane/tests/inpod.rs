@@ -1,0 +1,266 @@
+//! In-pod capture, for real: pods are network namespaces joined by a bridge
+//! (in a namespace of their own, so no address of the machine is touched),
+//! two node-mode dataplanes install the redirection rules inside them and
+//! serve their listeners there; the applications do nothing special.
+//!
+//! Needs root (network namespaces, iptables); skipped with a reason
+//! otherwise, and required in CI.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshbox_dataplane::inpod::Netns;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+fn is_root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the in-pod tests as root"
+        );
+        eprintln!("SKIPPED: in-pod capture tests need root (network namespaces, iptables)");
+    }
+    root
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Namespaces `{prefix}-fabric` (a bridge) and one per pod, removed on drop.
+struct Topology {
+    names: Vec<String>,
+}
+
+impl Topology {
+    fn new(prefix: &str, pods: &[(&str, &str)]) -> Self {
+        let fabric = format!("{prefix}-fabric");
+        let mut names = vec![fabric.clone()];
+        let _ = Command::new("ip").args(["netns", "del", &fabric]).output();
+        ip(&["netns", "add", &fabric]);
+        ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &fabric, "link", "set", "br0", "up"]);
+        for (i, (pod, addr)) in pods.iter().enumerate() {
+            let ns = format!("{prefix}-{pod}");
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            ip(&["netns", "add", &ns]);
+            names.push(ns.clone());
+            let port = format!("p{i}");
+            ip(&[
+                "-n", &fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        Self { names }
+    }
+
+    fn netns(&self, pod: &str) -> Arc<Netns> {
+        let name = self
+            .names
+            .iter()
+            .find(|n| n.ends_with(&format!("-{pod}")))
+            .unwrap();
+        Arc::new(Netns::open(format!("/var/run/netns/{name}")).unwrap())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+/// An app inside `ns`: greets with `{name} sees {peer ip}\n`, then echoes.
+async fn app(ns: &Netns, addr: SocketAddr, name: &str) {
+    let std_listener = ns
+        .run(|| std::net::TcpListener::bind(addr))
+        .expect("bind in the pod");
+    std_listener.set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(std_listener).unwrap();
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = listener.accept().await {
+            let line = format!("{name} sees {}\n", peer.ip());
+            tokio::spawn(async move {
+                let _ = s.write_all(line.as_bytes()).await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
+/// A connection made by an application inside `ns`.
+async fn dial(ns: &Netns, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock =
+        ns.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None))?;
+    sock.set_nonblocking(true)?;
+    let sock = TcpSocket::from_std_stream(sock.into());
+    tokio::time::timeout(Duration::from_secs(5), sock.connect(to))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+async fn greeting_line(s: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 128];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .map(|r| r.unwrap_or(0))
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).trim().to_owned()
+}
+
+fn manifests() -> String {
+    let mut m = ambient_namespace("default");
+    m += &pod(
+        "client",
+        "default",
+        "sleep",
+        "node-a",
+        "10.66.0.1",
+        "app: client",
+    );
+    m += &pod(
+        "server",
+        "default",
+        "echo",
+        "node-b",
+        "10.66.0.2",
+        "app: echo",
+    );
+    m
+}
+
+fn node_proxy(mesh: &Mesh, node: &str, admin_ip: &str) -> Dataplane {
+    Dataplane::start(
+        mesh,
+        DataplaneSpec {
+            ip: admin_ip,
+            namespace: "default",
+            pod: node,
+            service_account: "unused",
+            node: Some(node),
+            extra: vec!["--inpod".into(), "true".into()],
+        },
+    )
+}
+
+async fn wait_captured(dp: &Dataplane, pod: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dump = dp.try_config_dump().await.unwrap_or_default();
+        let captured = dump["pods"].as_array().is_some_and(|pods| {
+            pods.iter().any(|p| {
+                p["uid"].as_str().is_some_and(|u| u.ends_with(pod)) && p["state"] == "captured"
+            })
+        });
+        if captured {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pod} never captured: {}",
+            dump["pods"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplane_is_down() {
+    if !is_root() {
+        return;
+    }
+    let topo = Topology::new("mbt17", &[("client", "10.66.0.1"), ("server", "10.66.0.2")]);
+    let mesh = Mesh::start("inpod", 17, &manifests(), &[]);
+    let mut node_a = node_proxy(&mesh, "node-a", "127.17.1.1");
+    let node_b = node_proxy(&mesh, "node-b", "127.17.2.1");
+    let client_ns = topo.netns("client");
+    let server_ns = topo.netns("server");
+    app(&server_ns, "10.66.0.2:8080".parse().unwrap(), "server").await;
+    wait_captured(&node_a, "client").await;
+    wait_captured(&node_b, "server").await;
+    node_a.wait_ready().await;
+    node_b.wait_ready().await;
+
+    // The client app dials the server's pod IP, as if there were no mesh.
+    let mut s = dial(&client_ns, "10.66.0.2:8080".parse().unwrap())
+        .await
+        .expect("captured traffic flows");
+    assert_eq!(
+        greeting_line(&mut s).await,
+        "server sees 10.66.0.1",
+        "original source kept"
+    );
+    s.write_all(b"over hbone").await.unwrap();
+    let mut back = [0u8; 10];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"over hbone");
+    drop(s);
+    let out = node_a
+        .wait_for_log(&["connection complete", r#"direction="outbound""#])
+        .await;
+    assert!(
+        out.contains(r#"dst.identity="spiffe://cluster.local/ns/default/sa/echo""#),
+        "{out}"
+    );
+    assert!(
+        out.contains("dst.addr=10.66.0.2:15008"),
+        "carried over HBONE: {out}"
+    );
+    let inb = node_b
+        .wait_for_log(&["connection complete", r#"direction="inbound""#])
+        .await;
+    assert!(
+        inb.contains(r#"src.identity="spiffe://cluster.local/ns/default/sa/sleep""#),
+        "{inb}"
+    );
+
+    // The client's dataplane dies (SIGKILL, no cleanup): its pod's traffic
+    // is refused, never sent around the mesh in plaintext.
+    node_a.kill();
+    let mut leaked = false;
+    if let Ok(mut s) = dial(&client_ns, "10.66.0.2:8080".parse().unwrap()).await {
+        leaked = !greeting_line(&mut s).await.is_empty();
+    }
+    assert!(
+        !leaked,
+        "with the dataplane down, nothing reaches the server"
+    );
+
+    // It comes back and re-adopts the pod without touching it.
+    let node_a = node_proxy(&mesh, "node-a", "127.17.1.1");
+    wait_captured(&node_a, "client").await;
+    node_a.wait_ready().await;
+    let mut s = dial(&client_ns, "10.66.0.2:8080".parse().unwrap())
+        .await
+        .expect("traffic resumes");
+    assert_eq!(greeting_line(&mut s).await, "server sees 10.66.0.1");
+}
