@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
             init_logging(log_format);
             let drain_timeout = settings.drain_timeout;
             let config = Config::from_settings(settings)?;
+            raise_open_files_limit();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -42,6 +43,23 @@ fn main() -> anyhow::Result<()> {
                     Ok(())
                 })
         }
+    }
+}
+
+/// Every proxied connection holds two sockets; the usual soft limit of 1024
+/// would cap a node at a few hundred. Raise it to the hard limit, as
+/// Istio's ztunnel does.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+            Err(error) => {
+                tracing::warn!(%error, soft, hard, "could not raise the open files limit")
+            }
+        },
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "could not read the open files limit"),
     }
 }
 
