@@ -201,6 +201,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }
         });
     }
+    if let (Some(agent), Some(path)) = (&agent, &config.cni_socket) {
+        let listener = crate::cni::listen(path)
+            .with_context(|| format!("opening the CNI socket {}", path.display()))?;
+        info!(socket = %path.display(), "serving the CNI plugin");
+        let agent = agent.clone();
+        tokio::spawn(crate::cni::serve(listener, move |req| {
+            let agent = agent.clone();
+            async move { agent.handle_cni(req).await }
+        }));
+    }
     let follow_ctx = ctx.clone();
     let mut local = BTreeSet::<String>::new();
     tokio::spawn(mesh.clone().follow(move |mesh| {

@@ -79,6 +79,10 @@ pub struct Settings {
     /// (CAP_NET_ADMIN, CAP_SYS_ADMIN).
     #[arg(long, env = "INPOD_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
     pub inpod: bool,
+    /// In-pod mode: the Unix socket the CNI plugin (`meshbox-cni`) reaches
+    /// the agent on, e.g. `/var/run/meshbox/cni.sock`; off unless given.
+    #[arg(long, env = "CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
 
     /// Captured outbound TCP.
     #[arg(long, default_value = "[::]:15001")]
@@ -160,6 +164,7 @@ pub struct Config {
     pub packet_mark: Option<u32>,
     pub original_source: bool,
     pub inpod: bool,
+    pub cni_socket: Option<PathBuf>,
     pub outbound_addr: SocketAddr,
     pub inbound_plaintext_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
@@ -208,6 +213,8 @@ pub enum ConfigError {
         "INPOD_ENABLED (--inpod) is node mode's capture; PROXY_MODE=dedicated runs inside the pod already"
     )]
     InpodInDedicatedMode,
+    #[error("--cni-socket (CNI_SOCKET) serves in-pod capture; set INPOD_ENABLED=true too")]
+    CniWithoutInpod,
     #[error("--pool-max-streams must be at least 1")]
     ZeroStreams,
     #[error("{0} and {1} are the same address")]
@@ -270,6 +277,9 @@ impl Config {
         if s.inpod && s.proxy_mode == ProxyMode::Dedicated {
             return Err(ConfigError::InpodInDedicatedMode);
         }
+        if s.cni_socket.is_some() && !s.inpod {
+            return Err(ConfigError::CniWithoutInpod);
+        }
         if s.pool_max_streams == 0 {
             return Err(ConfigError::ZeroStreams);
         }
@@ -301,6 +311,7 @@ impl Config {
                 .enable_orig_src
                 .unwrap_or(s.proxy_mode == ProxyMode::Shared),
             inpod: s.inpod,
+            cni_socket: s.cni_socket,
             outbound_addr: s.outbound_addr,
             inbound_plaintext_addr: s.inbound_plaintext_addr,
             inbound_addr: s.inbound_addr,

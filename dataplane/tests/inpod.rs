@@ -79,6 +79,31 @@ impl Topology {
         Self { names }
     }
 
+    /// Adds a pod namespace after the fact, as a runtime creates a sandbox.
+    fn add_pod(&mut self, prefix: &str, pod: &str, addr: &str, port: &str) {
+        let fabric = format!("{prefix}-fabric");
+        let ns = format!("{prefix}-{pod}");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns]);
+        self.names.push(ns.clone());
+        ip(&[
+            "-n", &fabric, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ]);
+        ip(&["-n", &fabric, "link", "set", port, "master", "br0", "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+    }
+
     fn netns(&self, pod: &str) -> Arc<Netns> {
         let name = self
             .names
@@ -155,10 +180,23 @@ fn manifests() -> String {
         "10.66.0.2",
         "app: echo",
     );
+    // Scheduled, but its sandbox does not exist until the test makes it.
+    m += &pod(
+        "late",
+        "default",
+        "sleep",
+        "node-a",
+        "10.66.0.3",
+        "app: late",
+    );
     m
 }
 
 fn node_proxy(mesh: &Mesh, node: &str, admin_ip: &str) -> Dataplane {
+    node_proxy_with(mesh, node, admin_ip, &[])
+}
+
+fn node_proxy_with(mesh: &Mesh, node: &str, admin_ip: &str, more: &[&str]) -> Dataplane {
     Dataplane::start(
         mesh,
         DataplaneSpec {
@@ -167,7 +205,11 @@ fn node_proxy(mesh: &Mesh, node: &str, admin_ip: &str) -> Dataplane {
             pod: node,
             service_account: "unused",
             node: Some(node),
-            extra: vec!["--inpod".into(), "true".into()],
+            extra: ["--inpod", "true"]
+                .iter()
+                .chain(more)
+                .map(|s| s.to_string())
+                .collect(),
         },
     )
 }
@@ -198,7 +240,7 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
     if !is_root() {
         return;
     }
-    let topo = Topology::new("mbt17", &[("client", "10.66.0.1"), ("server", "10.66.0.2")]);
+    let mut topo = Topology::new("mbt17", &[("client", "10.66.0.1"), ("server", "10.66.0.2")]);
     let mesh = Mesh::start("inpod", 17, &manifests(), &[]);
     let mut node_a = node_proxy(&mesh, "node-a", "127.17.1.1");
     let node_b = node_proxy(&mesh, "node-b", "127.17.2.1");
@@ -256,11 +298,82 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
     );
 
     // It comes back and re-adopts the pod without touching it.
-    let node_a = node_proxy(&mesh, "node-a", "127.17.1.1");
+    let cni_socket = mesh.dir.path().join("cni.sock");
+    let node_a = node_proxy_with(
+        &mesh,
+        "node-a",
+        "127.17.1.1",
+        &["--cni-socket", cni_socket.to_str().unwrap()],
+    );
     wait_captured(&node_a, "client").await;
     node_a.wait_ready().await;
     let mut s = dial(&client_ns, "10.66.0.2:8080".parse().unwrap())
         .await
         .expect("traffic resumes");
     assert_eq!(greeting_line(&mut s).await, "server sees 10.66.0.1");
+
+    drop(s);
+
+    // A brand-new pod: the runtime makes its sandbox, the primary CNI gives
+    // it an address, then the chained meshbox-cni runs — and when it
+    // returns, the pod is already captured, before its first connection.
+    topo.add_pod("mbt17", "late", "10.66.0.3", "p9");
+    let late_ns = topo.netns("late");
+    let prev_result = r#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/mbt17-late"}],"ips":[{"address":"10.66.0.3/24","interface":0}]}"#;
+    let config = format!(
+        r#"{{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"meshbox-cni","socket":"{}","prevResult":{prev_result}}}"#,
+        cni_socket.display()
+    );
+    let mut cni = Command::new(env!("CARGO_BIN_EXE_meshbox-cni"))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "late-sandbox")
+        .env("CNI_NETNS", "/var/run/netns/mbt17-late")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=late;K8S_POD_UID=late-uid",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("meshbox-cni runs");
+    {
+        use std::io::Write;
+        cni.stdin
+            .take()
+            .unwrap()
+            .write_all(config.as_bytes())
+            .unwrap();
+    }
+    let out = cni.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ADD: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        result["ips"][0]["address"], "10.66.0.3/24",
+        "prevResult passed on"
+    );
+    let dump = node_a.config_dump().await;
+    assert!(
+        dump["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["uid"].as_str().is_some_and(|u| u.ends_with("/late"))
+                && p["state"] == "captured"),
+        "captured when ADD returned: {}",
+        dump["pods"]
+    );
+    let mut s = dial(&late_ns, "10.66.0.2:8080".parse().unwrap())
+        .await
+        .expect("the new pod's first connection is meshed");
+    assert_eq!(greeting_line(&mut s).await, "server sees 10.66.0.3");
+    drop(s);
+    node_b
+        .wait_for_log(&["connection complete", "src.addr=10.66.0.3:"])
+        .await;
 }

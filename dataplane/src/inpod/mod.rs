@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 pub use netns::Netns;
 
+use crate::cni::{CaptureCommand, CaptureRequest, CaptureResponse};
 use crate::proxy::{Listeners, ProxyContext};
 use crate::state::Protocol;
 
@@ -36,6 +37,17 @@ pub struct PodListeners {
     pub plaintext: SocketAddr,
 }
 
+/// How long a CNI ADD waits for the control plane to know a new pod.
+const CNI_WAIT: Duration = Duration::from_secs(3);
+
+enum Enrollment {
+    /// `known`: the control plane has the pod; else only its namespace.
+    Enrolled {
+        known: bool,
+    },
+    NotEnrolled,
+}
+
 /// Scanning every namespace is not free; at most this often.
 const SCAN_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -43,6 +55,9 @@ struct Captured {
     netns: Arc<Netns>,
     ctx: Arc<ProxyContext>,
     ips: Vec<IpAddr>,
+    /// Captured on the CNI plugin's word before the control plane knew the
+    /// pod: kept until the plugin's DEL, or until the pod shows up.
+    awaiting_state: bool,
 }
 
 /// Capture state of one pod, for `/config_dump`.
@@ -103,11 +118,16 @@ impl Agent {
         let _one_at_a_time = self.reconciling.lock().await;
         let wanted = self.wanted();
         let gone: Vec<String> = {
-            let captured = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+            let mut captured = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+            for (uid, pod) in captured.iter_mut() {
+                if wanted.contains_key(uid) {
+                    pod.awaiting_state = false;
+                }
+            }
             captured
-                .keys()
-                .filter(|uid| !wanted.contains_key(*uid))
-                .cloned()
+                .iter()
+                .filter(|(uid, pod)| !wanted.contains_key(*uid) && !pod.awaiting_state)
+                .map(|(uid, _)| uid.clone())
                 .collect()
         };
         for uid in gone {
@@ -167,6 +187,16 @@ impl Agent {
 
     /// Captures one pod: rules in its namespace, then listeners inside it.
     pub async fn capture(&self, uid: &str, netns: Netns, ips: Vec<IpAddr>) -> io::Result<()> {
+        self.capture_as(uid, netns, ips, false).await
+    }
+
+    async fn capture_as(
+        &self,
+        uid: &str,
+        netns: Netns,
+        ips: Vec<IpAddr>,
+        awaiting_state: bool,
+    ) -> io::Result<()> {
         if self
             .captured
             .lock()
@@ -217,7 +247,15 @@ impl Agent {
             .captured
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(uid.to_owned(), Captured { netns, ctx, ips });
+            .insert(
+                uid.to_owned(),
+                Captured {
+                    netns,
+                    ctx,
+                    ips,
+                    awaiting_state,
+                },
+            );
         if let Some(old) = previous {
             old.ctx.shutdown.cancel();
         }
@@ -245,6 +283,82 @@ impl Agent {
             let _ = tokio::task::spawn_blocking(move || rules::remove(&ns)).await;
         }
         info!(pod = uid, rules_removed = remove_rules, "pod released");
+    }
+
+    /// The CNI plugin's request: capture a pod as its sandbox is created,
+    /// before the application's first instruction, or release it.
+    ///
+    /// Whether a new pod is enrolled is the control plane's call; the pod
+    /// may not have reached it yet, so this waits a little for it. A pod the
+    /// control plane still does not know is captured if its namespace has
+    /// enrolled pods (it most likely is one, and capturing fails closed:
+    /// its traffic is refused until its workload and certificate arrive),
+    /// and left alone otherwise.
+    pub async fn handle_cni(&self, req: CaptureRequest) -> CaptureResponse {
+        let uid = format!(
+            "{}//Pod/{}/{}",
+            self.base.cluster_id, req.pod_namespace, req.pod_name
+        );
+        match req.command {
+            CaptureCommand::Del => {
+                self.release(&uid, true).await;
+                CaptureResponse::not_captured()
+            }
+            CaptureCommand::Check => match self.enrollment(&uid, &req, Duration::ZERO).await {
+                Enrollment::Enrolled { .. } if !self.is_captured(&uid) => {
+                    CaptureResponse::error(format!("{uid} is enrolled but not captured"))
+                }
+                Enrollment::Enrolled { .. } => CaptureResponse::captured(),
+                Enrollment::NotEnrolled => CaptureResponse::not_captured(),
+            },
+            CaptureCommand::Add => {
+                let Enrollment::Enrolled { known } = self.enrollment(&uid, &req, CNI_WAIT).await
+                else {
+                    return CaptureResponse::not_captured();
+                };
+                let netns = match Netns::open(&req.netns) {
+                    Ok(ns) => ns,
+                    Err(e) => return CaptureResponse::error(format!("opening {}: {e}", req.netns)),
+                };
+                match self.capture_as(&uid, netns, req.ips.clone(), !known).await {
+                    Ok(()) => CaptureResponse::captured(),
+                    Err(e) => CaptureResponse::error(format!("capturing {uid}: {e}")),
+                }
+            }
+        }
+    }
+
+    async fn enrollment(&self, uid: &str, req: &CaptureRequest, wait: Duration) -> Enrollment {
+        let deadline = Instant::now() + wait;
+        loop {
+            {
+                let state = self.base.mesh.read();
+                let network = self.base.mesh.network();
+                let workload = state.workload_by_uid(uid).or_else(|| {
+                    req.ips
+                        .iter()
+                        .find_map(|ip| state.workload_by_ip(network, *ip))
+                });
+                if let Some(w) = workload {
+                    return if w.protocol == Protocol::Hbone && w.node == self.node {
+                        Enrollment::Enrolled { known: true }
+                    } else {
+                        Enrollment::NotEnrolled
+                    };
+                }
+                if Instant::now() >= deadline {
+                    let namespace_enrolled = state
+                        .workloads()
+                        .any(|w| w.namespace == req.pod_namespace && w.protocol == Protocol::Hbone);
+                    return if namespace_enrolled {
+                        Enrollment::Enrolled { known: false }
+                    } else {
+                        Enrollment::NotEnrolled
+                    };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Whether `uid` is captured now.
