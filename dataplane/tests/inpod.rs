@@ -180,6 +180,16 @@ fn manifests() -> String {
         "10.66.0.2",
         "app: echo",
     );
+    // Outside the mesh: a namespace without the ambient label.
+    m += "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n---\n";
+    m += &pod(
+        "legacy",
+        "legacy",
+        "legacy",
+        "node-c",
+        "10.66.0.4",
+        "app: legacy",
+    );
     // Scheduled, but its sandbox does not exist until the test makes it.
     m += &pod(
         "late",
@@ -240,7 +250,14 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
     if !is_root() {
         return;
     }
-    let mut topo = Topology::new("mbt17", &[("client", "10.66.0.1"), ("server", "10.66.0.2")]);
+    let mut topo = Topology::new(
+        "mbt17",
+        &[
+            ("client", "10.66.0.1"),
+            ("server", "10.66.0.2"),
+            ("legacy", "10.66.0.4"),
+        ],
+    );
     let mesh = Mesh::start("inpod", 17, &manifests(), &[]);
     let mut node_a = node_proxy(&mesh, "node-a", "127.17.1.1");
     let node_b = node_proxy(&mesh, "node-b", "127.17.2.1");
@@ -284,6 +301,32 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
         inb.contains(r#"src.identity="spiffe://cluster.local/ns/default/sa/sleep""#),
         "{inb}"
     );
+
+    // A client outside the mesh reaches the enrolled server in plaintext:
+    // captured on the server's side (TPROXY to 15006), authorized without
+    // an identity, delivered from the client's own address.
+    let legacy_ns = topo.netns("legacy");
+    app(&legacy_ns, "10.66.0.4:8080".parse().unwrap(), "legacy").await;
+    let mut s = dial(&legacy_ns, "10.66.0.2:8080".parse().unwrap())
+        .await
+        .expect("plaintext into the mesh");
+    assert_eq!(greeting_line(&mut s).await, "server sees 10.66.0.4");
+    drop(s);
+    let plain = node_b
+        .wait_for_log(&["connection complete", "src.addr=10.66.0.4:"])
+        .await;
+    assert!(plain.contains(r#"direction="inbound""#), "{plain}");
+    assert!(
+        !plain.contains("src.identity=\"spiffe"),
+        "no identity in plaintext: {plain}"
+    );
+    // And the enrolled client reaches the pod outside the mesh: plain TCP
+    // from its own namespace, not re-captured (the proxy's mark).
+    let mut s = dial(&client_ns, "10.66.0.4:8080".parse().unwrap())
+        .await
+        .expect("out of the mesh");
+    assert_eq!(greeting_line(&mut s).await, "legacy sees 10.66.0.1");
+    drop(s);
 
     // The client's dataplane dies (SIGKILL, no cleanup): its pod's traffic
     // is refused, never sent around the mesh in plaintext.
