@@ -48,35 +48,16 @@ struct Topology {
 impl Topology {
     fn new(prefix: &str, pods: &[(&str, &str)]) -> Self {
         let fabric = format!("{prefix}-fabric");
-        let mut names = vec![fabric.clone()];
+        let names = vec![fabric.clone()];
         let _ = Command::new("ip").args(["netns", "del", &fabric]).output();
         ip(&["netns", "add", &fabric]);
         ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &fabric, "link", "set", "br0", "up"]);
+        let mut topo = Self { names };
         for (i, (pod, addr)) in pods.iter().enumerate() {
-            let ns = format!("{prefix}-{pod}");
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-            ip(&["netns", "add", &ns]);
-            names.push(ns.clone());
-            let port = format!("p{i}");
-            ip(&[
-                "-n", &fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ]);
-            ip(&["-n", &fabric, "link", "set", &port, "master", "br0", "up"]);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ]);
-            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            topo.add_pod(prefix, pod, addr, &format!("p{i}"));
         }
-        Self { names }
+        topo
     }
 
     /// Adds a pod namespace after the fact, as a runtime creates a sandbox.

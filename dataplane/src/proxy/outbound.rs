@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::pool::{PoolKey, StreamGuard};
 use super::{ProxyContext, error_text, relay, socket};
-use crate::state::{Route, Transport};
+use crate::state::{Route, ServiceInfo, Transport, Workload};
 use crate::telemetry::{Connection, ConnectionRecord, Direction, Security};
 
 const CERT_WAIT: Duration = Duration::from_secs(10);
@@ -107,50 +107,21 @@ pub async fn establish(
     match route {
         Route::Passthrough(addr) => {
             debug!(src.workload = %source.name, dst.addr = %addr, "passthrough: not a mesh destination");
-            let io = connect_tcp(ctx, addr)
+            plain_tcp(ctx, peer, &source, addr, None, None)
                 .await
-                .map_err(|e| unreachable("passthrough connect failed", &e))?;
-            let record = ctx.telemetry.open(Connection {
-                direction: Direction::Outbound,
-                src_addr: peer,
-                src_workload: Some(source.clone()),
-                src_identity: None,
-                dst_addr: addr,
-                hbone_addr: None,
-                dst_service: None,
-                dst_workload: None,
-                dst_identity: None,
-                security: Security::Plaintext,
-            });
-            Ok(Established {
-                io: Box::new(io),
-                record,
-                _stream: None,
-            })
+                .map_err(|e| unreachable("passthrough connect failed", &e))
         }
         Route::Upstream(up) => match &up.transport {
-            Transport::Tcp => {
-                let io = connect_tcp(ctx, up.connect_to)
-                    .await
-                    .map_err(|e| unreachable("connect failed", &e))?;
-                let record = ctx.telemetry.open(Connection {
-                    direction: Direction::Outbound,
-                    src_addr: peer,
-                    src_workload: Some(source.clone()),
-                    src_identity: None,
-                    dst_addr: up.connect_to,
-                    hbone_addr: None,
-                    dst_service: up.destination_service.clone(),
-                    dst_workload: Some(up.peer.clone()),
-                    dst_identity: None,
-                    security: Security::Plaintext,
-                });
-                Ok(Established {
-                    io: Box::new(io),
-                    record,
-                    _stream: None,
-                })
-            }
+            Transport::Tcp => plain_tcp(
+                ctx,
+                peer,
+                &source,
+                up.connect_to,
+                up.destination_service.clone(),
+                Some(up.peer.clone()),
+            )
+            .await
+            .map_err(|e| unreachable("connect failed", &e)),
             Transport::Hbone {
                 authority,
                 expected_identities,
@@ -213,6 +184,36 @@ pub async fn establish(
             }
         },
     }
+}
+
+/// Plain TCP out of `source`'s pod: to a workload outside HBONE, or out of
+/// the mesh.
+async fn plain_tcp(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    source: &Arc<Workload>,
+    addr: SocketAddr,
+    dst_service: Option<ServiceInfo>,
+    dst_workload: Option<Arc<Workload>>,
+) -> std::io::Result<Established> {
+    let io = connect_tcp(ctx, addr).await?;
+    let record = ctx.telemetry.open(Connection {
+        direction: Direction::Outbound,
+        src_addr: peer,
+        src_workload: Some(source.clone()),
+        src_identity: None,
+        dst_addr: addr,
+        hbone_addr: None,
+        dst_service,
+        dst_workload,
+        dst_identity: None,
+        security: Security::Plaintext,
+    });
+    Ok(Established {
+        io: Box::new(io),
+        record,
+        _stream: None,
+    })
 }
 
 async fn connect_tcp(ctx: &ProxyContext, addr: SocketAddr) -> std::io::Result<TcpStream> {
