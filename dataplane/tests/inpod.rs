@@ -40,6 +40,32 @@ fn ip(args: &[&str]) {
     );
 }
 
+fn iptables_in(netns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "iptables"])
+        .args(args)
+        .output()
+        .expect("iptables runs");
+    assert!(
+        out.status.success(),
+        "iptables {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Packets counted by the raw-table rule for `port` in `netns`.
+fn link_packets(netns: &str, port: &str) -> u64 {
+    let listing = iptables_in(netns, &["-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x"]);
+    listing
+        .lines()
+        .find(|l| l.contains(&format!("dpt:{port}")))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter for port {port}:\n{listing}"))
+}
+
 /// Namespaces `{prefix}-fabric` (a bridge) and one per pod, removed on drop.
 struct Topology {
     names: Vec<String>,
@@ -250,6 +276,26 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
     node_a.wait_ready().await;
     node_b.wait_ready().await;
 
+    // Count what arrives on the server pod's link, by destination port: the
+    // raw table sees packets before any capture rule.
+    for port in ["8080", "15008"] {
+        iptables_in(
+            "mbt17-server",
+            &[
+                "-t",
+                "raw",
+                "-A",
+                "PREROUTING",
+                "-i",
+                "eth0",
+                "-p",
+                "tcp",
+                "--dport",
+                port,
+            ],
+        );
+    }
+
     // The client app dials the server's pod IP, as if there were no mesh.
     let mut s = dial(&client_ns, "10.66.0.2:8080".parse().unwrap())
         .await
@@ -264,6 +310,16 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
     s.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"over hbone");
     drop(s);
+    // On the wire between the nodes, only HBONE: nothing to the app's port.
+    assert_eq!(
+        link_packets("mbt17-server", "8080"),
+        0,
+        "application port seen on the link"
+    );
+    assert!(
+        link_packets("mbt17-server", "15008") > 0,
+        "HBONE seen on the link"
+    );
     let out = node_a
         .wait_for_log(&["connection complete", r#"direction="outbound""#])
         .await;
@@ -300,6 +356,11 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
     assert!(
         !plain.contains("src.identity=\"spiffe"),
         "no identity in plaintext: {plain}"
+    );
+    // The same counter does see application-port traffic when there is some.
+    assert!(
+        link_packets("mbt17-server", "8080") > 0,
+        "plaintext is visible on the link"
     );
     // And the enrolled client reaches the pod outside the mesh: plain TCP
     // from its own namespace, not re-captured (the proxy's mark).
