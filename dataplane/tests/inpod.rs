@@ -370,6 +370,72 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
     assert_eq!(greeting_line(&mut s).await, "legacy sees 10.66.0.1");
     drop(s);
 
+    // A pod cannot reach the dataplane's admin port: it listens on the
+    // node's loopback, not in the pod.
+    assert!(
+        dial(&client_ns, "127.0.0.1:15000".parse().unwrap())
+            .await
+            .is_err(),
+        "admin is not reachable from a pod"
+    );
+
+    // A DENY policy written to the manifest folder closes the path; the
+    // time it took is printed (the issue asks for under a second).
+    let written = Instant::now();
+    mesh.write_manifest(
+        "deny.yaml",
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: no-sleep
+  namespace: default
+spec:
+  selector:
+    matchLabels: {app: echo}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/sleep"]
+"#,
+    );
+    let server: SocketAddr = "10.66.0.2:8080".parse().unwrap();
+    loop {
+        let served = match dial(&client_ns, server).await {
+            Ok(mut s) => !greeting_line(&mut s).await.is_empty(),
+            Err(_) => false,
+        };
+        if !served {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(10),
+            "the DENY policy never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "policy took effect {} ms after the manifest was written",
+        written.elapsed().as_millis()
+    );
+    node_b
+        .wait_for_log(&["denied by authorization policy", "sa/sleep"])
+        .await;
+    mesh.remove_manifest("deny.yaml");
+    let reopened = Instant::now();
+    loop {
+        if let Ok(mut s) = dial(&client_ns, server).await
+            && !greeting_line(&mut s).await.is_empty()
+        {
+            break;
+        }
+        assert!(
+            reopened.elapsed() < Duration::from_secs(10),
+            "removing the policy never reopened the path"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // The client's dataplane dies (SIGKILL, no cleanup): its pod's traffic
     // is refused, never sent around the mesh in plaintext.
     node_a.kill();
