@@ -204,12 +204,13 @@ async fn metrics(State(admin): State<Admin>) -> Response {
 impl Admin {
     fn refresh_gauges(&self) {
         let g = &self.gauges;
-        let xds = self.ctx.mesh.xds();
-        g.xds_connected.set(xds.connected as i64);
-        g.xds_synced.set(xds.is_synced() as i64);
-        g.xds_streams.set(xds.streams as i64);
-        g.xds_responses.set(xds.responses as i64);
-        g.xds_nacks.set(xds.nacks as i64);
+        self.ctx.mesh.with_xds(|xds| {
+            g.xds_connected.set(xds.connected as i64);
+            g.xds_synced.set(xds.is_synced() as i64);
+            g.xds_streams.set(xds.streams as i64);
+            g.xds_responses.set(xds.responses as i64);
+            g.xds_nacks.set(xds.nacks as i64);
+        });
         {
             let state = self.ctx.mesh.read();
             g.workloads.set(state.workloads().count() as i64);
@@ -299,18 +300,11 @@ fn service_json(s: &Service, endpoints: Vec<String>) -> Value {
 
 async fn config_dump(State(admin): State<Admin>) -> Response {
     let ctx = &admin.ctx;
-    let xds = ctx.mesh.xds();
     let (workloads, services, policies) = {
         let state = ctx.mesh.read();
-        let local = |w: &Workload| match &ctx.scope {
-            Scope::Node { node } => w.node == *node,
-            Scope::Workload {
-                namespace, name, ..
-            } => w.namespace == *namespace && w.name == *name,
-        };
         let mut workloads: Vec<Value> = state
             .workloads()
-            .map(|w| workload_json(w, local(w)))
+            .map(|w| workload_json(w, ctx.is_local(w)))
             .collect();
         workloads.sort_by(|a, b| a["uid"].as_str().cmp(&b["uid"].as_str()));
         let mut services: Vec<Value> = state
@@ -370,7 +364,7 @@ async fn config_dump(State(admin): State<Admin>) -> Response {
             "originalSource": ctx.original_source,
             "ready": readiness(ctx).err().unwrap_or_else(|| "ready".into()),
         },
-        "xds": {
+        "xds": ctx.mesh.with_xds(|xds| json!({
             "connected": xds.connected,
             "synced": xds.is_synced(),
             "streams": xds.streams,
@@ -379,7 +373,7 @@ async fn config_dump(State(admin): State<Admin>) -> Response {
             "lastError": xds.last_error,
             "addresses": xds.len(ResourceType::Address),
             "authorizations": xds.len(ResourceType::Authorization),
-        },
+        })),
         "workloads": workloads,
         "services": services,
         "policies": policies,

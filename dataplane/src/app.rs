@@ -2,7 +2,7 @@
 //! the xDS client feeding the mesh state, the certificate manager, the proxy
 //! listeners and the admin endpoints; and drains it all on shutdown.
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -212,21 +212,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }));
     }
     let follow_ctx = ctx.clone();
-    let mut local = BTreeSet::<String>::new();
+    let mut local = HashSet::<SpiffeId>::new();
     tokio::spawn(mesh.clone().follow(move |mesh| {
         reconcile.notify_one();
-        let ids: Vec<SpiffeId> = follow_ctx.local_identities(&mesh.read());
-        let now: BTreeSet<String> = ids.iter().map(|i| i.to_string()).collect();
-        for id in &ids {
-            if !local.contains(&id.to_string()) {
-                follow_ctx.certs.prefetch(id);
-            }
+        let now: HashSet<SpiffeId> = follow_ctx
+            .local_identities(&mesh.read())
+            .into_iter()
+            .collect();
+        for id in now.difference(&local) {
+            follow_ctx.certs.prefetch(id);
         }
         if matches!(follow_ctx.scope, Scope::Node { .. }) {
             for gone in local.difference(&now) {
-                if let Ok(id) = gone.parse::<SpiffeId>() {
-                    follow_ctx.certs.forget(&id);
-                }
+                follow_ctx.certs.forget(gone);
             }
         }
         local = now;

@@ -52,7 +52,9 @@ impl Mesh {
     /// Applies whatever the xDS client holds now; returns how many resources
     /// changed.
     pub fn refresh(&self) -> usize {
-        let xds = self.xds.borrow().clone();
+        // Diffed in place: copying the client's whole resource map on every
+        // change would cost more than the change.
+        let xds = self.xds.borrow();
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         applied.sync(&xds, &mut state)
@@ -79,8 +81,9 @@ impl Mesh {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn xds(&self) -> XdsState {
-        self.xds.borrow().clone()
+    /// Reads the xDS client's state without copying it.
+    pub fn with_xds<T>(&self, f: impl FnOnce(&XdsState) -> T) -> T {
+        f(&self.xds.borrow())
     }
 
     pub fn is_synced(&self) -> bool {

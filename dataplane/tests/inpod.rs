@@ -384,20 +384,12 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
     let written = Instant::now();
     mesh.write_manifest(
         "deny.yaml",
-        r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: no-sleep
-  namespace: default
-spec:
-  selector:
-    matchLabels: {app: echo}
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/sleep"]
-"#,
+        &policy(
+            "no-sleep",
+            "DENY",
+            "echo",
+            "cluster.local/ns/default/sa/sleep",
+        ),
     );
     let server: SocketAddr = "10.66.0.2:8080".parse().unwrap();
     loop {

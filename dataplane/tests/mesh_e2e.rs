@@ -166,20 +166,12 @@ async fn hbone_traffic_carries_identities_balances_services_and_obeys_policy() {
     // A DENY policy from the manifest folder takes effect...
     mesh.write_manifest(
         "policy.yaml",
-        r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: no-sleep
-  namespace: default
-spec:
-  selector:
-    matchLabels: {app: echo}
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/sleep"]
-"#,
+        &policy(
+            "no-sleep",
+            "DENY",
+            "echo",
+            "cluster.local/ns/default/sa/sleep",
+        ),
     );
     let denied = eventually(client.socks(), addr("127.11.2.1:8080"), false).await;
     assert!(denied.is_err(), "the DENY policy must refuse sleep → echo");
@@ -190,20 +182,12 @@ spec:
     // ...an ALLOW-only-sleep policy lets sleep in and keeps others out...
     mesh.write_manifest(
         "policy.yaml",
-        r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: only-sleep
-  namespace: default
-spec:
-  selector:
-    matchLabels: {app: echo}
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/sleep"]
-"#,
+        &policy(
+            "only-sleep",
+            "ALLOW",
+            "echo",
+            "cluster.local/ns/default/sa/sleep",
+        ),
     );
     let allowed = eventually(client.socks(), addr("127.11.2.1:8080"), true).await;
     assert_eq!(allowed.as_deref(), Ok("echo-1"));

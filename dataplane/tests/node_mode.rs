@@ -33,20 +33,12 @@ fn manifests() -> String {
         "127.16.2.1",
         "app: echo",
     );
-    m += r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: only-sleep
-  namespace: default
-spec:
-  selector:
-    matchLabels: {app: echo}
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principals: ["cluster.local/ns/default/sa/sleep"]
-"#;
+    m += &policy(
+        "only-sleep",
+        "ALLOW",
+        "echo",
+        "cluster.local/ns/default/sa/sleep",
+    );
     m
 }
 

@@ -191,29 +191,6 @@ pub fn remove(netns: &Netns) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether our rules are present in `netns` (the jump into our PREROUTING
-/// chain is the one that matters for inbound capture).
-pub fn present(netns: &Netns) -> bool {
-    run_in(
-        netns.path(),
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-C",
-            "OUTPUT",
-            "-j",
-            "MESHBOX_OUTPUT",
-            "-m",
-            "comment",
-            "--comment",
-            TAG,
-        ],
-        None,
-    )
-    .is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,6 @@ use crate::identity::WorkloadCertificate;
 use crate::telemetry::{Connection, Direction, Security};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const CERT_WAIT: Duration = Duration::from_secs(10);
 /// CONNECT streams per connection; matches the client pool's default.
 const MAX_STREAMS: u32 = 100;
 
@@ -91,18 +90,8 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
             .refused(Direction::Inbound, "unknown_destination");
         return;
     };
-    let cert = match tokio::time::timeout(CERT_WAIT, ctx.certs.get(&served)).await {
-        Ok(Ok(cert)) => cert,
-        Ok(Err(error)) => {
-            warn!(identity = %served, %error, "no certificate to serve inbound HBONE; refusing");
-            ctx.telemetry.refused(Direction::Inbound, "no_certificate");
-            return;
-        }
-        Err(_) => {
-            warn!(identity = %served, "timed out waiting for a certificate to serve inbound HBONE; refusing");
-            ctx.telemetry.refused(Direction::Inbound, "no_certificate");
-            return;
-        }
+    let Some(cert) = ctx.certificate(&served, Direction::Inbound).await else {
+        return;
     };
     let config = match ctx.server_configs.get(&cert, &ctx.trust_domain) {
         Ok(c) => c,

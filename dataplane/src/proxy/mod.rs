@@ -38,15 +38,18 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Scope;
-use crate::identity::CertificateManager;
+use crate::identity::{CertificateManager, WorkloadCertificate};
 use crate::mesh::Mesh;
 use crate::state::{ProxyState, Workload};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Direction, Telemetry};
 use pool::Pool;
 use socket::Sockets;
 
-/// How long to wait for the application to accept a forwarded connection.
-const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a TCP connection (to an application, or out of the
+/// mesh) to be accepted.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection waits for its workload's first certificate.
+const CERT_WAIT: Duration = Duration::from_secs(10);
 /// Copy buffer per direction.
 const COPY_BUFFER: usize = 64 * 1024;
 
@@ -94,17 +97,25 @@ impl ProxyContext {
         }
     }
 
-    /// The local workload reached at `ip`: on this node (node mode) or the
-    /// one workload this proxy serves (dedicated mode).
+    /// Whether this proxy serves `w`: on this node (node mode), or the one
+    /// workload it is dedicated to.
+    pub fn is_local(&self, w: &Workload) -> bool {
+        match &self.scope {
+            Scope::Node { node } => w.node == *node,
+            Scope::Workload {
+                namespace, name, ..
+            } => w.namespace == *namespace && w.name == *name,
+        }
+    }
+
+    /// The local workload reached at `ip`.
     pub fn local_workload(&self, state: &ProxyState, ip: IpAddr) -> Option<Arc<Workload>> {
         let network = self.mesh.network();
         match &self.scope {
             Scope::Node { node } => state.local_workload(network, ip, node).cloned(),
-            Scope::Workload {
-                namespace, name, ..
-            } => state
+            Scope::Workload { .. } => state
                 .workload_by_ip(network, ip)
-                .filter(|w| w.namespace == *namespace && w.name == *name)
+                .filter(|w| self.is_local(w))
                 .cloned(),
         }
     }
@@ -117,12 +128,10 @@ impl ProxyContext {
                 namespace, name, ..
             } => {
                 let uid = format!("{}//Pod/{namespace}/{name}", self.cluster_id);
-                state.workload_by_uid(&uid).cloned().or_else(|| {
-                    state
-                        .workloads()
-                        .find(|w| w.namespace == *namespace && w.name == *name)
-                        .cloned()
-                })
+                state
+                    .workload_by_uid(&uid)
+                    .or_else(|| state.workloads().find(|w| self.is_local(w)))
+                    .cloned()
             }
         }
     }
@@ -141,9 +150,9 @@ impl ProxyContext {
     /// Identities of the workloads this proxy serves now.
     pub fn local_identities(&self, state: &ProxyState) -> Vec<SpiffeId> {
         let mut ids: Vec<SpiffeId> = match &self.scope {
-            Scope::Node { node } => state
+            Scope::Node { .. } => state
                 .workloads()
-                .filter(|w| w.node == *node)
+                .filter(|w| self.is_local(w))
                 .map(|w| w.identity.clone())
                 .collect(),
             Scope::Workload { identity, .. } => vec![identity.clone()],
@@ -156,14 +165,36 @@ impl ProxyContext {
     /// Connects to a local application on behalf of `source`, from the
     /// source's address when configured to and the kernel allows.
     async fn connect_app(&self, dst: SocketAddr, source: IpAddr) -> io::Result<TcpStream> {
-        let source = self.original_source.then_some(source);
-        match tokio::time::timeout(APP_CONNECT_TIMEOUT, self.sockets.connect(dst, source)).await {
+        self.connect(dst, self.original_source.then_some(source))
+            .await
+    }
+
+    /// A TCP connection with this proxy's socket options, bounded in time.
+    async fn connect(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.sockets.connect(dst, source)).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "connecting to the application timed out",
+                format!("connecting to {dst} timed out"),
             )),
         }
+    }
+
+    /// The certificate of a local identity, waiting a bounded time for the
+    /// first one. `None` (logged, counted as refused) means the connection
+    /// must be refused.
+    async fn certificate(
+        &self,
+        identity: &SpiffeId,
+        direction: Direction,
+    ) -> Option<Arc<WorkloadCertificate>> {
+        match tokio::time::timeout(CERT_WAIT, self.certs.get(identity)).await {
+            Ok(Ok(cert)) => return Some(cert),
+            Ok(Err(error)) => warn!(%identity, %error, "no certificate; refusing"),
+            Err(_) => warn!(%identity, "timed out waiting for a certificate; refusing"),
+        }
+        self.telemetry.refused(direction, "no_certificate");
+        None
     }
 }
 

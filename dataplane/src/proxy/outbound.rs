@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -18,9 +17,6 @@ use super::pool::{PoolKey, StreamGuard};
 use super::{ProxyContext, error_text, relay, socket};
 use crate::state::{Route, ServiceInfo, Transport, Workload};
 use crate::telemetry::{Connection, ConnectionRecord, Direction, Security};
-
-const CERT_WAIT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an outbound connection was not established. The reason is logged
 /// where it happens; callers only close (or answer SOCKS).
@@ -126,21 +122,10 @@ pub async fn establish(
                 authority,
                 expected_identities,
             } => {
-                let cert = match tokio::time::timeout(CERT_WAIT, ctx.certs.get(&source.identity))
+                let cert = ctx
+                    .certificate(&source.identity, Direction::Outbound)
                     .await
-                {
-                    Ok(Ok(cert)) => cert,
-                    Ok(Err(error)) => {
-                        warn!(identity = %source.identity, %error, "no certificate for the source workload; refusing");
-                        ctx.telemetry.refused(Direction::Outbound, "no_certificate");
-                        return Err(Refusal::Unreachable);
-                    }
-                    Err(_) => {
-                        warn!(identity = %source.identity, "timed out waiting for the source workload's certificate; refusing");
-                        ctx.telemetry.refused(Direction::Outbound, "no_certificate");
-                        return Err(Refusal::Unreachable);
-                    }
-                };
+                    .ok_or(Refusal::Unreachable)?;
                 let key = PoolKey::new(
                     source.identity.clone(),
                     expected_identities.clone(),
@@ -196,7 +181,7 @@ async fn plain_tcp(
     dst_service: Option<ServiceInfo>,
     dst_workload: Option<Arc<Workload>>,
 ) -> std::io::Result<Established> {
-    let io = connect_tcp(ctx, addr).await?;
+    let io = ctx.connect(addr, None).await?;
     let record = ctx.telemetry.open(Connection {
         direction: Direction::Outbound,
         src_addr: peer,
@@ -214,14 +199,4 @@ async fn plain_tcp(
         record,
         _stream: None,
     })
-}
-
-async fn connect_tcp(ctx: &ProxyContext, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, ctx.sockets.connect(addr, None)).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connect timed out",
-        )),
-    }
 }

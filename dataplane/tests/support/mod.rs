@@ -401,26 +401,27 @@ impl Mesh {
         let _ = std::fs::remove_file(self.dir.path().join("config").join(file));
     }
 
+    /// A workload token (dedicated mode), in a file as `AUTH_TOKEN` wants.
     pub fn token_file(&self, identity: &str) -> PathBuf {
-        let tokens = LocalTokens::load_or_create(&self.state_dir(), "cluster.local").unwrap();
         let id: SpiffeId = identity.parse().unwrap();
-        let token = tokens
-            .mint_for_identity(&id, Duration::from_secs(3600))
-            .unwrap();
-        let path = self
-            .dir
-            .path()
-            .join(format!("{}.token", id.service_account()));
-        std::fs::write(&path, token).unwrap();
-        path
+        let token = self
+            .tokens()
+            .mint_for_identity(&id, Duration::from_secs(3600));
+        self.write_token(id.service_account(), token.unwrap())
     }
 
+    /// A node token (node mode).
     pub fn node_token_file(&self, node: &str) -> PathBuf {
-        let tokens = LocalTokens::load_or_create(&self.state_dir(), "cluster.local").unwrap();
-        let token = tokens
-            .mint_for_node(node, Duration::from_secs(3600))
-            .unwrap();
-        let path = self.dir.path().join(format!("{node}.token"));
+        let token = self.tokens().mint_for_node(node, Duration::from_secs(3600));
+        self.write_token(node, token.unwrap())
+    }
+
+    fn tokens(&self) -> LocalTokens {
+        LocalTokens::load_or_create(&self.state_dir(), "cluster.local").unwrap()
+    }
+
+    fn write_token(&self, name: &str, token: String) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.token"));
         std::fs::write(&path, token).unwrap();
         path
     }
@@ -459,6 +460,28 @@ status:
   podIP: {ip}
   podIPs: [{{ip: {ip}}}]
   conditions: [{{type: Ready, status: "True"}}]
+---
+"#
+    )
+}
+
+/// YAML for an AuthorizationPolicy in `default` on the pods labelled
+/// `app: {app}`, with one rule: from `principal`.
+pub fn policy(name: &str, action: &str, app: &str, principal: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  selector:
+    matchLabels: {{app: {app}}}
+  action: {action}
+  rules:
+  - from:
+    - source:
+        principals: ["{principal}"]
 ---
 "#
     )
