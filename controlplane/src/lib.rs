@@ -23,6 +23,7 @@
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod capture;
 pub mod cluster;
 pub mod k8s;
 pub mod metrics;

@@ -18,6 +18,7 @@ use crate::auth::local::LocalTokens;
 use crate::auth::token_review::TokenReviewer;
 use crate::ca::grpc::CaGrpc;
 use crate::ca::{CertificateIssuer, NodeRoster, RateLimit, parse_ttl};
+use crate::capture::{CaptureGrpc, CaptureReports};
 use crate::cluster;
 use crate::metrics::Metrics;
 use crate::model::MeshConfig;
@@ -201,8 +202,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let serving = ServingCertificate::start(ca.clone(), names, config.serving_cert_ttl)
         .context("issuing the serving certificate")?;
 
+    let capture = Arc::new(CaptureReports::default());
     let grpc_routes = tonic::service::Routes::new(CaGrpc::server(issuer.clone(), auth.clone()))
-        .add_service(xds.service());
+        .add_service(xds.service())
+        .add_service(CaptureGrpc::server(
+            capture.clone(),
+            auth.clone(),
+            store.clone(),
+        ));
     let grpc_app = grpc_routes.into_axum_router();
     let rest_app = api::router(ApiState {
         issuer: issuer.clone(),
@@ -211,6 +218,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ready: ready.clone(),
         store: store.clone(),
         xds: xds.clone(),
+        capture,
     });
 
     let grpc_listener = bind(config.grpc_addr).await?;

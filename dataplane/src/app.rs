@@ -101,7 +101,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let mut options = ClientOptions::new(credentials, crate::xds::node(node_id, metadata));
     options.validator = Some(crate::state::validator());
-    let xds = XdsClient::start(xds_channel, options);
+    let xds = XdsClient::start(xds_channel.clone(), options);
 
     let token = match &config.auth_token {
         Some(path) => TokenSource::File(path.clone()),
@@ -110,7 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let impersonate = matches!(config.scope, Scope::Node { .. });
     let certs = CertificateManager::new(Arc::new(CaClient::new(
         ca_channel,
-        token,
+        token.clone(),
         impersonate,
         config.cert_ttl,
     )));
@@ -200,6 +200,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 agent.reconcile().await;
             }
         });
+    }
+    if let Some(agent) = &agent {
+        crate::inpod::report::spawn(
+            agent.clone(),
+            xds_channel.clone(),
+            token.clone(),
+            ctx.shutdown.clone(),
+        );
     }
     if let (Some(agent), Some(path)) = (&agent, &config.cni_socket) {
         let listener = crate::cni::listen(path)

@@ -3,7 +3,8 @@
 //! The packages, message names and field numbers follow Istio's published
 //! ambient APIs (the workload and authorization xDS resources, the CA service)
 //! and Envoy's delta xDS protocol, so a stock Istio ztunnel and meshbox can talk
-//! to each other. This crate holds types only: no behaviour lives here.
+//! to each other; `capture.proto` is meshbox's own small addition (node
+//! dataplanes report which pods they captured). This crate holds types only: no behaviour lives here.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -33,6 +34,11 @@ pub mod istio {
     pub mod ca {
         tonic::include_proto!("istio.v1.auth");
     }
+}
+
+/// meshbox's own API: node dataplanes report pod capture state.
+pub mod capture {
+    tonic::include_proto!("meshbox.v1");
 }
 
 pub use envoy::service::discovery::v3 as xds;

@@ -31,6 +31,8 @@ pub struct ApiState {
     pub ready: Arc<AtomicBool>,
     pub store: Arc<MeshStore>,
     pub xds: Arc<crate::xds::XdsServer>,
+    /// Pod capture state reported by node dataplanes.
+    pub capture: Arc<crate::capture::CaptureReports>,
 }
 
 /// The OpenAPI document, kept beside the code it describes.
@@ -86,8 +88,29 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     )
 }
 
+/// An xDS stream, with its node's capture report when it sent one.
+#[derive(serde::Serialize)]
+struct DataplaneView {
+    #[serde(flatten)]
+    connection: crate::xds::ConnectionInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capture: Option<crate::capture::NodeCaptureView>,
+}
+
 async fn dataplanes(State(state): State<ApiState>) -> impl IntoResponse {
-    axum::Json(state.xds.connections())
+    let views: Vec<DataplaneView> = state
+        .xds
+        .connections()
+        .into_iter()
+        .map(|connection| DataplaneView {
+            capture: connection
+                .node
+                .as_deref()
+                .and_then(|node| state.capture.get(node)),
+            connection,
+        })
+        .collect();
+    axum::Json(views)
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -23,7 +23,7 @@ pub enum TokenSource {
 }
 
 impl TokenSource {
-    fn read(&self) -> Result<Option<String>, IdentityError> {
+    pub(crate) fn read(&self) -> Result<Option<String>, IdentityError> {
         match self {
             TokenSource::None => Ok(None),
             TokenSource::File(path) => std::fs::read_to_string(path)

@@ -12,6 +12,7 @@
 //! next start re-adopts the pods.
 
 pub mod netns;
+pub mod report;
 pub mod rules;
 
 use std::collections::{BTreeMap, HashMap};
@@ -60,8 +61,8 @@ struct Captured {
     awaiting_state: bool,
 }
 
-/// Capture state of one pod, for `/config_dump`.
-#[derive(Debug, Clone, Serialize)]
+/// Capture state of one pod, for `/config_dump` and the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatus {
     pub uid: String,
@@ -209,20 +210,28 @@ impl Agent {
         let netns = Arc::new(netns);
         let ports = self.ports;
         let rules_ns = netns.clone();
+        let has_ipv6 = ips.iter().any(|ip| ip.to_canonical().is_ipv6());
         let applied = tokio::task::spawn_blocking(move || {
             rules::apply(
                 &rules_ns,
                 ports.inbound.port(),
                 ports.plaintext.port(),
                 ports.outbound.port(),
+                has_ipv6,
             )
         })
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
-        if let Err(error) = applied {
-            self.failures.inc();
-            warn!(pod = uid, netns = %netns.path().display(), %error, "installing the capture rules failed");
-            return Err(error);
+        match applied {
+            Ok(None) => {}
+            Ok(Some(error)) => {
+                warn!(pod = uid, %error, "no IPv6 capture rules (the pod has no IPv6 address; IPv6 netfilter unavailable?)")
+            }
+            Err(error) => {
+                self.failures.inc();
+                warn!(pod = uid, netns = %netns.path().display(), %error, "installing the capture rules failed");
+                return Err(error);
+            }
         }
         let sockets = self.base.sockets.in_netns(netns.clone());
         let listeners = match Listeners::bind(

@@ -22,6 +22,14 @@ pub const ROUTE_TABLE: u32 = 133;
 const MASK: u32 = 0xfff;
 const TAG: &str = "meshbox";
 
+/// Kubelet health probes reach a captured pod from these addresses (the
+/// node rewrites their source to them, as Istio's node agent does), and
+/// are let through uncaptured: a probe is not mesh traffic, and an ALLOW
+/// policy must not make a pod unready. The same addresses as Istio's, so
+/// a node set up for Istio's ambient mode works unchanged.
+pub const PROBE_SOURCE_V4: &str = "169.254.7.127";
+pub const PROBE_SOURCE_V6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
+
 /// `(table, built-in chain, our chain)`.
 const JUMPS: [(&str, &str, &str); 3] = [
     ("mangle", "PREROUTING", "MESHBOX_PRERT"),
@@ -29,27 +37,90 @@ const JUMPS: [(&str, &str, &str); 3] = [
     ("nat", "OUTPUT", "MESHBOX_OUTPUT"),
 ];
 
-/// Input for `iptables-restore --noflush`: declares (and so empties) our
-/// chains and fills them. The jumps are added separately, once.
-pub fn chains(inbound: u16, plaintext: u16, outbound: u16) -> String {
+/// The two address families, each with its own tables and tools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    fn unspecified(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0",
+            Family::V6 => "::",
+        }
+    }
+
+    fn probe_source(self) -> String {
+        match self {
+            Family::V4 => format!("{PROBE_SOURCE_V4}/32"),
+            Family::V6 => format!("{PROBE_SOURCE_V6}/128"),
+        }
+    }
+
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn ip(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    fn everything(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+    }
+}
+
+/// Input for `iptables-restore --noflush` (or `ip6tables-restore`):
+/// declares (and so empties) our chains and fills them. The jumps are
+/// added separately, once.
+pub fn chains(family: Family, inbound: u16, plaintext: u16, outbound: u16) -> String {
     let mark = format!("{PROXY_MARK:#x}/{MASK:#x}");
     let conn = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+    let lo = family.loopback();
+    let any = family.unspecified();
+    let probe = family.probe_source();
     format!(
         "*mangle
 :MESHBOX_PRERT - [0:0]
 :MESHBOX_OUTPUT - [0:0]
 -A MESHBOX_OUTPUT -m connmark --mark {conn} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
 -A MESHBOX_PRERT -m mark --mark {mark} -j CONNMARK --set-xmark {conn}
--A MESHBOX_PRERT ! -d 127.0.0.1/32 -i lo -p tcp -j ACCEPT
--A MESHBOX_PRERT -p tcp -m tcp --dport {inbound} -m mark ! --mark {mark} -j TPROXY --on-port {inbound} --on-ip 0.0.0.0 --tproxy-mark {conn}
+-A MESHBOX_PRERT -s {probe} -p tcp -j ACCEPT
+-A MESHBOX_PRERT ! -d {lo} -i lo -p tcp -j ACCEPT
+-A MESHBOX_PRERT -p tcp -m tcp --dport {inbound} -m mark ! --mark {mark} -j TPROXY --on-port {inbound} --on-ip {any} --tproxy-mark {conn}
 -A MESHBOX_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A MESHBOX_PRERT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark {mark} -j TPROXY --on-port {plaintext} --on-ip 0.0.0.0 --tproxy-mark {conn}
+-A MESHBOX_PRERT ! -d {lo} -p tcp -m mark ! --mark {mark} -j TPROXY --on-port {plaintext} --on-ip {any} --tproxy-mark {conn}
 COMMIT
 *nat
 :MESHBOX_OUTPUT - [0:0]
 -A MESHBOX_OUTPUT -p tcp -m mark --mark {conn} -j ACCEPT
--A MESHBOX_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
--A MESHBOX_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark {mark} -j REDIRECT --to-ports {outbound}
+-A MESHBOX_OUTPUT ! -d {lo} -o lo -j ACCEPT
+-A MESHBOX_OUTPUT ! -d {lo} -p tcp -m mark ! --mark {mark} -j REDIRECT --to-ports {outbound}
 COMMIT
 "
     )
@@ -86,14 +157,41 @@ fn run_in(netns: &Path, program: &str, args: &[&str], stdin: Option<&str>) -> io
     }
 }
 
-/// Installs (or re-installs) the rules in `netns`.
-pub fn apply(netns: &Netns, inbound: u16, plaintext: u16, outbound: u16) -> io::Result<()> {
+/// Installs (or re-installs) the rules in `netns`, for IPv4 and IPv6.
+///
+/// IPv6 is captured even in a pod with only IPv4 addresses: its link-local
+/// addresses reach the other pods on the link, and traffic over them must
+/// not slip past the proxy. Only a pod that has IPv6 addresses fails to be
+/// captured when the IPv6 rules cannot go in (a node without IPv6
+/// netfilter); for the others that is logged by the caller.
+pub fn apply(
+    netns: &Netns,
+    inbound: u16,
+    plaintext: u16,
+    outbound: u16,
+    has_ipv6: bool,
+) -> io::Result<Option<io::Error>> {
+    apply_family(netns, Family::V4, inbound, plaintext, outbound)?;
+    match apply_family(netns, Family::V6, inbound, plaintext, outbound) {
+        Ok(()) => Ok(None),
+        Err(e) if has_ipv6 => Err(e),
+        Err(e) => Ok(Some(e)),
+    }
+}
+
+fn apply_family(
+    netns: &Netns,
+    family: Family,
+    inbound: u16,
+    plaintext: u16,
+    outbound: u16,
+) -> io::Result<()> {
     let path = netns.path();
     run_in(
         path,
-        "iptables-restore",
+        family.restore(),
         &["--noflush"],
-        Some(&chains(inbound, plaintext, outbound)),
+        Some(&chains(family, inbound, plaintext, outbound)),
     )?;
     for (table, builtin, ours) in JUMPS {
         let rule = [
@@ -108,10 +206,10 @@ pub fn apply(netns: &Netns, inbound: u16, plaintext: u16, outbound: u16) -> io::
             "--comment",
             TAG,
         ];
-        if run_in(path, "iptables", &rule, None).is_err() {
+        if run_in(path, family.iptables(), &rule, None).is_err() {
             let mut add = rule;
             add[2] = "-A";
-            run_in(path, "iptables", &add, None)?;
+            run_in(path, family.iptables(), &add, None)?;
         }
     }
     let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
@@ -120,14 +218,30 @@ pub fn apply(netns: &Netns, inbound: u16, plaintext: u16, outbound: u16) -> io::
     let _ = run_in(
         path,
         "ip",
-        &["rule", "del", "fwmark", &fwmark, "lookup", &table],
+        &[
+            family.ip(),
+            "rule",
+            "del",
+            "fwmark",
+            &fwmark,
+            "lookup",
+            &table,
+        ],
         None,
     );
     run_in(
         path,
         "ip",
         &[
-            "rule", "add", "fwmark", &fwmark, "pref", "32764", "lookup", &table,
+            family.ip(),
+            "rule",
+            "add",
+            "fwmark",
+            &fwmark,
+            "pref",
+            "32764",
+            "lookup",
+            &table,
         ],
         None,
     )?;
@@ -135,10 +249,11 @@ pub fn apply(netns: &Netns, inbound: u16, plaintext: u16, outbound: u16) -> io::
         path,
         "ip",
         &[
+            family.ip(),
             "route",
             "replace",
             "local",
-            "0.0.0.0/0",
+            family.everything(),
             "dev",
             "lo",
             "table",
@@ -152,42 +267,57 @@ pub fn apply(netns: &Netns, inbound: u16, plaintext: u16, outbound: u16) -> io::
 /// Removes everything [`apply`] installed; what is already gone is fine.
 pub fn remove(netns: &Netns) -> io::Result<()> {
     let path = netns.path();
-    for (table, builtin, ours) in JUMPS {
+    for family in [Family::V4, Family::V6] {
+        for (table, builtin, ours) in JUMPS {
+            let _ = run_in(
+                path,
+                family.iptables(),
+                &[
+                    "-t",
+                    table,
+                    "-D",
+                    builtin,
+                    "-j",
+                    ours,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    TAG,
+                ],
+                None,
+            );
+        }
+        for (table, chain) in [
+            ("mangle", "MESHBOX_PRERT"),
+            ("mangle", "MESHBOX_OUTPUT"),
+            ("nat", "MESHBOX_OUTPUT"),
+        ] {
+            let _ = run_in(path, family.iptables(), &["-t", table, "-F", chain], None);
+            let _ = run_in(path, family.iptables(), &["-t", table, "-X", chain], None);
+        }
+        let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+        let table = ROUTE_TABLE.to_string();
         let _ = run_in(
             path,
-            "iptables",
+            "ip",
             &[
-                "-t",
-                table,
-                "-D",
-                builtin,
-                "-j",
-                ours,
-                "-m",
-                "comment",
-                "--comment",
-                TAG,
+                family.ip(),
+                "rule",
+                "del",
+                "fwmark",
+                &fwmark,
+                "lookup",
+                &table,
             ],
             None,
         );
+        let _ = run_in(
+            path,
+            "ip",
+            &[family.ip(), "route", "flush", "table", &table],
+            None,
+        );
     }
-    for (table, chain) in [
-        ("mangle", "MESHBOX_PRERT"),
-        ("mangle", "MESHBOX_OUTPUT"),
-        ("nat", "MESHBOX_OUTPUT"),
-    ] {
-        let _ = run_in(path, "iptables", &["-t", table, "-F", chain], None);
-        let _ = run_in(path, "iptables", &["-t", table, "-X", chain], None);
-    }
-    let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
-    let table = ROUTE_TABLE.to_string();
-    let _ = run_in(
-        path,
-        "ip",
-        &["rule", "del", "fwmark", &fwmark, "lookup", &table],
-        None,
-    );
-    let _ = run_in(path, "ip", &["route", "flush", "table", &table], None);
     Ok(())
 }
 
@@ -197,7 +327,7 @@ mod tests {
 
     #[test]
     fn rules_redirect_what_seed_004_redirects_and_spare_the_proxy() {
-        let r = chains(15008, 15006, 15001);
+        let r = chains(Family::V4, 15008, 15006, 15001);
         assert!(r.contains("--dport 15008 -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15008"));
         assert!(r.contains("-j TPROXY --on-port 15006"));
         assert!(r.contains("-j REDIRECT --to-ports 15001"));
@@ -210,5 +340,18 @@ mod tests {
         }
         // Two tables, each committed.
         assert_eq!(r.matches("COMMIT").count(), 2);
+        // Kubelet probes (rewritten to Istio's probe address) are not
+        // captured, and that exemption comes before any TPROXY.
+        let probe = r.find("-s 169.254.7.127/32 -p tcp -j ACCEPT").unwrap();
+        assert!(probe < r.find("TPROXY").unwrap());
+    }
+
+    #[test]
+    fn ipv6_rules_use_ipv6_addresses_only() {
+        let r = chains(Family::V6, 15008, 15006, 15001);
+        assert!(r.contains("--on-ip :: "), "{r}");
+        assert!(r.contains("! -d ::1/128"), "{r}");
+        assert!(r.contains(&format!("-s {PROBE_SOURCE_V6}/128")), "{r}");
+        assert!(!r.contains("127.0.0.1") && !r.contains("0.0.0.0"), "{r}");
     }
 }
