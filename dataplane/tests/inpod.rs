@@ -8,7 +8,11 @@
 
 mod support;
 
+#[path = "support/cni_chain.rs"]
+mod cni_chain;
+
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -231,16 +235,24 @@ fn node_proxy_with(mesh: &Mesh, node: &str, admin_ip: &str, more: &[&str]) -> Da
     )
 }
 
+/// Whether the dataplane's `/config_dump` shows `pod` (of any namespace)
+/// captured.
+fn shows_captured(dump: &serde_json::Value, pod: &str) -> bool {
+    dump["pods"].as_array().is_some_and(|pods| {
+        pods.iter().any(|p| {
+            p["uid"]
+                .as_str()
+                .is_some_and(|u| u.ends_with(&format!("/{pod}")))
+                && p["state"] == "captured"
+        })
+    })
+}
+
 async fn wait_captured(dp: &Dataplane, pod: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let dump = dp.try_config_dump().await.unwrap_or_default();
-        let captured = dump["pods"].as_array().is_some_and(|pods| {
-            pods.iter().any(|p| {
-                p["uid"].as_str().is_some_and(|u| u.ends_with(pod)) && p["state"] == "captured"
-            })
-        });
-        if captured {
+        if shows_captured(&dump, pod) {
             return;
         }
         assert!(
@@ -519,4 +531,524 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
     node_b
         .wait_for_log(&["connection complete", "src.addr=10.66.0.3:"])
         .await;
+}
+
+const SLEEP_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+const ECHO_ID: &str = "spiffe://cluster.local/ns/default/sa/echo";
+
+/// The second topology: two echo pods behind one Service VIP, one on each
+/// node; a client and a malicious pod on node-a; a pod outside the mesh;
+/// a "kubelet" with Istio's probe address; and a pod whose sandbox the
+/// real CNI chain creates later.
+fn manifests_b() -> String {
+    let mut m = ambient_namespace("default");
+    m += &pod(
+        "client",
+        "default",
+        "sleep",
+        "node-a",
+        "10.67.0.1",
+        "app: client",
+    );
+    m += &pod(
+        "server",
+        "default",
+        "echo",
+        "node-b",
+        "10.67.0.2",
+        "app: echo",
+    );
+    m += &pod(
+        "buddy",
+        "default",
+        "echo",
+        "node-a",
+        "10.67.0.5",
+        "app: echo",
+    );
+    m += &pod(
+        "mallory",
+        "default",
+        "mallory",
+        "node-a",
+        "10.67.0.6",
+        "app: mallory",
+    );
+    m += "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n---\n";
+    m += &pod(
+        "legacy",
+        "legacy",
+        "legacy",
+        "node-c",
+        "10.67.0.4",
+        "app: legacy",
+    );
+    m += r#"apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+  namespace: default
+spec:
+  clusterIP: 10.96.18.10
+  selector: {app: echo}
+  ports: [{name: tcp, port: 80, targetPort: 8080}]
+---
+"#;
+    m
+}
+
+/// Tries to put the proxy's mark on a socket from inside `netns`, in a
+/// thread that has dropped root (and with it every capability) the way a
+/// pod's unprivileged process runs. Linux keeps credentials per thread
+/// when the raw syscall is used, so the rest of the test keeps root.
+fn set_mark_without_privileges(netns: &str) -> std::io::Result<()> {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        // SAFETY: a plain syscall with integer arguments; it changes only
+        // this thread's credentials, and the thread ends right after.
+        let dropped = unsafe { nix::libc::syscall(nix::libc::SYS_setresuid, 65534, 65534, 65534) };
+        if dropped != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.set_mark(0x539)
+    })
+    .join()
+    .expect("thread runs")
+}
+
+/// A connection from inside `ns` carrying the proxy's mark (root only).
+async fn dial_marked(ns: &Netns, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = ns.run(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_mark(0x539)?;
+        Ok::<_, std::io::Error>(s)
+    })?;
+    sock.set_nonblocking(true)?;
+    let sock = TcpSocket::from_std_stream(sock.into());
+    tokio::time::timeout(Duration::from_secs(5), sock.connect(to))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// What `from` gets back when it connects to `to`: the app's greeting, or
+/// "" when the connection is refused, reset or closed without one.
+async fn answer(from: &Netns, to: &str) -> String {
+    match dial(from, to.parse().unwrap()).await {
+        Ok(mut s) => greeting_line(&mut s).await,
+        Err(_) => String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_node_service_vips_malicious_pods_probes_and_the_cni_chain() {
+    if !is_root() {
+        return;
+    }
+    let mut topo = Topology::new(
+        "mbt18",
+        &[
+            ("client", "10.67.0.1"),
+            ("server", "10.67.0.2"),
+            ("buddy", "10.67.0.5"),
+            ("mallory", "10.67.0.6"),
+            ("legacy", "10.67.0.4"),
+        ],
+    );
+    // Service VIPs are not on the link: pods route everything out of eth0,
+    // as a pod's default route does.
+    for pod in ["client", "mallory"] {
+        ip(&[
+            "-n",
+            &format!("mbt18-{pod}"),
+            "route",
+            "add",
+            "default",
+            "dev",
+            "eth0",
+        ]);
+    }
+    let mesh = Mesh::start("inpod-b", 18, &manifests_b(), &[]);
+    let cni_socket = mesh.dir.path().join("cni.sock");
+    let node_a = node_proxy_with(
+        &mesh,
+        "node-a",
+        "127.18.1.1",
+        &["--cni-socket", cni_socket.to_str().unwrap()],
+    );
+    let node_b = node_proxy(&mesh, "node-b", "127.18.2.1");
+    let (client, mallory, legacy) = (
+        topo.netns("client"),
+        topo.netns("mallory"),
+        topo.netns("legacy"),
+    );
+    app(
+        &topo.netns("server"),
+        "10.67.0.2:8080".parse().unwrap(),
+        "server",
+    )
+    .await;
+    app(
+        &topo.netns("buddy"),
+        "10.67.0.5:8080".parse().unwrap(),
+        "buddy",
+    )
+    .await;
+    for pod in ["client", "buddy", "mallory"] {
+        wait_captured(&node_a, pod).await;
+    }
+    wait_captured(&node_b, "server").await;
+    node_a.wait_ready().await;
+    node_b.wait_ready().await;
+
+    // Same node, by pod IP: still HBONE, both identities in the logs.
+    assert_eq!(
+        answer(&client, "10.67.0.5:8080").await,
+        "buddy sees 10.67.0.1"
+    );
+    let out = node_a
+        .wait_for_log(&[
+            "connection complete",
+            r#"direction="outbound""#,
+            "dst.addr=10.67.0.5:15008",
+        ])
+        .await;
+    assert!(
+        out.contains(&format!(r#"dst.identity="{ECHO_ID}""#)),
+        "{out}"
+    );
+    let inb = node_a
+        .wait_for_log(&[
+            "connection complete",
+            r#"direction="inbound""#,
+            "src.addr=10.67.0.1:",
+        ])
+        .await;
+    assert!(
+        inb.contains(&format!(r#"src.identity="{SLEEP_ID}""#)),
+        "{inb}"
+    );
+
+    // By the Service VIP: endpoints on both nodes take turns.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(answer(&client, "10.96.18.10:80").await);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["buddy sees 10.67.0.1", "server sees 10.67.0.1"],
+        "the VIP reaches both endpoints, original source kept"
+    );
+    let vip = node_a
+        .wait_for_log(&[
+            "connection complete",
+            "dst.addr=10.67.0.2:15008",
+            "dst.service=",
+        ])
+        .await;
+    assert!(vip.contains("echo.default.svc.cluster.local"), "{vip}");
+    let vip_in = node_b
+        .wait_for_log(&[
+            "connection complete",
+            r#"direction="inbound""#,
+            "src.addr=10.67.0.1:",
+        ])
+        .await;
+    assert!(
+        vip_in.contains(&format!(r#"src.identity="{SLEEP_ID}""#)),
+        "{vip_in}"
+    );
+
+    // A malicious pod inside the mesh dials another pod's HBONE port and
+    // speaks CONNECT itself: its bytes are captured and tunneled as its own
+    // identity, and the server's proxy refuses a tunnel to its own port.
+    // The application never sees the connection.
+    if let Ok(mut s) = dial(&mallory, "10.67.0.2:15008".parse().unwrap()).await {
+        let _ = s
+            .write_all(b"CONNECT 10.67.0.2:8080 HTTP/1.1\r\nHost: 10.67.0.2:8080\r\n\r\n")
+            .await;
+        let reply = greeting_line(&mut s).await;
+        assert!(
+            !reply.contains("server sees"),
+            "forged CONNECT reached the app: {reply}"
+        );
+    }
+    // The same from a pod outside the mesh, straight to 15008 without TLS.
+    if let Ok(mut s) = dial(&legacy, "10.67.0.2:15008".parse().unwrap()).await {
+        let _ = s
+            .write_all(b"CONNECT 10.67.0.2:8080 HTTP/1.1\r\nHost: 10.67.0.2:8080\r\n\r\n")
+            .await;
+        let reply = greeting_line(&mut s).await;
+        assert!(
+            !reply.contains("server sees"),
+            "plaintext CONNECT reached the app: {reply}"
+        );
+    }
+    let served_to_mallory = node_b.logs().iter().any(|l| {
+        l.contains("connection complete")
+            && l.contains("sa/mallory")
+            && l.contains(":8080")
+            && !l.contains("error=")
+    });
+    assert!(
+        !served_to_mallory,
+        "no connection from mallory was delivered"
+    );
+
+    // Skipping the capture takes the proxy's mark, and the mark takes
+    // CAP_NET_ADMIN, which a pod's unprivileged process does not have.
+    let denied = set_mark_without_privileges("mbt18-mallory")
+        .expect_err("an unprivileged SO_MARK must fail");
+    assert_eq!(denied.raw_os_error(), Some(nix::libc::EPERM), "{denied}");
+
+    // From here on only `sleep` may reach the echo pods.
+    mesh.write_manifest(
+        "allow.yaml",
+        &policy(
+            "only-sleep",
+            "ALLOW",
+            "echo",
+            "cluster.local/ns/default/sa/sleep",
+        ),
+    );
+    let written = Instant::now();
+    while !answer(&mallory, "10.67.0.2:8080").await.is_empty() {
+        assert!(
+            written.elapsed() < Duration::from_secs(10),
+            "the ALLOW policy never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        answer(&client, "10.67.0.2:8080").await,
+        "server sees 10.67.0.1"
+    );
+    node_b
+        .wait_for_log(&["denied by authorization policy", "sa/mallory"])
+        .await;
+    // With privileges it would have (root in its namespace), the mark does
+    // skip the pod's own capture — and the server's side still captures
+    // the plaintext and applies the policy: no identity, no entry.
+    if let Ok(mut s) = dial_marked(&mallory, "10.67.0.2:8080".parse().unwrap()).await {
+        assert_eq!(
+            greeting_line(&mut s).await,
+            "",
+            "a marked bypass was let in"
+        );
+    }
+    node_b
+        .wait_for_log(&["denied by authorization policy", "src.addr=10.67.0.6:"])
+        .await;
+    // Outside the mesh: no identity, so the policy refuses it too.
+    assert_eq!(answer(&legacy, "10.67.0.2:8080").await, "");
+
+    // Kubelet probes arrive from Istio's probe address and are not
+    // captured: the ALLOW policy does not make the pod unready.
+    topo.add_pod("mbt18", "kubelet", "169.254.7.127", "p8");
+    ip(&[
+        "-n",
+        "mbt18-kubelet",
+        "route",
+        "add",
+        "10.67.0.0/24",
+        "dev",
+        "eth0",
+    ]);
+    ip(&[
+        "-n",
+        "mbt18-server",
+        "route",
+        "add",
+        "169.254.7.127/32",
+        "dev",
+        "eth0",
+    ]);
+    assert_eq!(
+        answer(&topo.netns("kubelet"), "10.67.0.2:8080").await,
+        "server sees 169.254.7.127",
+        "probe reached the app"
+    );
+    mesh.remove_manifest("allow.yaml");
+
+    // A brand-new pod, the way a container runtime makes it: a sandbox,
+    // then the conflist — Debian's bridge and host-local, then meshbox-cni
+    // talking to the real node agent. When ADD returns it is captured.
+    let cni_dir = Path::new("/usr/lib/cni");
+    if ["bridge", "host-local", "loopback"]
+        .iter()
+        .any(|p| !cni_dir.join(p).exists())
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI installs containernetworking-plugins"
+        );
+        eprintln!(
+            "SKIPPED the CNI chain part: /usr/lib/cni/{{bridge,host-local,loopback}} missing"
+        );
+    } else {
+        cni_chain_captures_a_new_pod(&mesh, &node_a, &node_b, &cni_socket, &mut topo).await;
+    }
+
+    // The control plane shows each node's capture state.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dataplanes = mesh.rest_get("/api/v1/dataplanes");
+        let node_a_pods: Vec<(String, String)> = dataplanes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["node"] == "node-a")
+            .flat_map(|d| d["capture"]["pods"].as_array().cloned().unwrap_or_default())
+            .map(|p| {
+                (
+                    p["uid"].as_str().unwrap_or("").to_owned(),
+                    p["state"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        let captured = |name: &str| {
+            node_a_pods.iter().any(|(uid, state)| {
+                uid.ends_with(&format!("/default/{name}")) && state == "captured"
+            })
+        };
+        if captured("client") && captured("buddy") && captured("mallory") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "capture state never reached the control plane: {dataplanes}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn cni_chain_captures_a_new_pod(
+    mesh: &Mesh,
+    node_a: &Dataplane,
+    node_b: &Dataplane,
+    cni_socket: &Path,
+    topo: &mut Topology,
+) {
+    // Scheduled: the control plane knows the pod before its sandbox exists.
+    mesh.write_manifest(
+        "late.yaml",
+        &pod(
+            "late",
+            "default",
+            "sleep",
+            "node-a",
+            "10.67.0.50",
+            "app: late",
+        ),
+    );
+    let sandbox = "mbt18-late";
+    let _ = Command::new("ip").args(["netns", "del", sandbox]).output();
+    ip(&["netns", "add", sandbox]);
+    topo.names.push(sandbox.to_owned());
+    let netns_path = format!("/var/run/netns/{sandbox}");
+    let list = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "mbt18-pods",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "br0",
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": "10.67.0.0/24", "rangeStart": "10.67.0.50", "rangeEnd": "10.67.0.50"}]],
+                    "dataDir": mesh.dir.path().join("ipam"),
+                },
+            },
+            {"type": "meshbox-cni", "socket": cni_socket, "timeout": "10s"},
+        ],
+    });
+    let cni_path = vec![
+        PathBuf::from("/usr/lib/cni"),
+        Path::new(env!("CARGO_BIN_EXE_meshbox-cni"))
+            .parent()
+            .unwrap()
+            .to_path_buf(),
+    ];
+    let env = [
+        ("CNI_CONTAINERID", "late-sandbox-0"),
+        ("CNI_NETNS", netns_path.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=late;K8S_POD_UID=late-uid",
+        ),
+    ];
+    // The runtime brings the sandbox's loopback up with the `loopback`
+    // plugin, as a network of its own, before the pod network's list.
+    let loopback = serde_json::json!({"cniVersion": "1.0.0", "name": "cni-loopback", "plugins": [{"type": "loopback"}]});
+    cni_chain::invoke(
+        "mbt18-fabric",
+        &cni_path,
+        &loopback,
+        &loopback["plugins"][0],
+        "ADD",
+        &env,
+        None,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut result = None;
+    for plugin in list["plugins"].as_array().unwrap() {
+        result = cni_chain::invoke(
+            "mbt18-fabric",
+            &cni_path,
+            &list,
+            plugin,
+            "ADD",
+            &env,
+            result.as_ref(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let result = result.expect("the chain's result");
+    assert_eq!(result["ips"][0]["address"], "10.67.0.50/24", "{result}");
+    assert!(
+        shows_captured(&node_a.config_dump().await, "late"),
+        "captured when ADD returned"
+    );
+    let late = topo.netns("late");
+    assert_eq!(
+        answer(&late, "10.67.0.2:8080").await,
+        "server sees 10.67.0.50"
+    );
+    node_b
+        .wait_for_log(&[
+            "connection complete",
+            "src.addr=10.67.0.50:",
+            &format!(r#"src.identity="{SLEEP_ID}""#),
+        ])
+        .await;
+
+    // The pod is deleted; the runtime runs DEL, in reverse: released, and
+    // its rules are gone from the sandbox.
+    mesh.remove_manifest("late.yaml");
+    for plugin in list["plugins"].as_array().unwrap().iter().rev() {
+        cni_chain::invoke(
+            "mbt18-fabric",
+            &cni_path,
+            &list,
+            plugin,
+            "DEL",
+            &env,
+            Some(&result),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let rules = Command::new("ip")
+        .args(["netns", "exec", sandbox, "iptables-save"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("MESHBOX"),
+        "rules left behind after DEL"
+    );
 }

@@ -59,6 +59,8 @@ pub struct ControlPlane {
     /// Its gRPC (xDS + CA) address; free ports are picked at start so a
     /// developer's own control plane on 15012 does not get in the way.
     pub grpc: SocketAddr,
+    /// Its REST API (HTTPS).
+    pub rest: SocketAddr,
     args: Vec<String>,
 }
 
@@ -72,6 +74,7 @@ fn free_port(ip: IpAddr) -> SocketAddr {
 impl ControlPlane {
     pub fn start(addr: IpAddr, config_dir: &Path, state_dir: &Path, extra: &[&str]) -> Self {
         let grpc = free_port(addr);
+        let rest = free_port(addr);
         let mut args: Vec<String> = [
             "controlplane",
             "--config-dir",
@@ -81,7 +84,7 @@ impl ControlPlane {
             "--grpc-addr",
             &grpc.to_string(),
             "--rest-addr",
-            &free_port(addr).to_string(),
+            &rest.to_string(),
             "--server-san",
             &addr.to_string(),
         ]
@@ -92,6 +95,7 @@ impl ControlPlane {
         let mut cp = Self {
             runtime: None,
             grpc,
+            rest,
             args,
         };
         cp.boot();
@@ -380,6 +384,22 @@ impl Mesh {
 
     pub fn cp_url(&self) -> String {
         format!("https://{}", self.cp.grpc)
+    }
+
+    /// GET on the control plane's REST API, with curl as a user would.
+    pub fn rest_get(&self, path: &str) -> serde_json::Value {
+        let out = Command::new("curl")
+            .args(["-sSf", "--max-time", "5", "--cacert"])
+            .arg(self.root_cert())
+            .arg(format!("https://{}{path}", self.cp.rest))
+            .output()
+            .expect("curl runs");
+        assert!(
+            out.status.success(),
+            "GET {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
     }
 
     pub fn state_dir(&self) -> PathBuf {
