@@ -1,0 +1,685 @@
+#!/usr/bin/env bash
+# meshbox standalone demo: the whole mesh on one Linux machine, no Kubernetes.
+#
+# Two "nodes" and four "pods" are network namespaces; the control plane runs
+# standalone on the manifests in examples/demo/; one node-mode dataplane per
+# node captures its node's enrolled pods inside their own namespaces; small
+# HTTP apps in the pods talk to each other as if there were no mesh. The
+# script tells what happens, then removes everything it made.
+#
+#   sudo examples/demo.sh                 build (release) and run the story
+#   sudo examples/demo.sh --keep          ... and leave it running until Ctrl-C
+#   sudo examples/demo.sh --bin-dir DIR   use prebuilt controlplane + dataplane
+#
+# Everything it creates is named mbd-* (namespaces, links) and uses
+# addresses in 10.55.0.0/16 only.
+
+set -euo pipefail
+
+readonly PREFIX=mbd
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly REPO
+readonly DEMO_SRC=$REPO/examples/demo
+readonly TMP_BASE=${TMPDIR:-/tmp}
+# Held (flock) while a demo runs; records what it started, so a run that
+# was killed outright is cleaned up by the next one.
+readonly RUN_FILE=$TMP_BASE/$PREFIX-demo.run
+
+BIN_DIR=${MESHBOX_BIN_DIR:-}
+BASE_PORT=${MESHBOX_DEMO_BASE_PORT:-15000}
+KEEP=0
+
+usage() {
+	cat <<EOF
+Usage: sudo $0 [--keep] [--bin-dir DIR] [--base-port N]
+
+Runs the meshbox standalone demo: network namespaces as two nodes and four
+pods, the control plane on examples/demo/, one in-pod dataplane per node,
+and a short story of what the mesh does. Cleans up on exit or Ctrl-C.
+
+  --keep          leave the mesh running after the story, until Ctrl-C
+  --bin-dir DIR   use the controlplane and dataplane binaries in DIR
+                  instead of building them (env MESHBOX_BIN_DIR)
+  --base-port N   ports on 127.0.0.1: control plane N+12 (gRPC) and N+14
+                  (REST), node-a's dataplane N+0/N+20/N+21 (admin, metrics,
+                  readiness), node-b's N+100/N+120/N+121; default 15000
+                  (env MESHBOX_DEMO_BASE_PORT)
+EOF
+}
+
+while (($#)); do
+	case $1 in
+	--keep) KEEP=1 ;;
+	--bin-dir)
+		[[ $# -ge 2 ]] || {
+			echo "--bin-dir needs a directory" >&2
+			exit 2
+		}
+		BIN_DIR=$2
+		shift
+		;;
+	--bin-dir=*) BIN_DIR=${1#*=} ;;
+	--base-port)
+		[[ $# -ge 2 ]] || {
+			echo "--base-port needs a number" >&2
+			exit 2
+		}
+		BASE_PORT=$2
+		shift
+		;;
+	--base-port=*) BASE_PORT=${1#*=} ;;
+	-h | --help)
+		usage
+		exit 0
+		;;
+	*)
+		echo "unknown argument: $1" >&2
+		usage >&2
+		exit 2
+		;;
+	esac
+	shift
+done
+
+# ---------------------------------------------------------------- output --
+
+if [[ -t 1 && -z ${NO_COLOR:-} ]]; then
+	BOLD=$'\e[1m' DIM=$'\e[2m' RED=$'\e[31m' GREEN=$'\e[32m' CYAN=$'\e[36m' RESET=$'\e[0m'
+else
+	BOLD='' DIM='' RED='' GREEN='' CYAN='' RESET=''
+fi
+STEP=0
+readonly STEPS=9
+readonly SPINNER=('|' '/' '-' "\\")
+
+step() {
+	STEP=$((STEP + 1))
+	printf '\n%s[%d/%d] %s%s\n' "$BOLD" "$STEP" "$STEPS" "$1" "$RESET"
+}
+say() { printf '  %s\n' "$*"; }
+cmd_line() { printf '  %s$ %s%s\n' "$CYAN" "$*" "$RESET"; }
+ok() { printf '  %s✔%s %s\n' "$GREEN" "$RESET" "$*"; }
+indent() { sed 's/^/    /'; }
+
+# Stops the demo with a reason and, when given, the end of a log file.
+die() {
+	printf '\n%sdemo failed:%s %s\n' "$RED$BOLD" "$RESET" "$1" >&2
+	if [[ -n ${2:-} && -f $2 ]]; then
+		printf '  last lines of %s:\n' "$2" >&2
+		tail -n "${3:-25}" "$2" | indent >&2
+	fi
+	exit 1
+}
+
+# Waits for background job $1 with a spinner (on a terminal) labelled $2;
+# returns its exit status.
+spin() {
+	local pid=$1 label=$2 i=0 start=$SECONDS
+	if [[ -t 1 ]]; then
+		while kill -0 "$pid" 2>/dev/null; do
+			printf '\r  %s %s %s(%ds)%s' "${SPINNER[i % 4]}" "$label" "$DIM" $((SECONDS - start)) "$RESET"
+			i=$((i + 1))
+			sleep 0.2
+		done
+		printf '\r\e[K'
+	fi
+	wait "$pid"
+}
+
+# Runs "$@" with its output in log $2, showing spinner label $1; dies with
+# the log's tail if it fails.
+run_logged() {
+	local label=$1 log=$2 start=$SECONDS
+	shift 2
+	"$@" >"$log" 2>&1 9>&- &
+	if ! spin $! "$label"; then
+		die "$label failed" "$log"
+	fi
+	ok "$label ($((SECONDS - start))s)"
+}
+
+# Polls "$@" until it succeeds, for at most $2 seconds, with spinner label
+# $1; dies showing log $3 if it never does.
+wait_until() {
+	local label=$1 timeout=$2 log=$3 deadline=$((SECONDS + $2)) i=0
+	shift 3
+	until "$@"; do
+		if ((SECONDS >= deadline)); then
+			[[ -t 1 ]] && printf '\r\e[K'
+			die "timed out after ${timeout}s: $label" "$log"
+		fi
+		if [[ -t 1 ]]; then
+			printf '\r  %s %s' "${SPINNER[i % 4]}" "$label"
+			i=$((i + 1))
+		fi
+		sleep 0.2
+	done
+	[[ -t 1 ]] && printf '\r\e[K'
+	return 0
+}
+
+# --------------------------------------------------------- prerequisites --
+
+check_prerequisites() {
+	local missing=()
+	[[ $(uname -s) == Linux ]] || die "this demo needs Linux (network namespaces, iptables)"
+	((EUID == 0)) || die "run it as root: sudo $0 (it creates network namespaces and iptables rules)"
+	local tool pkg
+	for tool in ip:iproute2 iptables:iptables iptables-restore:iptables nsenter:util-linux \
+		runuser:util-linux flock:util-linux curl:curl openssl:openssl python3:python3; do
+		pkg=${tool#*:}
+		tool=${tool%%:*}
+		command -v "$tool" >/dev/null || missing+=("$tool (package $pkg)")
+	done
+	if ((${#missing[@]})); then
+		printf '%sdemo failed:%s missing prerequisites:\n' "$RED$BOLD" "$RESET" >&2
+		printf '    %s\n' "${missing[@]}" >&2
+		echo "  On Debian/Ubuntu: apt-get install iproute2 iptables util-linux curl openssl python3" >&2
+		exit 1
+	fi
+	ip netns list >/dev/null 2>&1 || die "'ip netns' does not work here (is this a container without CAP_SYS_ADMIN?)"
+	if ! [[ $BASE_PORT =~ ^[0-9]+$ ]] || ((BASE_PORT < 1024 || BASE_PORT + 121 > 65535)); then
+		die "--base-port must be a number between 1024 and 65414"
+	fi
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+check_ports() {
+	local p busy=()
+	for p in "${CP_GRPC_PORT}" "${CP_REST_PORT}" "${ADMIN[node-a]}" "${METRICS[node-a]}" "${READY[node-a]}" \
+		"${ADMIN[node-b]}" "${METRICS[node-b]}" "${READY[node-b]}"; do
+		port_in_use "$p" && busy+=("$p")
+	done
+	((${#busy[@]} == 0)) ||
+		die "port(s) ${busy[*]} on 127.0.0.1 already in use (another meshbox?); pick other ports with --base-port N"
+}
+
+# ------------------------------------------------------------- clean-up --
+
+# Processes this run started (control plane, dataplanes, apps).
+PIDS=()
+WORK=''
+
+# Kills every process inside our namespaces, then deletes the namespaces
+# (their links, addresses, routes and iptables rules go with them).
+remove_namespaces() {
+	local ns pid
+	for ns in $(ip netns list 2>/dev/null | awk -v p="^$PREFIX-" '$1 ~ p {print $1}'); do
+		for pid in $(ip netns pids "$ns" 2>/dev/null); do
+			kill -KILL "$pid" 2>/dev/null || true
+		done
+		ip netns del "$ns" 2>/dev/null || true
+	done
+}
+
+alive() {
+	local pid=$1 state
+	[[ -r /proc/$pid/stat ]] || return 1
+	state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+	[[ $state != Z ]]
+}
+
+stop_processes() {
+	local pid i left
+	((${#PIDS[@]})) || return 0
+	for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+	for ((i = 0; i < 50; i++)); do
+		left=0
+		for pid in "${PIDS[@]}"; do alive "$pid" && left=1; done
+		((left)) || break
+		sleep 0.1
+	done
+	for pid in "${PIDS[@]}"; do alive "$pid" && kill -KILL "$pid" 2>/dev/null; done
+	wait "${PIDS[@]}" 2>/dev/null || true
+}
+
+# Cleans up what a previous run left when it was killed outright: the
+# processes it recorded (only if still the same binaries), its work dir and
+# any mbd-* namespace.
+clean_leftovers() {
+	local kind value exe found=0 killed=()
+	if [[ -s $RUN_FILE ]]; then
+		while read -r kind value exe; do
+			case $kind in
+			pid)
+				if [[ $(readlink "/proc/$value/exe" 2>/dev/null) == "$exe" ]] && kill -KILL "$value" 2>/dev/null; then
+					killed+=("$value")
+				fi
+				;;
+			work)
+				if [[ $value == "$TMP_BASE/$PREFIX-demo."* && -d $value ]]; then
+					rm -rf -- "$value"
+					found=1
+				fi
+				;;
+			esac
+		done <"$RUN_FILE"
+	fi
+	# Not our children: wait for them to be gone (and their ports free).
+	local pid i
+	for ((i = 0; i < 50; i++)); do
+		local left=0
+		for pid in "${killed[@]}"; do alive "$pid" && left=1; done
+		((left)) || break
+		sleep 0.1
+	done
+	if ip netns list 2>/dev/null | grep -q "^$PREFIX-"; then
+		found=1
+		remove_namespaces
+	fi
+	: >"$RUN_FILE"
+	((found == 0 && ${#killed[@]} == 0)) || say "${DIM}removed what an earlier run left behind${RESET}"
+}
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM PIPE
+	# Clean up even when whoever read our output has gone away.
+	trap '' PIPE
+	set +e
+	printf '\n%sCleaning up%s\n' "$BOLD" "$RESET"
+	stop_processes
+	remove_namespaces
+	[[ -n $WORK ]] && rm -rf -- "$WORK"
+	rm -f -- "$RUN_FILE"
+	# Check, rather than assume, that nothing is left.
+	local left=()
+	ip netns list 2>/dev/null | grep -q "^$PREFIX-" && left+=("network namespaces")
+	ip -o link show 2>/dev/null | grep -q ": $PREFIX" && left+=("links")
+	local pid
+	for pid in "${PIDS[@]}"; do alive "$pid" && left+=("process $pid"); done
+	[[ -n $WORK && -e $WORK ]] && left+=("$WORK")
+	if ((${#left[@]})); then
+		printf '  %sleft behind: %s%s\n' "$RED" "${left[*]}" "$RESET" >&2
+		((rc)) || rc=1
+	else
+		ok "stopped ${#PIDS[@]} processes; removed the $PREFIX-* namespaces (with their links, routes and iptables rules) and the work dir: nothing left"
+	fi
+	exit "$rc"
+}
+
+# ------------------------------------------------------------------ mesh --
+
+CP_GRPC_PORT=$((BASE_PORT + 12))
+CP_REST_PORT=$((BASE_PORT + 14))
+declare -A ADMIN=([node-a]=$((BASE_PORT)) [node-b]=$((BASE_PORT + 100)))
+declare -A METRICS=([node-a]=$((BASE_PORT + 20)) [node-b]=$((BASE_PORT + 120)))
+declare -A READY=([node-a]=$((BASE_PORT + 21)) [node-b]=$((BASE_PORT + 121)))
+declare -A NODE_SUBNET=([node-a]=10.55.1 [node-b]=10.55.2)
+declare -A NODE_LINK_IP=([node-a]=10.55.0.1 [node-b]=10.55.0.2)
+readonly NODES=(node-a node-b)
+# pod:node:ip:namespace
+readonly PODS=(sleep:node-a:10.55.1.10:demo legacy:node-a:10.55.1.20:legacy
+	web-1:node-b:10.55.2.10:demo web-2:node-b:10.55.2.11:demo)
+readonly VIP=10.55.100.10
+SHELL_EXE=$(readlink /proc/$$/exe)
+readonly SHELL_EXE
+export RUST_LOG=${RUST_LOG:-info}
+
+# Starts "$@" in the background with its output in log $1, and records it
+# (pid and executable, so that the next run can tell it from a recycled
+# pid if this one is killed before it can clean up).
+spawn() {
+	local log=$1 pid exe i
+	shift
+	"$@" >"$log" 2>&1 9>&- &
+	pid=$!
+	PIDS+=("$pid")
+	for ((i = 0; i < 50; i++)); do
+		exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || break
+		[[ $exe == "$SHELL_EXE" ]] || break
+		sleep 0.02
+	done
+	printf 'pid %s %s\n' "$pid" "${exe:-?}" >>"$RUN_FILE"
+}
+
+netns_sh() { ip netns exec "$1" sh -c "$2"; }
+
+build_topology() {
+	local node other spec pod pnode pip
+	for node in "${NODES[@]}"; do
+		ip netns add "$PREFIX-$node"
+		ip -n "$PREFIX-$node" link set lo up
+		ip -n "$PREFIX-$node" link add "${PREFIX}br0" type bridge
+		ip -n "$PREFIX-$node" addr add "${NODE_SUBNET[$node]}.1/24" dev "${PREFIX}br0"
+		ip -n "$PREFIX-$node" link set "${PREFIX}br0" up
+		netns_sh "$PREFIX-$node" 'echo 1 > /proc/sys/net/ipv4/ip_forward'
+	done
+	# The wire between the nodes, and a route to each other's pod subnet.
+	ip -n "$PREFIX-node-a" link add "$PREFIX-to-b" type veth peer name "$PREFIX-to-a" netns "$PREFIX-node-b"
+	for node in "${NODES[@]}"; do
+		if [[ $node == node-a ]]; then other="node-b"; else other="node-a"; fi
+		ip -n "$PREFIX-$node" addr add "${NODE_LINK_IP[$node]}/30" dev "$PREFIX-to-${other#node-}"
+		ip -n "$PREFIX-$node" link set "$PREFIX-to-${other#node-}" up
+		ip -n "$PREFIX-$node" route add "${NODE_SUBNET[$other]}.0/24" via "${NODE_LINK_IP[$other]}"
+	done
+	# Each pod: a namespace with eth0 on its node's bridge, as a CNI would.
+	for spec in "${PODS[@]}"; do
+		IFS=: read -r pod pnode pip _ <<<"$spec"
+		ip netns add "$PREFIX-$pod"
+		ip -n "$PREFIX-$pnode" link add "$PREFIX-$pod" type veth peer name eth0 netns "$PREFIX-$pod"
+		ip -n "$PREFIX-$pnode" link set "$PREFIX-$pod" master "${PREFIX}br0" up
+		ip -n "$PREFIX-$pod" addr add "$pip/24" dev eth0
+		ip -n "$PREFIX-$pod" link set lo up
+		ip -n "$PREFIX-$pod" link set eth0 up
+		ip -n "$PREFIX-$pod" route add default via "${NODE_SUBNET[$pnode]}.1"
+	done
+}
+
+pod_field() { # pod field-index (1 node, 2 ip, 3 namespace)
+	local spec
+	for spec in "${PODS[@]}"; do
+		if [[ ${spec%%:*} == "$1" ]]; then
+			cut -d: -f"$(($2 + 1))" <<<"$spec"
+			return
+		fi
+	done
+}
+
+cp_curl() { curl -sS --noproxy '*' --max-time 5 --cacert "$WORK/state/root-cert.pem" "$@"; }
+local_curl() { curl -sS --noproxy '*' --max-time 5 "$@"; }
+
+cp_ready() { [[ -s $WORK/state/root-cert.pem ]] && cp_curl -f -o /dev/null "https://127.0.0.1:$CP_REST_PORT/readyz" 2>/dev/null; }
+dp_ready() { local_curl -f -o /dev/null "http://127.0.0.1:${READY[$1]}/healthz/ready" 2>/dev/null; }
+dump() { local_curl -f "http://127.0.0.1:${ADMIN[$1]}/config_dump" -o "$WORK/dump-$1.json" 2>/dev/null; }
+
+# Whether every pod in "${@:2}" shows as captured in node $1's /config_dump.
+captured() {
+	local node=$1
+	shift
+	dump "$node" || return 1
+	python3 - "$WORK/dump-$node.json" "$@" <<'PY'
+import json, sys
+dump = json.load(open(sys.argv[1]))
+state = {p["uid"].rsplit("/", 1)[-1]: p["state"] for p in dump.get("pods") or []}
+sys.exit(0 if all(state.get(p) == "captured" for p in sys.argv[2:]) else 1)
+PY
+}
+
+# An HTTP request made by the app in pod $1 (curl inside its namespace).
+request_from() {
+	ip netns exec "$PREFIX-$1" curl -sS --noproxy '*' --max-time 5 "$2" 2>&1
+}
+
+# The last line of node $1's dataplane log that holds every pattern in
+# "${@:2}", reduced to the fields that tell the story (FIELDS, space
+# separated; default: those of an access-log line).
+ACCESS_FIELDS="src.addr src.workload src.identity dst.addr dst.hbone_addr dst.service dst.workload dst.identity direction error"
+access_log() {
+	local node=$1
+	shift
+	python3 - "$WORK/logs/dataplane-$node.log" "${FIELDS:-$ACCESS_FIELDS}" "$@" <<'PY'
+import re, sys
+path, keep, needles = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+for line in reversed(open(path, errors="replace").read().splitlines()):
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    if all(n in line for n in needles):
+        fields = dict(re.findall(r'([a-z_.]+)=("[^"]*"|\S+)', line))
+        print(" ".join(f"{k}={fields[k]}" for k in keep if k in fields))
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+
+wait_log() { # node timeout patterns...
+	local node=$1 timeout=$2
+	shift 2
+	wait_until "the access log of $node" "$timeout" "$WORK/logs/dataplane-$node.log" \
+		access_log "$node" "$@" >/dev/null
+}
+
+# ----------------------------------------------------------------- story --
+
+main() {
+	printf '%smeshbox standalone demo%s: a zero-trust mesh on this machine, in network namespaces\n' "$BOLD" "$RESET"
+
+	step "Checking prerequisites"
+	check_prerequisites
+	exec 9>>"$RUN_FILE"
+	flock -n 9 || die "another demo is running (see $RUN_FILE); stop it first"
+	trap cleanup EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	trap 'exit 141' PIPE
+	clean_leftovers
+	check_ports
+	ok "root, ip, iptables, nsenter, curl, openssl, $(python3 --version 2>&1)"
+
+	step "meshbox binaries"
+	WORK=$(mktemp -d "$TMP_BASE/$PREFIX-demo.XXXXXX")
+	printf 'work %s\n' "$WORK" >>"$RUN_FILE"
+	mkdir -p "$WORK/logs" "$WORK/config"
+	if [[ -z $BIN_DIR ]]; then
+		build_release
+	else
+		BIN_DIR=$(cd "$BIN_DIR" 2>/dev/null && pwd) || die "--bin-dir: no such directory"
+	fi
+	local bin
+	for bin in controlplane dataplane; do
+		[[ -x $BIN_DIR/$bin ]] || die "$BIN_DIR/$bin not found: build it with cargo build -p meshbox-$bin, or leave out --bin-dir"
+	done
+	ok "controlplane and dataplane from $BIN_DIR"
+
+	step "A cluster of network namespaces: two nodes, four pods"
+	build_topology
+	say "node-a  ${PREFIX}-node-a   pods in 10.55.1.0/24: sleep 10.55.1.10, legacy 10.55.1.20"
+	say "node-b  ${PREFIX}-node-b   pods in 10.55.2.0/24: web-1 10.55.2.10, web-2 10.55.2.11"
+	say "each pod is a namespace ${PREFIX}-<pod> with eth0 on its node's bridge; the nodes"
+	say "are joined by one link and route each other's pod subnet"
+
+	step "Control plane, standalone on examples/demo/"
+	cp "$DEMO_SRC"/*.yaml "$WORK/config/"
+	cmd_line "controlplane run --config-dir $WORK/config --state-dir $WORK/state"
+	spawn "$WORK/logs/controlplane.log" "$BIN_DIR/controlplane" run \
+		--config-dir "$WORK/config" --state-dir "$WORK/state" \
+		--grpc-addr "127.0.0.1:$CP_GRPC_PORT" --rest-addr "127.0.0.1:$CP_REST_PORT"
+	wait_until "control plane starting" 20 "$WORK/logs/controlplane.log" cp_ready
+	ok "xDS + CA on 127.0.0.1:$CP_GRPC_PORT, REST API on https://127.0.0.1:$CP_REST_PORT"
+	cp_curl "https://127.0.0.1:$CP_REST_PORT/api/v1/workloads" -o "$WORK/workloads.json" ||
+		die "GET /api/v1/workloads failed" "$WORK/logs/controlplane.log"
+	say "workloads it serves (GET /api/v1/workloads):"
+	python3 - "$WORK/workloads.json" <<'PY' | indent
+import json, sys
+for w in sorted(json.load(open(sys.argv[1])), key=lambda w: (w["node"], w["name"])):
+    enrolled = "enrolled (HBONE)" if w["protocol"] == "HBONE" else "not enrolled   "
+    print(f'{w["namespace"]}/{w["name"]:<7} {w["node"]}  {w["addresses"][0]:<11} {enrolled}  {w["identity"]}')
+PY
+
+	step "Dataplanes: one per node, capturing its pods in their own namespaces"
+	local node
+	for node in "${NODES[@]}"; do
+		"$BIN_DIR/controlplane" token --state-dir "$WORK/state" --node "$node" --out "$WORK/$node.token" \
+			>"$WORK/logs/token-$node.log" 2>&1 || die "minting the node token for $node" "$WORK/logs/token-$node.log"
+		spawn "$WORK/logs/dataplane-$node.log" "$BIN_DIR/dataplane" run \
+			--xds-address "https://127.0.0.1:$CP_GRPC_PORT" --xds-root-ca "$WORK/state/root-cert.pem" \
+			--auth-token "$WORK/$node.token" --proxy-mode shared --node-name "$node" --inpod true \
+			--admin-addr "127.0.0.1:${ADMIN[$node]}" --metrics-addr "127.0.0.1:${METRICS[$node]}" \
+			--readiness-addr "127.0.0.1:${READY[$node]}" --drain-timeout 1s
+	done
+	cmd_line "controlplane token --node node-a --out node-a.token   # a node token: pods on node-a only"
+	cmd_line "dataplane run --proxy-mode shared --inpod true --node-name node-a --auth-token node-a.token ..."
+	wait_until "node-a capturing sleep" 30 "$WORK/logs/dataplane-node-a.log" captured node-a sleep
+	wait_until "node-b capturing web-1 and web-2" 30 "$WORK/logs/dataplane-node-b.log" captured node-b web-1 web-2
+	for node in "${NODES[@]}"; do
+		wait_until "$node ready" 30 "$WORK/logs/dataplane-$node.log" dp_ready "$node"
+		dump "$node" || die "GET /config_dump on $node" "$WORK/logs/dataplane-$node.log"
+	done
+	ok "both dataplanes ready (admin: curl 127.0.0.1:${ADMIN[node-a]}/config_dump and 127.0.0.1:${ADMIN[node-b]}/config_dump)"
+	say "pods, from each dataplane's /config_dump (\"pods\"):"
+	for node in "${NODES[@]}"; do
+		python3 - "$WORK/dump-$node.json" "$node" <<'PY' | indent
+import json, sys
+dump, node = json.load(open(sys.argv[1])), sys.argv[2]
+for p in dump.get("pods") or []:
+    name = p["uid"].split("//Pod/", 1)[-1]
+    where = f'in {p["netns"]}' if p.get("netns") else p.get("error", "")
+    print(f'{node}: {p["state"]} {name} ({", ".join(p["ips"])}) {where}')
+PY
+	done
+	say "legacy/legacy is not enrolled: no dataplane touches its namespace"
+	say "workload certificates the dataplanes hold (issued by the control plane's CA):"
+	for node in "${NODES[@]}"; do
+		python3 - "$WORK/dump-$node.json" "$node" <<'PY' | indent
+import json, sys
+dump, node = json.load(open(sys.argv[1])), sys.argv[2]
+for c in dump.get("certificates") or []:
+    print(f'{node}: {c["identity"]}  serial {c.get("serial", "-")}  {c["state"]} until {c.get("notAfter", "-")}')
+PY
+	done
+
+	step "A request across nodes, through HBONE"
+	local spec pod
+	for spec in "${PODS[@]}"; do
+		pod=${spec%%:*}
+		spawn "$WORK/logs/app-$pod.log" ip netns exec "$PREFIX-$pod" \
+			python3 "$DEMO_SRC/app.py" "$pod" "$(pod_field "$pod" 1)" 8080
+	done
+	for spec in web-1 web-2; do
+		wait_until "app in $spec listening" 10 "$WORK/logs/app-$spec.log" \
+			grep -q listening "$WORK/logs/app-$spec.log"
+	done
+	say "sleep (node-a) calls the web Service's virtual IP; it knows nothing of the mesh:"
+	cmd_line "ip netns exec $PREFIX-sleep curl http://$VIP/      # web.demo.svc.cluster.local"
+	local answer i
+	for i in 1 2; do
+		answer=$(request_from sleep "http://$VIP/") || die "the request from sleep to $VIP failed: $answer" "$WORK/logs/dataplane-node-a.log"
+		say "  $answer"
+	done
+	wait_log node-a 10 "connection complete" 'direction="outbound"' 'src.workload="sleep"' 'dst.identity='
+	wait_log node-b 10 "connection complete" 'direction="inbound"' 'src.identity="spiffe://cluster.local/ns/demo/sa/sleep"'
+	say "the access logs of both dataplanes (one line each, abridged):"
+	say "node-a, leaving sleep's namespace:"
+	access_log node-a "connection complete" 'direction="outbound"' 'src.workload="sleep"' | fold -s -w 96 | sed 's/ *$//' | indent | indent
+	say "node-b, arriving in the web pod's namespace:"
+	access_log node-b "connection complete" 'direction="inbound"' 'src.identity="spiffe://cluster.local/ns/demo/sa/sleep"' |
+		fold -s -w 96 | sed 's/ *$//' | indent | indent
+	ok "mutual TLS between spiffe://cluster.local/ns/demo/sa/sleep and spiffe://cluster.local/ns/demo/sa/web; the app still sees sleep's own address"
+	answer=$(request_from legacy "http://10.55.2.10:8080/") || die "legacy -> web-1 failed: $answer" "$WORK/logs/dataplane-node-b.log"
+	say "legacy (not in the mesh) calls web-1's pod IP in plaintext: \"$answer\""
+	say "  (captured on arrival, allowed with no identity: no policy says otherwise yet)"
+
+	step "An AuthorizationPolicy: web refuses sleep"
+	cp "$DEMO_SRC/policy/deny-sleep-to-web.yaml" "$WORK/config/.deny-sleep.tmp"
+	mv "$WORK/config/.deny-sleep.tmp" "$WORK/config/deny-sleep.yaml"
+	cmd_line "cp examples/demo/policy/deny-sleep-to-web.yaml $WORK/config/deny-sleep.yaml"
+	sed -n '/^apiVersion/,$p' "$DEMO_SRC/policy/deny-sleep-to-web.yaml" | indent
+	local written
+	written=$(now_ms)
+	wait_until "node-b receiving the policy" 10 "$WORK/logs/controlplane.log" policy_known node-b
+	ok "node-b's dataplane has demo/deny-sleep, $(($(now_ms) - written)) ms after the file was written"
+	cmd_line "ip netns exec $PREFIX-sleep curl http://$VIP/"
+	if answer=$(request_from sleep "http://$VIP/"); then
+		die "the request was served despite the policy: $answer" "$WORK/logs/dataplane-node-b.log"
+	fi
+	say "  $answer"
+	wait_log node-b 10 "denied by authorization policy" "sa/sleep"
+	say "node-b's log, \"connection denied by authorization policy\":"
+	FIELDS="src.addr src.identity dst.addr dst.workload reason" access_log node-b "denied by authorization policy" "sa/sleep" |
+		fold -s -w 96 | sed 's/ *$//' | indent | indent
+	ok "denied: web's dataplane checked sleep's verified identity against the policy"
+
+	step "A SPIFFE certificate with curl, from the REST API"
+	local id=spiffe://cluster.local/ns/demo/sa/reporter
+	cmd_line "TOKEN=\$(controlplane token --state-dir $WORK/state --identity $id)"
+	local token
+	token=$("$BIN_DIR/controlplane" token --state-dir "$WORK/state" --identity "$id" 2>"$WORK/logs/token.log") ||
+		die "minting a workload token" "$WORK/logs/token.log"
+	cmd_line "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj / -keyout reporter.key -out reporter.csr -addext subjectAltName=URI:$id"
+	openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj / \
+		-keyout "$WORK/reporter.key" -out "$WORK/reporter.csr" \
+		-addext "subjectAltName=URI:$id" >"$WORK/logs/openssl.log" 2>&1 || die "openssl req" "$WORK/logs/openssl.log"
+	cmd_line "curl --cacert root-cert.pem -H \"Authorization: Bearer \$TOKEN\" --data-binary @reporter.csr 'https://127.0.0.1:$CP_REST_PORT/api/v1/certificates?ttl=3600s' > reporter-chain.pem"
+	local status
+	status=$(cp_curl -w '%{http_code}' -o "$WORK/reporter-chain.pem" -H "Authorization: Bearer $token" \
+		--data-binary "@$WORK/reporter.csr" "https://127.0.0.1:$CP_REST_PORT/api/v1/certificates?ttl=3600s" 2>&1) || true
+	[[ $status == 200 ]] || die "POST /api/v1/certificates answered ${status:-nothing}: $(head -c 300 "$WORK/reporter-chain.pem" 2>/dev/null)" "$WORK/logs/controlplane.log"
+	cmd_line "openssl verify -CAfile root-cert.pem reporter-chain.pem"
+	local verified
+	verified=$(openssl verify -CAfile "$WORK/state/root-cert.pem" "$WORK/reporter-chain.pem" 2>&1) ||
+		die "the issued certificate does not verify: $verified"
+	say "  ${verified##*/}"
+	openssl x509 -in "$WORK/reporter-chain.pem" -noout -ext subjectAltName -serial -enddate 2>/dev/null |
+		sed -e '/^X509v3/d' -e 's/^ *//' | indent
+	ok "certificate issued for $id and verified against the mesh root"
+	cp_curl "https://127.0.0.1:$CP_REST_PORT/api/v1/certificates" -o "$WORK/issued.json" 2>/dev/null || true
+	say "the CA's recent issuances (GET /api/v1/certificates):"
+	python3 - "$WORK/issued.json" <<'PY' | indent || true
+import json, sys
+items = json.load(open(sys.argv[1]))
+items = items.get("certificates", items) if isinstance(items, dict) else items
+for c in items[-6:]:
+    print(f'{c.get("identity")}  for {c.get("requester", "?")}  serial {c.get("serial", "?")}')
+PY
+
+	step "Where to look next"
+	local rest="https://127.0.0.1:$CP_REST_PORT" root="$WORK/state/root-cert.pem"
+	if ((KEEP)); then
+		say "The mesh keeps running until Ctrl-C. Try:"
+	else
+		say "Run again with --keep to leave the mesh running, then try:"
+	fi
+	local -a tips=(
+		"node-a's dataplane: pods, workloads, certificates, HBONE pool"
+		"curl -s 127.0.0.1:${ADMIN[node-a]}/config_dump | less"
+		"node-b's Istio TCP metrics"
+		"curl -s 127.0.0.1:${METRICS[node-b]}/metrics | grep istio_tcp"
+		"the capture rules inside a pod"
+		"ip netns exec $PREFIX-web-1 iptables-save"
+		"a request from sleep (refused while the policy is there)"
+		"ip netns exec $PREFIX-sleep curl http://$VIP/"
+		"lift the policy (the next request goes through)"
+		"rm $WORK/config/deny-sleep.yaml"
+		"the control plane: connected dataplanes, versions sent and ACKed"
+		"curl -s --cacert $root $rest/api/v1/dataplanes"
+		"access logs"
+		"tail -f $WORK/logs/dataplane-node-b.log"
+	)
+	local t
+	for ((t = 0; t < ${#tips[@]}; t += 2)); do
+		printf '    %s# %s%s\n    %s\n' "$DIM" "${tips[t]}" "$RESET" "${tips[t + 1]}"
+	done
+	say "examples/README.md explains each step."
+	if ((KEEP)); then
+		say "${BOLD}Running; Ctrl-C to stop and clean up.${RESET}"
+		# In the foreground, so Ctrl-C reaches it; the INT trap then cleans up.
+		while :; do sleep 1; done
+	fi
+}
+
+now_ms() { local t=${EPOCHREALTIME/./}; echo $((t / 1000)); }
+
+policy_known() {
+	dump "$1" || return 1
+	python3 - "$WORK/dump-$1.json" <<'PY'
+import json, sys
+sys.exit(0 if any(p.get("key") == "demo/deny-sleep" for p in json.load(open(sys.argv[1])).get("policies") or []) else 1)
+PY
+}
+
+# Builds the release binaries (as the user who owns the checkout when run
+# with sudo, so target/ stays theirs) and points BIN_DIR at them.
+build_release() {
+	local cargo user_home=''
+	cargo=$(command -v cargo || true)
+	if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
+		user_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+		if [[ -z $cargo && -x $user_home/.cargo/bin/cargo ]]; then cargo=$user_home/.cargo/bin/cargo; fi
+	fi
+	[[ -n $cargo ]] || die "cargo not found: install Rust (https://rustup.rs), or pass --bin-dir DIR with prebuilt controlplane and dataplane"
+	local -a build=("$cargo" build --release --manifest-path "$REPO/Cargo.toml" -p meshbox-controlplane -p meshbox-dataplane)
+	local -a meta=("$cargo" metadata --format-version 1 --no-deps --manifest-path "$REPO/Cargo.toml")
+	if [[ -n $user_home && $(stat -c %U "$REPO") == "$SUDO_USER" ]]; then
+		local -a as_user=(runuser -u "$SUDO_USER" -- env HOME="$user_home" PATH="$(dirname "$cargo"):$PATH")
+		build=("${as_user[@]}" "${build[@]}")
+		meta=("${as_user[@]}" "${meta[@]}")
+	fi
+	cmd_line "cargo build --release -p meshbox-controlplane -p meshbox-dataplane   # the first build takes a few minutes"
+	run_logged "building" "$WORK/logs/build.log" "${build[@]}"
+	local target
+	target=$("${meta[@]}" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])') ||
+		target=$REPO/target
+	BIN_DIR=$target/release
+}
+
+main
