@@ -180,6 +180,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 inbound: config.inbound_addr,
                 plaintext: config.inbound_plaintext_addr,
             },
+            config.probe_snat,
         )),
         _ => None,
     };

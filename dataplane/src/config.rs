@@ -83,6 +83,13 @@ pub struct Settings {
     /// the agent on, e.g. `/var/run/meshbox/cni.sock`; off unless given.
     #[arg(long, env = "CNI_SOCKET")]
     pub cni_socket: Option<PathBuf>,
+    /// In-pod mode, when the dataplane runs in the node's own network
+    /// namespace (a hostNetwork DaemonSet): rewrite the source of
+    /// connections the node itself opens to captured pods (kubelet's health
+    /// probes) to Istio's probe address 169.254.7.127, which the pods'
+    /// rules let through uncaptured, so an ALLOW policy does not fail them.
+    #[arg(long, env = "PROBE_SNAT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub probe_snat: bool,
 
     /// Captured outbound TCP.
     #[arg(long, default_value = "[::]:15001")]
@@ -165,6 +172,7 @@ pub struct Config {
     pub original_source: bool,
     pub inpod: bool,
     pub cni_socket: Option<PathBuf>,
+    pub probe_snat: bool,
     pub outbound_addr: SocketAddr,
     pub inbound_plaintext_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
@@ -215,6 +223,10 @@ pub enum ConfigError {
     InpodInDedicatedMode,
     #[error("--cni-socket (CNI_SOCKET) serves in-pod capture; set INPOD_ENABLED=true too")]
     CniWithoutInpod,
+    #[error(
+        "--probe-snat (PROBE_SNAT) rewrites probes to captured pods; set INPOD_ENABLED=true too"
+    )]
+    ProbeSnatWithoutInpod,
     #[error("--pool-max-streams must be at least 1")]
     ZeroStreams,
     #[error("{0} and {1} are the same address")]
@@ -280,6 +292,9 @@ impl Config {
         if s.cni_socket.is_some() && !s.inpod {
             return Err(ConfigError::CniWithoutInpod);
         }
+        if s.probe_snat && !s.inpod {
+            return Err(ConfigError::ProbeSnatWithoutInpod);
+        }
         if s.pool_max_streams == 0 {
             return Err(ConfigError::ZeroStreams);
         }
@@ -312,6 +327,7 @@ impl Config {
                 .unwrap_or(s.proxy_mode == ProxyMode::Shared),
             inpod: s.inpod,
             cni_socket: s.cni_socket,
+            probe_snat: s.probe_snat,
             outbound_addr: s.outbound_addr,
             inbound_plaintext_addr: s.inbound_plaintext_addr,
             inbound_addr: s.inbound_addr,

@@ -1052,3 +1052,97 @@ async fn cni_chain_captures_a_new_pod(
         "rules left behind after DEL"
     );
 }
+
+/// The node side of the probe exemption (`--probe-snat`): connections the
+/// node opens to a captured pod leave with Istio's probe address, and the
+/// pod's rules let them through to the app uncaptured. Nothing listens on
+/// the pod's capture ports here, so a probe that were captured would be
+/// refused: reaching the app shows both halves work together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_side_probe_rewrite_reaches_the_app_uncaptured() {
+    if !is_root() {
+        return;
+    }
+    use meshbox_dataplane::inpod::rules;
+    struct Cleanup;
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for ns in ["mbt19-node", "mbt19-pod"] {
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
+        }
+    }
+    let _cleanup = Cleanup;
+    for ns in ["mbt19-node", "mbt19-pod"] {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        ip(&["netns", "add", ns]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    ip(&[
+        "-n",
+        "mbt19-node",
+        "link",
+        "add",
+        "vpod",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        "mbt19-pod",
+    ]);
+    ip(&[
+        "-n",
+        "mbt19-node",
+        "addr",
+        "add",
+        "10.68.0.1/24",
+        "dev",
+        "vpod",
+    ]);
+    ip(&["-n", "mbt19-node", "link", "set", "vpod", "up"]);
+    ip(&[
+        "-n",
+        "mbt19-pod",
+        "addr",
+        "add",
+        "10.68.0.2/24",
+        "dev",
+        "eth0",
+    ]);
+    ip(&["-n", "mbt19-pod", "link", "set", "eth0", "up"]);
+    ip(&[
+        "-n",
+        "mbt19-pod",
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.68.0.1",
+    ]);
+
+    let node = Arc::new(Netns::open("/var/run/netns/mbt19-node").unwrap());
+    let pod = Arc::new(Netns::open("/var/run/netns/mbt19-pod").unwrap());
+    rules::apply(&pod, 15008, 15006, 15001, false).expect("pod rules");
+    app(&pod, "10.68.0.2:8080".parse().unwrap(), "pod").await;
+
+    // Without the rewrite, the node's connection is captured (and refused:
+    // no proxy listens in this pod).
+    assert_eq!(answer(&node, "10.68.0.2:8080").await, "");
+    let pods = ["10.68.0.2".parse().unwrap()];
+    node.run(|| rules::apply_probe_snat(&pods))
+        .expect("node rules");
+    // Idempotent: applying again changes nothing.
+    node.run(|| rules::apply_probe_snat(&pods))
+        .expect("node rules, again");
+    assert_eq!(
+        answer(&node, "10.68.0.2:8080").await,
+        "pod sees 169.254.7.127"
+    );
+    let listing = iptables_in("mbt19-node", &["-t", "nat", "-S", "POSTROUTING"]);
+    assert_eq!(listing.matches("MESHBOX_POSTRT").count(), 1, "{listing}");
+    // The pod leaves: its address leaves the node's chain.
+    node.run(|| rules::apply_probe_snat(&[])).expect("emptied");
+    assert_eq!(answer(&node, "10.68.0.2:8080").await, "");
+}

@@ -78,6 +78,8 @@ pub struct Agent {
     base: Arc<ProxyContext>,
     node: String,
     ports: PodListeners,
+    /// Rewrite the node's own connections to captured pods (probes).
+    probe_snat: bool,
     captured: Mutex<HashMap<String, Captured>>,
     /// Enrolled pods not captured yet, with why.
     pending: Mutex<BTreeMap<String, (Vec<IpAddr>, String)>>,
@@ -88,11 +90,17 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(base: Arc<ProxyContext>, node: String, ports: PodListeners) -> Arc<Self> {
+    pub fn new(
+        base: Arc<ProxyContext>,
+        node: String,
+        ports: PodListeners,
+        probe_snat: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             base,
             node,
             ports,
+            probe_snat,
             captured: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             last_scan: Mutex::new(None),
@@ -272,7 +280,28 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);
+        self.sync_probe_snat().await;
         Ok(())
+    }
+
+    /// Keeps the node-side probe rewrite in line with the captured pods.
+    async fn sync_probe_snat(&self) {
+        if !self.probe_snat {
+            return;
+        }
+        let ips: Vec<IpAddr> = self
+            .captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|c| c.ips.iter().copied())
+            .collect();
+        let applied = tokio::task::spawn_blocking(move || rules::apply_probe_snat(&ips))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        if let Err(error) = applied {
+            warn!(%error, "rewriting kubelet probes to the probe address failed; probes to captured pods go through the mesh");
+        }
     }
 
     /// Stops serving a pod; `remove_rules` when it left the mesh (not when
@@ -292,6 +321,9 @@ impl Agent {
             let _ = tokio::task::spawn_blocking(move || rules::remove(&ns)).await;
         }
         info!(pod = uid, rules_removed = remove_rules, "pod released");
+        if remove_rules {
+            self.sync_probe_snat().await;
+        }
     }
 
     /// The CNI plugin's request: capture a pod as its sandbox is created,

@@ -321,6 +321,60 @@ pub fn remove(netns: &Netns) -> io::Result<()> {
     Ok(())
 }
 
+/// Input for `iptables-restore --noflush` in the node's own namespace:
+/// connections the node opens to captured pods (kubelet's probes; `-m
+/// owner --socket-exists` matches only locally opened sockets) leave with
+/// the probe address as their source. When no pod of this family is
+/// captured, the chain is emptied.
+pub fn probe_snat(family: Family, pods: &[std::net::IpAddr]) -> String {
+    let (probe, prefix) = match family {
+        Family::V4 => (PROBE_SOURCE_V4, 32),
+        Family::V6 => (PROBE_SOURCE_V6, 128),
+    };
+    let mut out = String::from("*nat\n:MESHBOX_POSTRT - [0:0]\n");
+    for ip in pods {
+        let ip = ip.to_canonical();
+        if ip.is_ipv4() == (family == Family::V4) {
+            out += &format!(
+                "-A MESHBOX_POSTRT -m owner --socket-exists -p tcp -d {ip}/{prefix} -j SNAT --to-source {probe}\n"
+            );
+        }
+    }
+    out + "COMMIT\n"
+}
+
+/// Installs [`probe_snat`] for `pods` in the calling thread's network
+/// namespace (the node's), replacing what was there.
+pub fn apply_probe_snat(pods: &[std::net::IpAddr]) -> io::Result<()> {
+    let own = Path::new("/proc/thread-self/ns/net");
+    for family in [Family::V4, Family::V6] {
+        run_in(
+            own,
+            family.restore(),
+            &["--noflush"],
+            Some(&probe_snat(family, pods)),
+        )?;
+        let rule = [
+            "-t",
+            "nat",
+            "-C",
+            "POSTROUTING",
+            "-j",
+            "MESHBOX_POSTRT",
+            "-m",
+            "comment",
+            "--comment",
+            TAG,
+        ];
+        if run_in(own, family.iptables(), &rule, None).is_err() {
+            let mut add = rule;
+            add[2] = "-I";
+            run_in(own, family.iptables(), &add, None)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +398,31 @@ mod tests {
         // captured, and that exemption comes before any TPROXY.
         let probe = r.find("-s 169.254.7.127/32 -p tcp -j ACCEPT").unwrap();
         assert!(probe < r.find("TPROXY").unwrap());
+    }
+
+    #[test]
+    fn node_side_probe_rewrite_covers_each_captured_pod_of_its_family() {
+        let pods: Vec<std::net::IpAddr> = vec![
+            "10.1.0.5".parse().unwrap(),
+            "fd00::5".parse().unwrap(),
+            "::ffff:10.1.0.6".parse().unwrap(),
+        ];
+        let v4 = probe_snat(Family::V4, &pods);
+        assert!(v4.contains(
+            "-m owner --socket-exists -p tcp -d 10.1.0.5/32 -j SNAT --to-source 169.254.7.127"
+        ));
+        assert!(
+            v4.contains("-d 10.1.0.6/32"),
+            "mapped addresses folded: {v4}"
+        );
+        assert!(!v4.contains("fd00"), "{v4}");
+        let v6 = probe_snat(Family::V6, &pods);
+        assert!(v6.contains(&format!(
+            "-d fd00::5/128 -j SNAT --to-source {PROBE_SOURCE_V6}"
+        )));
+        assert_eq!(v6.matches("-A ").count(), 1);
+        // No pods: the chain is emptied, not left with stale addresses.
+        assert_eq!(probe_snat(Family::V4, &[]).matches("-A ").count(), 0);
     }
 
     #[test]
