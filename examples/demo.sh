@@ -437,7 +437,9 @@ main() {
 	step "Checking prerequisites"
 	check_prerequisites
 	exec 9>>"$RUN_FILE"
-	flock -n 9 || die "another demo is running (see $RUN_FILE); stop it first"
+	# A few seconds' grace: what a killed run had in the foreground may
+	# still hold the lock for a moment.
+	flock -w 3 9 || die "another demo is running (see $RUN_FILE); stop it first"
 	trap cleanup EXIT
 	trap 'exit 130' INT
 	trap 'exit 143' TERM
@@ -643,7 +645,7 @@ PY
 	if ((KEEP)); then
 		say "${BOLD}Running; Ctrl-C to stop and clean up.${RESET}"
 		# In the foreground, so Ctrl-C reaches it; the INT trap then cleans up.
-		while :; do sleep 1; done
+		while :; do sleep 1 9>&-; done
 	fi
 }
 

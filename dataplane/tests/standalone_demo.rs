@@ -1,0 +1,496 @@
+//! The standalone demo (`examples/demo.sh`), run as a user runs it, with
+//! the binaries of this build: its story must be told (pods captured, a
+//! cross-node request over HBONE with both SPIFFE identities, a policy
+//! denial, a certificate issued with curl and verified) and nothing it
+//! made may be left behind — after a normal run, after Ctrl-C, and after a
+//! run that was killed outright (the next run cleans up for it).
+//!
+//! Needs root and the demo's tools (iproute2, iptables, util-linux, curl,
+//! openssl, python3); skipped with a reason otherwise, required in CI.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// One demo at a time: they share the `mbd-` names (the script refuses a
+/// second one).
+static ONE_DEMO: Mutex<()> = Mutex::new(());
+
+const TOOLS: [&str; 8] = [
+    "ip",
+    "iptables",
+    "iptables-restore",
+    "nsenter",
+    "runuser",
+    "curl",
+    "openssl",
+    "python3",
+];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the dataplane crate is inside the workspace")
+        .to_path_buf()
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+}
+
+/// The directory holding this build's `dataplane` and `controlplane`, or
+/// why the demo cannot run here.
+fn prerequisites() -> Result<PathBuf, String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err("the demo needs root (network namespaces, iptables)".into());
+    }
+    let missing: Vec<&str> = TOOLS.into_iter().filter(|t| !on_path(t)).collect();
+    if !missing.is_empty() {
+        return Err(format!("the demo needs {}", missing.join(", ")));
+    }
+    let dataplane = Path::new(env!("CARGO_BIN_EXE_dataplane"));
+    let dir = dataplane
+        .parent()
+        .ok_or("no directory around the dataplane binary")?;
+    // The controlplane binary is another package's: `cargo test
+    // --workspace` builds it next to ours before any test runs, but a test
+    // cannot build it itself (cargo holds the target directory's lock
+    // while tests run, so a nested `cargo build` there would wait forever).
+    let controlplane = dir.join("controlplane");
+    let build_it =
+        "build it first: `cargo build -p meshbox-controlplane` (`cargo test --workspace` does)";
+    let built = std::fs::metadata(&controlplane)
+        .and_then(|m| m.modified())
+        .map_err(|_| format!("{} is missing; {build_it}", controlplane.display()))?;
+    // Only what goes into the binary: sources of tests or benches would
+    // look newer forever, since building the binary does not touch them.
+    let root = repo();
+    let newest = [
+        "controlplane/src",
+        "controlplane/Cargo.toml",
+        "certs/src",
+        "certs/Cargo.toml",
+        "proto/src",
+        "proto/proto",
+        "proto/build.rs",
+        "proto/Cargo.toml",
+    ]
+    .iter()
+    .filter_map(|p| newest_source(&root.join(p)))
+    .max();
+    if newest.is_some_and(|newest| newest > built) {
+        return Err(format!(
+            "{} is older than its sources; {build_it}",
+            controlplane.display()
+        ));
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// The latest modification time of `path`, or of any file under it.
+fn newest_source(path: &Path) -> Option<SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| newest_source(&entry.path()))
+        .max()
+}
+
+/// `None` (after printing why) when the demo cannot run on this machine;
+/// CI must be able to run it, so there it fails instead.
+fn bin_dir_or_skip() -> Option<PathBuf> {
+    match prerequisites() {
+        Ok(dir) => Some(dir),
+        Err(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs the standalone demo: {why}"
+            );
+            eprintln!("SKIPPED: standalone demo: {why}");
+            None
+        }
+    }
+}
+
+/// A base port for the demo whose eight ports on 127.0.0.1 are free now.
+fn free_base_port() -> u16 {
+    let offsets = [0u16, 12, 14, 20, 21, 100, 120, 121];
+    for attempt in 0..50u32 {
+        let base = 20000 + ((std::process::id() * 7 + attempt * 131) % 400) as u16 * 100;
+        if offsets
+            .iter()
+            .all(|o| TcpListener::bind(("127.0.0.1", base + o)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no free range of ports for the demo");
+}
+
+/// A running `examples/demo.sh`, its output (stdout and stderr) collected
+/// line by line.
+struct Demo {
+    child: Child,
+    output: Arc<Mutex<Vec<String>>>,
+    started: Instant,
+}
+
+impl Demo {
+    fn start(bin_dir: &Path, keep: bool) -> Self {
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("examples/demo.sh"))
+            .arg("--bin-dir")
+            .arg(bin_dir)
+            .arg("--base-port")
+            .arg(free_base_port().to_string())
+            .env("NO_COLOR", "1")
+            .env_remove("MESHBOX_BIN_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if keep {
+            cmd.arg("--keep");
+        }
+        let mut child = cmd.spawn().expect("bash runs");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let pipes: [Option<Box<dyn Read + Send>>; 2] = [
+            child.stdout.take().map(|p| Box::new(p) as _),
+            child.stderr.take().map(|p| Box::new(p) as _),
+        ];
+        for pipe in pipes.into_iter().flatten() {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
+        Self {
+            child,
+            output,
+            started: Instant::now(),
+        }
+    }
+
+    fn text(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+
+    /// Sends `signal` (a name such as `INT`) to the script.
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for an output line containing `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !self
+            .output
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+        {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the demo ended ({status}) before {needle:?}:\n{}",
+                    self.text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} from the demo:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the script to exit (SIGTERM, then SIGKILL, if it hangs);
+    /// its status and the whole output.
+    fn finish(&mut self) -> (ExitStatus, String, Duration) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                self.signal("TERM");
+                std::thread::sleep(Duration::from_secs(10));
+                let _ = self.child.kill();
+                panic!("the demo did not finish in time:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let elapsed = self.started.elapsed();
+        // Let the reader threads drain what is left in the pipes.
+        std::thread::sleep(Duration::from_millis(200));
+        (status, self.text(), elapsed)
+    }
+}
+
+/// A test that fails half-way must not leave a `--keep` demo running: it
+/// gets Ctrl-C and cleans up as it would for a user.
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal("INT");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while let Ok(None) = self.child.try_wait() {
+                if Instant::now() > deadline {
+                    let _ = self.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect("runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The demo's work directory, as its output names it.
+fn work_dir(output: &str) -> Option<String> {
+    let at = output.find("--config-dir ")? + "--config-dir ".len();
+    let path = output[at..].split_whitespace().next()?;
+    Some(path.trim_end_matches("/config").to_owned())
+}
+
+/// What a demo may have left: its namespaces, links, work directory and
+/// processes (anything still running with the work directory in its
+/// command line).
+fn leftovers(work: Option<&str>) -> Vec<String> {
+    let mut left = Vec::new();
+    left.extend(
+        run("ip", &["netns", "list"])
+            .lines()
+            .filter(|l| l.starts_with("mbd-"))
+            .map(|l| format!("netns {l}")),
+    );
+    left.extend(
+        run("ip", &["-o", "link", "show"])
+            .lines()
+            .filter(|l| l.split(": ").nth(1).is_some_and(|n| n.starts_with("mbd")))
+            .map(|l| format!("link {l}")),
+    );
+    if let Some(work) = work {
+        if Path::new(work).exists() {
+            left.push(format!("directory {work}"));
+        }
+        left.extend(processes_of(work));
+    }
+    let run_file = std::env::temp_dir().join("mbd-demo.run");
+    if run_file.exists() {
+        left.push(format!("file {}", run_file.display()));
+    }
+    left
+}
+
+/// Processes running with `work` in their command line.
+fn processes_of(work: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(work) {
+            found.push(format!("process {}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// The lines of `output` from the one containing `from` up to (not
+/// including) the next one containing `to`, joined with spaces (the
+/// script folds long log lines).
+fn section<'a>(output: &'a str, from: &str, to: &str) -> String {
+    let lines: Vec<&'a str> = output
+        .lines()
+        .skip_while(|l| !l.contains(from))
+        .skip(1)
+        .take_while(|l| !l.contains(to))
+        .map(str::trim)
+        .collect();
+    lines.join(" ")
+}
+
+#[test]
+fn the_demo_tells_its_story_and_leaves_nothing_behind() {
+    let Some(bin_dir) = bin_dir_or_skip() else {
+        return;
+    };
+    let _one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
+
+    let mut demo = Demo::start(&bin_dir, false);
+    let (status, out, elapsed) = demo.finish();
+    eprintln!("{out}");
+    eprintln!("the demo took {:.1} s", elapsed.as_secs_f64());
+    assert!(status.success(), "the demo failed ({status}):\n{out}");
+    let has = |needle: &str| {
+        assert!(out.contains(needle), "no {needle:?} in the demo's output");
+    };
+
+    // Enrolled pods captured by their node's dataplane; the pod outside
+    // the mesh left alone.
+    has("node-a: captured demo/sleep (10.55.1.10) in /var/run/netns/mbd-sleep");
+    has("node-b: captured demo/web-1 (10.55.2.10) in /var/run/netns/mbd-web-1");
+    has("node-b: captured demo/web-2 (10.55.2.11) in /var/run/netns/mbd-web-2");
+    assert!(!out.contains("captured legacy"), "legacy was captured");
+    has("legacy/legacy  node-a  10.55.1.20  not enrolled");
+    // Certificates held, with serial and expiry.
+    for (node, sa) in [("node-a", "sleep"), ("node-b", "web")] {
+        let line = out
+            .lines()
+            .find(|l| {
+                l.contains(&format!(
+                    "{node}: spiffe://cluster.local/ns/demo/sa/{sa}  serial "
+                ))
+            })
+            .unwrap_or_else(|| panic!("no certificate for {sa} on {node}"));
+        assert!(line.contains("valid until 20"), "{line}");
+    }
+
+    // The request through the VIP reaches both replicas on the other node,
+    // from sleep's own address.
+    has("hello from web-1 on node-b, you are 10.55.1.10");
+    has("hello from web-2 on node-b, you are 10.55.1.10");
+    let outbound = section(
+        &out,
+        "node-a, leaving sleep's namespace:",
+        "node-b, arriving",
+    );
+    for field in [
+        r#"src.identity="spiffe://cluster.local/ns/demo/sa/sleep""#,
+        r#"dst.identity="spiffe://cluster.local/ns/demo/sa/web""#,
+        r#"dst.service="web.demo.svc.cluster.local""#,
+        r#"direction="outbound""#,
+    ] {
+        assert!(
+            outbound.contains(field),
+            "{field} not in node-a's line: {outbound}"
+        );
+    }
+    assert!(
+        outbound.contains(":15008 "),
+        "not carried over HBONE: {outbound}"
+    );
+    let inbound = section(
+        &out,
+        "node-b, arriving in the web pod's namespace:",
+        "mutual TLS",
+    );
+    for field in [
+        r#"src.identity="spiffe://cluster.local/ns/demo/sa/sleep""#,
+        r#"dst.identity="spiffe://cluster.local/ns/demo/sa/web""#,
+        r#"direction="inbound""#,
+    ] {
+        assert!(
+            inbound.contains(field),
+            "{field} not in node-b's line: {inbound}"
+        );
+    }
+    has("in plaintext: \"hello from web-1 on node-b, you are 10.55.1.20\"");
+
+    // The policy: written, delivered, and the next request refused by the
+    // web pods' dataplane for sleep's identity.
+    has("node-b's dataplane has demo/deny-sleep");
+    let after_policy = section(&out, "node-b's dataplane has demo/deny-sleep", "[8/9]");
+    assert!(
+        after_policy.contains("curl: ("),
+        "the request was not refused: {after_policy}"
+    );
+    assert!(!after_policy.contains("hello from"), "{after_policy}");
+    let denial = section(&out, "connection denied by authorization policy", "denied:");
+    assert!(
+        denial.contains("src.identity=spiffe://cluster.local/ns/demo/sa/sleep")
+            && denial.contains(r#"reason=DenyPolicyMatched("demo/deny-sleep")"#),
+        "{denial}"
+    );
+
+    // The certificate from the REST API verifies against the mesh root.
+    has("reporter-chain.pem: OK");
+    has("URI:spiffe://cluster.local/ns/demo/sa/reporter");
+    has("spiffe://cluster.local/ns/demo/sa/sleep  for node:node-a");
+
+    has("nothing left");
+    let work = work_dir(&out);
+    assert!(work.is_some(), "no work directory in the output");
+    assert_eq!(leftovers(work.as_deref()), Vec::<String>::new());
+    assert!(
+        elapsed < Duration::from_secs(45),
+        "the demo took {elapsed:?} (it should take well under 30 s)"
+    );
+}
+
+#[test]
+fn after_a_killed_run_and_after_ctrl_c_nothing_is_left() {
+    let Some(bin_dir) = bin_dir_or_skip() else {
+        return;
+    };
+    let _one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
+
+    // A run killed outright (no trap runs) leaves its mesh behind...
+    let mut killed = Demo::start(&bin_dir, true);
+    killed.wait_for("Ctrl-C to stop");
+    killed.signal("KILL");
+    let (_, out, _) = killed.finish();
+    let first_work = work_dir(&out);
+    assert!(
+        !processes_of(first_work.as_deref().unwrap_or("?")).is_empty(),
+        "a killed demo left nothing, so the next run has nothing to clean"
+    );
+
+    // ... which the next run removes before it starts.
+    let mut interrupted = Demo::start(&bin_dir, true);
+    interrupted.wait_for("Ctrl-C to stop");
+    assert!(
+        interrupted
+            .text()
+            .contains("removed what an earlier run left behind"),
+        "{}",
+        interrupted.text()
+    );
+    let first_work = first_work.expect("the killed run named its work directory");
+    assert!(
+        !Path::new(&first_work).exists(),
+        "{first_work} is still there"
+    );
+    assert_eq!(processes_of(&first_work), Vec::<String>::new());
+    // While it runs, the mesh answers from outside the script too.
+    let reply = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            "mbd-legacy",
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "http://10.55.2.11:8080/",
+        ],
+    );
+    assert_eq!(reply, "hello from web-2 on node-b, you are 10.55.1.20\n");
+
+    // Ctrl-C: the script cleans up and says so.
+    interrupted.signal("INT");
+    let (status, out, _) = interrupted.finish();
+    assert_eq!(status.code(), Some(130), "{out}");
+    assert!(out.contains("nothing left"), "{out}");
+    assert_eq!(leftovers(work_dir(&out).as_deref()), Vec::<String>::new());
+}
