@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317 # functions run from traps and wait_until are reachable
 # meshbox standalone demo: the whole mesh on one Linux machine, no Kubernetes.
 #
 # Two "nodes" and four "pods" are network namespaces; the control plane runs
@@ -111,13 +112,15 @@ die() {
 	exit 1
 }
 
-# Waits for background job $1 with a spinner (on a terminal) labelled $2;
-# returns its exit status.
+# Waits for background job $1 with a spinner (on a terminal) labelled $2,
+# followed by the last line of log $3 when given (what cargo is compiling);
+# returns the job's exit status.
 spin() {
-	local pid=$1 label=$2 i=0 start=$SECONDS
+	local pid=$1 label=$2 log=${3:-} i=0 start=$SECONDS last=''
 	if [[ -t 1 ]]; then
 		while kill -0 "$pid" 2>/dev/null; do
-			printf '\r  %s %s %s(%ds)%s' "${SPINNER[i % 4]}" "$label" "$DIM" $((SECONDS - start)) "$RESET"
+			[[ -n $log ]] && last=$(tail -n 1 "$log" 2>/dev/null | tr -d '\r' | sed 's/^ *//' | cut -c1-50)
+			printf '\r\e[K  %s %s %s(%ds) %s%s' "${SPINNER[i % 4]}" "$label" "$DIM" $((SECONDS - start)) "$last" "$RESET"
 			i=$((i + 1))
 			sleep 0.2
 		done
@@ -132,7 +135,7 @@ run_logged() {
 	local label=$1 log=$2 start=$SECONDS
 	shift 2
 	"$@" >"$log" 2>&1 9>&- &
-	if ! spin $! "$label"; then
+	if ! spin $! "$label" "$log"; then
 		die "$label failed" "$log"
 	fi
 	ok "$label ($((SECONDS - start))s)"
@@ -144,6 +147,7 @@ wait_until() {
 	local label=$1 timeout=$2 log=$3 deadline=$((SECONDS + $2)) i=0
 	shift 3
 	until "$@"; do
+		check_running
 		if ((SECONDS >= deadline)); then
 			[[ -t 1 ]] && printf '\r\e[K'
 			die "timed out after ${timeout}s: $label" "$log"
@@ -156,6 +160,18 @@ wait_until() {
 	done
 	[[ -t 1 ]] && printf '\r\e[K'
 	return 0
+}
+
+# Dies, showing its log, if a process the demo started has stopped: no
+# point waiting for it.
+check_running() {
+	local pid
+	for pid in "${PIDS[@]}"; do
+		if ! alive "$pid"; then
+			[[ -t 1 ]] && printf '\r\e[K'
+			die "$(basename "${LOGS[$pid]}" .log) stopped unexpectedly" "${LOGS[$pid]}"
+		fi
+	done
 }
 
 # --------------------------------------------------------- prerequisites --
@@ -199,6 +215,7 @@ check_ports() {
 
 # Processes this run started (control plane, dataplanes, apps).
 PIDS=()
+declare -A LOGS=()
 WORK=''
 
 # Kills every process inside our namespaces, then deletes the namespaces
@@ -326,6 +343,7 @@ spawn() {
 	"$@" >"$log" 2>&1 9>&- &
 	pid=$!
 	PIDS+=("$pid")
+	LOGS[$pid]=$log
 	for ((i = 0; i < 50; i++)); do
 		exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || break
 		[[ $exe == "$SHELL_EXE" ]] || break
@@ -485,7 +503,8 @@ main() {
 import json, sys
 for w in sorted(json.load(open(sys.argv[1])), key=lambda w: (w["node"], w["name"])):
     enrolled = "enrolled (HBONE)" if w["protocol"] == "HBONE" else "not enrolled   "
-    print(f'{w["namespace"]}/{w["name"]:<7} {w["node"]}  {w["addresses"][0]:<11} {enrolled}  {w["identity"]}')
+    name = f'{w["namespace"]}/{w["name"]}'
+    print(f'{name:<14} {w["node"]}  {w["addresses"][0]:<11} {enrolled}  {w["identity"]}')
 PY
 
 	step "Dataplanes: one per node, capturing its pods in their own namespaces"
@@ -684,4 +703,6 @@ build_release() {
 	BIN_DIR=$target/release
 }
 
-main
+# On one line, so bash has read all it will run before it starts: editing
+# this file while a demo runs cannot change what the running one does.
+main; exit
