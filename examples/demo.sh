@@ -681,19 +681,23 @@ PY
 # Builds the release binaries (as the user who owns the checkout when run
 # with sudo, so target/ stays theirs) and points BIN_DIR at them.
 build_release() {
-	local cargo user_home=''
+	local cargo user_home='' as_user=0
 	cargo=$(command -v cargo || true)
-	if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
+	if [[ -n ${SUDO_USER:-} && $SUDO_USER != root && $(stat -c %U "$REPO") == "$SUDO_USER" ]]; then
+		# sudo's PATH rarely has the user's ~/.cargo/bin; their toolchain
+		# is the one that built this checkout before.
+		as_user=1
 		user_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
-		if [[ -z $cargo && -x $user_home/.cargo/bin/cargo ]]; then cargo=$user_home/.cargo/bin/cargo; fi
+		if [[ -x $user_home/.cargo/bin/cargo ]]; then cargo=$user_home/.cargo/bin/cargo; fi
 	fi
 	[[ -n $cargo ]] || die "cargo not found: install Rust (https://rustup.rs), or pass --bin-dir DIR with prebuilt controlplane and dataplane"
 	local -a build=("$cargo" build --release --manifest-path "$REPO/Cargo.toml" -p meshbox-controlplane -p meshbox-dataplane)
 	local -a meta=("$cargo" metadata --format-version 1 --no-deps --manifest-path "$REPO/Cargo.toml")
-	if [[ -n $user_home && $(stat -c %U "$REPO") == "$SUDO_USER" ]]; then
-		local -a as_user=(runuser -u "$SUDO_USER" -- env HOME="$user_home" PATH="$(dirname "$cargo"):$PATH")
-		build=("${as_user[@]}" "${build[@]}")
-		meta=("${as_user[@]}" "${meta[@]}")
+	if ((as_user)); then
+		local -a runner=(runuser -u "$SUDO_USER" -- env HOME="$user_home" PATH="$(dirname "$cargo"):$PATH")
+		build=("${runner[@]}" "${build[@]}")
+		meta=("${runner[@]}" "${meta[@]}")
+		say "building as $SUDO_USER, who owns the checkout"
 	fi
 	cmd_line "cargo build --release -p meshbox-controlplane -p meshbox-dataplane   # the first build takes a few minutes"
 	run_logged "building" "$WORK/logs/build.log" "${build[@]}"

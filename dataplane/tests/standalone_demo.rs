@@ -494,3 +494,24 @@ fn after_a_killed_run_and_after_ctrl_c_nothing_is_left() {
     assert!(out.contains("nothing left"), "{out}");
     assert_eq!(leftovers(work_dir(&out).as_deref()), Vec::<String>::new());
 }
+
+#[test]
+fn the_demo_script_is_shellcheck_clean() {
+    if !on_path("shellcheck") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI checks the demo script with shellcheck: install it"
+        );
+        eprintln!("SKIPPED: shellcheck is not installed (apt-get install shellcheck)");
+        return;
+    }
+    let out = Command::new("shellcheck")
+        .arg(repo().join("examples/demo.sh"))
+        .output()
+        .expect("shellcheck runs");
+    assert!(
+        out.status.success(),
+        "shellcheck examples/demo.sh:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
