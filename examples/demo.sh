@@ -538,7 +538,7 @@ for p in dump.get("pods") or []:
     print(f'{node}: {p["state"]} {name} ({", ".join(p["ips"])}) {where}')
 PY
 	done
-	say "legacy/legacy is not enrolled: no dataplane touches its namespace"
+	say "legacy/legacy is not enrolled: no capture rules, no listeners in its namespace"
 	say "workload certificates the dataplanes hold (issued by the control plane's CA):"
 	for node in "${NODES[@]}"; do
 		python3 - "$WORK/dump-$node.json" "$node" <<'PY' | indent
