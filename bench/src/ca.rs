@@ -19,20 +19,33 @@ use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
+use crate::chart::{Bar, Chart};
+use crate::host::sibling_binary;
 use crate::report::Section;
+use crate::stats::{ms, percentile};
+
+pub const NAME: &str = "Control plane: CA issuance";
 
 #[derive(clap::Args)]
 pub struct CaArgs {
+    /// Short phases (1 s, 2 000 issuances before the memory reading), for CI.
+    #[arg(long)]
+    pub quick: bool,
     /// Concurrent gRPC clients (each with its own connection).
     #[arg(long, default_value_t = 16)]
     clients: usize,
-    /// Seconds each throughput phase runs.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    /// Seconds each throughput phase runs (default 10; --quick 1).
+    #[arg(long)]
+    seconds: Option<u64>,
     /// Issuances before the second memory reading (the audit log is bounded,
-    /// so memory must not grow with this).
-    #[arg(long, default_value_t = 100_000)]
-    memory_issuances: u64,
+    /// so memory must not grow with this; default 100 000, --quick 2 000).
+    #[arg(long)]
+    memory_issuances: Option<u64>,
+}
+
+/// Why this part cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    crate::host::missing_siblings(&["controlplane"])
 }
 
 const IDENTITY: &str = "spiffe://cluster.local/ns/bench/sa/client";
@@ -49,18 +62,6 @@ impl Drop for ControlPlane {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.state);
     }
-}
-
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} not found: build it first with `cargo build --release -p meshbox-controlplane`",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 fn start_control_plane() -> anyhow::Result<ControlPlane> {
@@ -210,8 +211,10 @@ async fn connect(
 
 struct LoadResult {
     issued: u64,
+    failed: u64,
     elapsed: Duration,
-    latencies: Vec<Duration>,
+    /// Milliseconds.
+    latencies: Vec<f64>,
 }
 
 /// `clients` loops issuing certificates until `stop_after` issuances or
@@ -226,11 +229,17 @@ async fn load(
     stop_after: u64,
 ) -> anyhow::Result<LoadResult> {
     let issued = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for n in 0..clients {
         let mut client = connect(grpc, root).await?;
-        let (issued, csrs, token) = (issued.clone(), csrs.clone(), token.to_owned());
+        let (issued, failed, csrs, token) = (
+            issued.clone(),
+            failed.clone(),
+            csrs.clone(),
+            token.to_owned(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut i = n;
@@ -246,8 +255,10 @@ async fn load(
                 }
                 let t = Instant::now();
                 if client.create_certificate(req).await.is_ok() {
-                    latencies.push(t.elapsed());
+                    latencies.push(ms(t.elapsed()));
                     issued.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
             latencies
@@ -257,20 +268,12 @@ async fn load(
     for t in tasks {
         latencies.extend(t.await?);
     }
-    latencies.sort();
     Ok(LoadResult {
         issued: issued.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
         latencies,
     })
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 pub async fn run(args: CaArgs) -> anyhow::Result<Section> {
@@ -294,9 +297,13 @@ pub async fn run(args: CaArgs) -> anyhow::Result<Section> {
         .collect::<Result<_, _>>()?;
     let csrs = Arc::new(csrs);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss = crate::proc::rss_kib(Some(cp.child.id()));
+    let idle_rss = crate::host::rss_kib(Some(cp.child.id()));
 
-    let duration = Duration::from_secs(args.seconds);
+    let seconds = args.seconds.unwrap_or(if args.quick { 1 } else { 10 });
+    let memory_issuances =
+        args.memory_issuances
+            .unwrap_or(if args.quick { 2_000 } else { 100_000 });
+    let duration = Duration::from_secs(seconds);
     let raw = tokio::task::spawn_blocking(move || raw_sign_rate(cores, duration)).await?;
     let in_process = {
         let csrs = csrs.clone();
@@ -315,7 +322,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<Section> {
     let rate = grpc.issued as f64 / grpc.elapsed.as_secs_f64();
 
     // Push the total past `memory_issuances` to show the audit log is bounded.
-    let remaining = args.memory_issuances.saturating_sub(grpc.issued);
+    let remaining = memory_issuances.saturating_sub(grpc.issued);
     let more = load(
         cp.grpc,
         &root,
@@ -327,53 +334,92 @@ pub async fn run(args: CaArgs) -> anyhow::Result<Section> {
     )
     .await?;
     let total = grpc.issued + more.issued;
-    let loaded_rss = crate::proc::rss_kib(Some(cp.child.id()));
+    let loaded_rss = crate::host::rss_kib(Some(cp.child.id()));
 
-    let mut section = Section::new("CA issuance");
-    section.notes.push(format!(
-        "{} concurrent gRPC clients over TLS on loopback, {}s per phase, {cores} cores; raw = ring ECDSA P-256 signatures/s on {cores} threads",
-        args.clients, args.seconds
+    let mut section = Section::new("ca", NAME);
+    section.note(format!(
+        "{} concurrent gRPC clients over TLS on loopback, {seconds} s per phase, {cores} cores; raw = ring ECDSA P-256 signatures/s on {cores} threads",
+        args.clients
     ));
-    section.notes.push(
-        "an issuance verifies the CSR's self-signature (proof of key possession: one ECDSA verify, costlier than a sign) before signing, so raw signing is an upper bound no CA that checks CSRs reaches; in-process issuance is the same work without transport".into(),
+    section.note(
+        "an issuance verifies the CSR's self-signature (proof of key possession: one ECDSA verify, costlier than a sign) before signing, so raw signing is an upper bound no CA that checks CSRs reaches; in-process issuance is the same work without transport",
     );
-    section
-        .notes
-        .push("the gRPC clients run on the same cores as the server".into());
+    section.note("the gRPC clients run on the same cores as the server");
     section.compared(
-        "certificates/s via gRPC CreateCertificate",
+        "grpc_rate",
+        "certificates/s via gRPC CreateCertificate, vs raw signing",
         rate,
         raw,
-        "1/s",
+        "/s",
     );
     section.compared(
-        "certificates/s via gRPC vs in-process issuance",
+        "grpc_vs_in_process",
+        "certificates/s via gRPC CreateCertificate, vs in-process issuance",
         rate,
         in_process,
-        "1/s",
+        "/s",
     );
-    section.row("raw ECDSA P-256 signs/s", raw, "1/s");
+    section.row("raw_sign_rate", "raw ECDSA P-256 signs/s", raw, "/s");
     section.row(
+        "in_process_rate",
         "in-process issuances/s (CSR check + sign, no transport)",
         in_process,
-        "1/s",
+        "/s",
     );
     section.row(
+        "latency_p50_ms",
         "p50 issuance latency",
-        percentile(&grpc.latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&grpc.latencies, 0.50),
         "ms",
     );
     section.row(
+        "latency_p99_ms",
         "p99 issuance latency",
-        percentile(&grpc.latencies, 0.99).as_secs_f64() * 1e3,
+        percentile(&grpc.latencies, 0.99),
         "ms",
     );
-    section.row("control plane RSS idle", idle_rss as f64 / 1024.0, "MiB");
+    section.row(
+        "failed_issuances",
+        "gRPC issuances that failed",
+        (grpc.failed + more.failed) as f64,
+        "",
+    );
+    section.row(
+        "rss_idle_mib",
+        "control plane RSS idle",
+        idle_rss as f64 / 1024.0,
+        "MiB",
+    );
     section.compared(
-        &format!("control plane RSS after {total} issuances"),
+        "rss_after_issuances_mib",
+        &format!(
+            "control plane RSS after {} issuances",
+            crate::report::num(total as f64)
+        ),
         loaded_rss as f64 / 1024.0,
         idle_rss as f64 / 1024.0,
         "MiB",
     );
+    section.charts.push(Chart::bars(
+        "ca-rates.svg",
+        "Certificates per second",
+        "per second",
+        "/s",
+        vec![
+            Bar {
+                label: "raw ECDSA P-256 signing".into(),
+                value: raw,
+            },
+            Bar {
+                label: "in-process issuance (CSR check + sign)".into(),
+                value: in_process,
+            },
+            Bar {
+                label: format!("gRPC CreateCertificate, {} clients over TLS", args.clients),
+                value: rate,
+            },
+        ],
+        None,
+    ));
     Ok(section)
 }

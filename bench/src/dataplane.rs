@@ -1,22 +1,26 @@
-//! The dataplane through real capture: two "pods" (network namespaces on a
-//! bridge), each with Istio's in-pod redirection rules and its own
-//! `dataplane` in dedicated mode, the control plane on the bridge — and next
-//! to them, on the same bridge, a second pair of pods with neither rules
-//! nor dataplanes: the direct baseline. Every test runs direct, then
-//! meshed, back to back in the same run; figures are ratios meshed/direct.
+//! The dataplane through real in-pod capture: two "nodes" and four "pods",
+//! all network namespaces on one bridge. Each node runs a `dataplane` in
+//! node mode with `--inpod true`, as a cluster would: its agent learns from
+//! the control plane which pods on its node are enrolled, finds their
+//! namespaces, installs the redirection rules inside them and opens the
+//! proxy's listeners there. The meshed client pod is on node A, the meshed
+//! server pod on node B, so traffic crosses nodes over HBONE. Next to them,
+//! on the same bridge and the same nodes, a second pair of pods in a
+//! namespace that is not enrolled: the direct baseline. Every test runs
+//! direct, then meshed, back to back in the same run; figures are ratios
+//! meshed / direct.
 //!
-//! Why a second pair rather than the same pods before the rules go in: the
-//! two paths can then be measured alternately, test by test, so a noisy
+//! Why a second pair rather than the same pods before capture: the two
+//! paths can then be measured alternately, test by test, so a noisy
 //! neighbour on this shared machine hits both sides of a ratio alike; and
-//! the meshed pods never change state half-way through the run. The pairs
-//! are built identically (veth on the same bridge, same addresses plan,
-//! same servers).
+//! the meshed pods never change state half-way through the run.
 //!
 //! Measured: iperf3 bulk throughput (1 and 4 streams) with the CPU seconds
 //! per GB moved; wrk against nginx with 10 and 100 keep-alive connections
-//! and with a new connection per request (requests/s, p50/p90/p99); N idle
-//! connections held open end to end (setup rate, and the dataplanes'
-//! resident memory per connection); the dataplanes' idle resident memory.
+//! and with a new connection per request (requests/s, p50/p90/p99); idle
+//! connections held open end to end, in steps (setup rate; the dataplanes'
+//! resident memory per connection and against the number of connections);
+//! the dataplanes' resident memory idle and under load.
 //!
 //! Every meshed figure is checked against the dataplanes' own metrics
 //! (`istio_tcp_connections_opened_total`, `istio_tcp_received_bytes_total`,
@@ -24,55 +28,63 @@
 //! traffic bypass the proxies fails the run instead of reporting direct
 //! numbers as meshed.
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::netns::{self, Lab, Pod};
-use crate::proc::rss_kib;
-use crate::report::Section;
+use crate::chart::{Bar, Chart, Series};
+use crate::host::{cpu_seconds, rss_kib};
+use crate::lab::{self, Lab, NodeDataplane, Pod};
+use crate::report::{Section, Table, num, percent};
+use crate::stats::{Samples, metric_sum, slope};
+
+pub const NAME: &str = "Dataplane: meshed (in-pod capture, two node dataplanes, HBONE) vs direct";
 
 #[derive(clap::Args)]
 pub struct DataplaneArgs {
-    /// Short runs (3 s per test, 2 000 idle connections), for CI.
+    /// Short runs (2 s per test, 1 000 idle connections), for CI.
     #[arg(long)]
-    quick: bool,
-    /// Seconds per throughput and request-rate test (default 10; --quick 3).
+    pub quick: bool,
+    /// Seconds per throughput and request-rate test (default 10; --quick 2).
     #[arg(long)]
     seconds: Option<u64>,
     /// Idle tunneled connections for the memory test (default 10 000;
-    /// --quick 2 000).
+    /// --quick 1 000).
     #[arg(long)]
     connections: Option<usize>,
     /// Rounds of each throughput and request-rate test (direct then meshed,
     /// alternating); the report shows the median of each figure.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
-    /// Keep the work directory (dataplane and control-plane logs, access
-    /// logs, nginx config) instead of removing it.
+    /// Keep the work directory (dataplane and control-plane logs, manifests,
+    /// nginx config) instead of removing it.
     #[arg(long)]
     keep_logs: bool,
-    /// (internal) hold every connection accepted on this address.
-    #[arg(long, hide = true)]
-    hold_listen: Option<SocketAddr>,
-    /// (internal) open `--hold-count` connections to this address and hold them.
-    #[arg(long, hide = true)]
-    hold_connect: Option<SocketAddr>,
-    #[arg(long, hide = true, default_value_t = 0)]
-    hold_count: usize,
+}
+
+/// The helper processes of the idle-connection test (`bench hold`).
+#[derive(clap::Args)]
+pub struct HoldArgs {
+    /// Hold every connection accepted on this address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Open `--count` connections to this address and hold them.
+    #[arg(long)]
+    connect: Option<SocketAddr>,
+    #[arg(long, default_value_t = 0)]
+    count: usize,
 }
 
 const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-/// The control plane's own namespace on the bridge (its own, so nothing
-/// listening on :15012 in the root namespace gets in the way).
+/// The control plane's own namespace on the bridge.
 const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const NODE_A_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+const NODE_B_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 4);
 const MESH_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 11);
 const MESH_SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 12);
 const DIRECT_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 21);
@@ -81,9 +93,11 @@ const NGINX_PORT: u16 = 8080;
 const IPERF_PORT: u16 = 5201;
 const HOLD_PORT: u16 = 7000;
 const NAMESPACE: &str = "bench";
-const NODE: &str = "bench-node";
+const DIRECT_NAMESPACE: &str = "bench-direct";
 /// Connections opened concurrently by the idle-connection client.
 const HOLD_BATCH: usize = 200;
+/// Steps of the idle-connection test (memory is read after each).
+const HOLD_STEPS: usize = 4;
 /// File descriptors wanted for the dataplanes and the connection holders
 /// (capped at this process's hard limit).
 const NOFILE: u64 = 65_536;
@@ -91,105 +105,34 @@ const NOFILE: u64 = 65_536;
 const ZTUNNEL: &str = "Istio ztunnel measured on this machine (issue 5): bulk 32% of direct, \
     keep-alive requests 17%, new-connection requests 26%, 14.5 MB idle RSS";
 
-pub async fn run(args: DataplaneArgs, out: &Path) -> anyhow::Result<Section> {
-    // The helper modes run until killed.
-    if let Some(addr) = args.hold_listen {
-        return hold_listen(addr).await.map(|never| match never {});
-    }
-    if let Some(addr) = args.hold_connect {
-        return hold_connect(addr, args.hold_count)
-            .await
-            .map(|never| match never {});
-    }
-    preflight()?;
-    let out = out.to_path_buf();
-    let bench = tokio::task::spawn_blocking(move || Bench::run(args, &out));
-    tokio::select! {
-        result = bench => {
-            let result = result.context("benchmark thread")?;
-            if netns::interrupted() && result.is_err() {
-                bail!("interrupted");
-            }
-            result
-        }
-        () = netns::cleanup_on_signal() => bail!("interrupted"),
-    }
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ss", "iproute2"),
+    ("iptables-restore", "iptables"),
+    ("iperf3", "iperf3"),
+    ("wrk", "wrk"),
+    ("nginx", "nginx-light"),
+    ("curl", "curl"),
+    ("prlimit", "util-linux"),
+];
+
+/// Why this part cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    crate::host::missing_for_lab(TOOLS)
+        .or_else(|| crate::host::missing_siblings(&["controlplane", "dataplane"]))
 }
 
-/// Root, and the tools this needs, each named with its Debian package.
-fn preflight() -> anyhow::Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0");
-    if !root {
-        bail!(
-            "`bench dataplane` builds network namespaces, veths, a bridge and iptables rules: run it as root"
-        );
-    }
-    let tools = [
-        ("ip", "iproute2"),
-        ("ss", "iproute2"),
-        ("iptables-restore", "iptables"),
-        ("iperf3", "iperf3"),
-        ("wrk", "wrk"),
-        ("nginx", "nginx-light"),
-        ("curl", "curl"),
-        ("prlimit", "util-linux"),
-    ];
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut missing: Vec<(&str, &str)> = vec![];
-    for (tool, package) in tools {
-        let found = std::env::split_paths(&path)
-            .chain(["/usr/sbin".into(), "/sbin".into()])
-            .any(|dir| dir.join(tool).is_file());
-        if !found {
-            missing.push((tool, package));
-        }
-    }
-    if !missing.is_empty() {
-        let mut packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
-        packages.dedup();
-        bail!(
-            "missing tools: {}. Install them with: apt-get install {}",
-            missing
-                .iter()
-                .map(|(t, p)| format!("{t} (package {p})"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            packages.join(" ")
-        );
-    }
-    Ok(())
+pub async fn run(args: DataplaneArgs) -> anyhow::Result<Section> {
+    lab::run_blocking(move || Bench::run(args)).await
 }
 
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    ensure!(
-        path.exists(),
-        "{} not found: build it first with `cargo build --release -p meshbox-bench -p meshbox-dataplane -p meshbox-controlplane`",
-        path.display()
-    );
-    Ok(path)
-}
-
-/// A dataplane process serving one pod.
-struct Proxy {
-    pod: Pod,
-    pid: u32,
-    log: PathBuf,
-}
-
-/// Counters scraped from a dataplane's `/metrics`.
+/// Counters scraped from a dataplane's `/metrics`, and its CPU time.
 #[derive(Clone, Copy, Debug, Default)]
 struct Counters {
     opened: f64,
     refused: f64,
     received_bytes: f64,
     active: f64,
-    /// utime + stime in seconds.
     cpu: f64,
 }
 
@@ -210,8 +153,8 @@ impl std::ops::Sub for Counters {
 struct MeshDelta {
     client: Counters,
     server: Counters,
-    /// Highest RSS (KiB) sampled during the test, client + server.
-    peak_rss_kib: u64,
+    /// Highest RSS (KiB) sampled during the test, per node.
+    peak_rss_kib: [u64; 2],
 }
 
 impl MeshDelta {
@@ -225,14 +168,14 @@ impl MeshDelta {
         for (side, c) in [("client", &self.client), ("server", &self.server)] {
             ensure!(
                 c.opened >= connections,
-                "{what}: the {side} dataplane counted {} connections, expected at least {connections}: \
+                "{what}: the {side} node's dataplane counted {} connections, expected at least {connections}: \
                  the traffic did not go through the mesh (is the capture broken?)",
                 c.opened
             );
             if let Some(bytes) = bytes {
                 ensure!(
                     c.received_bytes >= 0.9 * bytes,
-                    "{what}: the {side} dataplane carried {} bytes from the client, the test moved {bytes}: \
+                    "{what}: the {side} node's dataplane carried {} bytes from the client, the test moved {bytes}: \
                      traffic bypassed the mesh",
                     c.received_bytes
                 );
@@ -240,7 +183,7 @@ impl MeshDelta {
         }
         let refused = self.client.refused + self.server.refused;
         Ok(format!(
-            "{what}: dataplanes counted {}/{} connections (client/server){}{}",
+            "{what}: dataplanes counted {}/{} connections (client/server node){}{}",
             self.client.opened,
             self.server.opened,
             if refused > 0.0 {
@@ -265,24 +208,28 @@ struct Bench {
     rounds: u32,
     connections: usize,
     work: PathBuf,
-    clk_tck: f64,
     mesh_client: Pod,
     mesh_server: Pod,
     direct_client: Pod,
     direct_server: Pod,
-    proxies: [Proxy; 2],
+    /// Node A (the client pods) and node B (the server pods).
+    nodes: [NodeDataplane; 2],
     bench_exe: PathBuf,
     section: Section,
+    /// Checks of the metrics cross-check, one per test (in the notes).
+    cross_checks: Vec<String>,
+    /// Highest RSS per node under load, KiB.
+    peak_under_load: [u64; 2],
+    /// RSS (KiB) per node after each step of the idle-connection test.
+    held: Vec<(usize, [u64; 2])>,
 }
 
 impl Bench {
-    fn run(args: DataplaneArgs, out: &Path) -> anyhow::Result<Section> {
-        let seconds = args.seconds.unwrap_or(if args.quick { 3 } else { 10 });
+    fn run(args: DataplaneArgs) -> anyhow::Result<Section> {
+        let seconds = args.seconds.unwrap_or(if args.quick { 2 } else { 10 });
         let connections = args
             .connections
-            .unwrap_or(if args.quick { 2_000 } else { 10_000 });
-        let dataplane_bin = sibling_binary("dataplane")?;
-        let controlplane_bin = sibling_binary("controlplane")?;
+            .unwrap_or(if args.quick { 1_000 } else { 10_000 });
         let bench_exe = std::env::current_exe()?;
 
         let work =
@@ -291,158 +238,106 @@ impl Bench {
         if args.keep_logs {
             eprintln!("logs kept in {}", work.display());
         } else {
-            netns::remove_at_exit(&work);
+            lab::remove_at_exit(&work);
         }
-        let (guard, lab) = Lab::create(BRIDGE_IP, 24)?;
+        let (guard, lab) = Lab::create("mbx", Some((BRIDGE_IP, 24)))?;
 
         let result = (|| {
             eprintln!(
-                "==> network lab: bridge {} ({}/24), 5 namespaces",
-                lab.bridge, lab.bridge_ip
+                "==> network lab: bridge {} ({BRIDGE_IP}/24), 7 namespaces",
+                lab.bridge_name().unwrap_or_default()
             );
             let control_plane = lab.add_pod("cp", CONTROL_PLANE_IP)?;
+            let node_a = lab.add_pod("na", NODE_A_IP)?;
+            let node_b = lab.add_pod("nb", NODE_B_IP)?;
             let mesh_client = lab.add_pod("mcli", MESH_CLIENT_IP)?;
             let mesh_server = lab.add_pod("msrv", MESH_SERVER_IP)?;
             let direct_client = lab.add_pod("dcli", DIRECT_CLIENT_IP)?;
             let direct_server = lab.add_pod("dsrv", DIRECT_SERVER_IP)?;
 
-            // The manifests the control plane serves, kept with the report.
-            let manifests = out.join("dataplane-lab");
-            let _ = std::fs::remove_dir_all(&manifests);
-            std::fs::create_dir_all(&manifests)?;
-            let manifests = manifests.canonicalize()?;
+            let config = work.join("config");
+            std::fs::create_dir_all(&config)?;
             std::fs::write(
-                manifests.join("lab.yaml"),
+                config.join("lab.yaml"),
                 manifests_yaml(&mesh_client, &mesh_server, &direct_client, &direct_server),
             )?;
 
             eprintln!("==> control plane on {CONTROL_PLANE_IP}:15012");
             let state = work.join("state");
-            std::fs::create_dir_all(&state)?;
-            netns::spawn(
-                "controlplane",
-                netns::in_netns(&control_plane.netns, &controlplane_bin)
-                    .arg("run")
-                    .arg("--config-dir")
-                    .arg(&manifests)
-                    .arg("--state-dir")
-                    .arg(&state)
-                    .args(["--grpc-addr", &format!("{CONTROL_PLANE_IP}:15012")])
-                    .args(["--rest-addr", "127.0.0.1:15014"])
-                    .args(["--server-san", &CONTROL_PLANE_IP.to_string()]),
+            let grpc = SocketAddr::from((CONTROL_PLANE_IP, 15012));
+            lab::start_control_plane(
+                &control_plane.netns,
+                &config,
+                &state,
+                grpc,
                 &work.join("controlplane.log"),
             )?;
-            wait_for(
-                "the control plane's port 15012",
-                Duration::from_secs(30),
-                || {
-                    std::net::TcpStream::connect_timeout(
-                        &SocketAddr::from((CONTROL_PLANE_IP, 15012)),
-                        Duration::from_millis(200),
-                    )
-                    .is_ok()
-                },
-            )
-            .with_context(|| tail(&work.join("controlplane.log")))?;
 
-            eprintln!("==> in-pod capture rules (seed 004) in the meshed pods");
-            for pod in [&mesh_client, &mesh_server] {
-                install_capture(pod)?;
+            eprintln!("==> one node-mode dataplane per node, --inpod true");
+            let limit = nofile();
+            let captured_in = Instant::now();
+            let mut nodes = vec![];
+            for (netns, node) in [(&node_a.netns, "node-a"), (&node_b.netns, "node-b")] {
+                nodes.push(NodeDataplane::start(
+                    netns,
+                    node,
+                    grpc,
+                    &state,
+                    &work,
+                    Some(&limit),
+                    &[],
+                )?);
             }
-
-            eprintln!("==> one dataplane per meshed pod (dedicated mode)");
-            let mut proxies = vec![];
-            for (pod, name) in [(&mesh_client, "client"), (&mesh_server, "server")] {
-                let identity = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{name}");
-                let token = netns::run(
-                    Command::new(&controlplane_bin)
-                        .args(["token", "--identity", &identity])
-                        .arg("--state-dir")
-                        .arg(&state),
-                )?;
-                let token_file = work.join(format!("{name}.token"));
-                std::fs::write(&token_file, String::from_utf8(token.stdout)?.trim())?;
-                let log = work.join(format!("dataplane-{name}.log"));
-                let pid = netns::spawn(
-                    &format!("dataplane ({name} pod)"),
-                    netns::in_netns(&pod.netns, "prlimit")
-                        .arg(nofile())
-                        .arg(&dataplane_bin)
-                        .arg("run")
-                        .args([
-                            "--xds-address",
-                            &format!("https://{CONTROL_PLANE_IP}:15012"),
-                        ])
-                        .arg("--xds-root-ca")
-                        .arg(state.join("root-cert.pem"))
-                        .arg("--auth-token")
-                        .arg(&token_file)
-                        .args(["--proxy-mode", "dedicated"])
-                        .args([
-                            "--proxy-workload-info",
-                            &format!("{NAMESPACE}/{name}/{name}"),
-                        ])
-                        .args(["--node-name", NODE])
-                        .env("RUST_LOG", "info"),
-                    &log,
-                )?;
-                proxies.push(Proxy {
-                    pod: pod.clone(),
-                    pid,
-                    log,
-                });
-            }
-            for proxy in &proxies {
-                wait_for(
-                    &format!("{}'s dataplane to be ready", proxy.pod.netns),
-                    Duration::from_secs(30),
-                    || {
-                        ensure_alive(proxy).is_ok()
-                            && curl(&proxy.pod, "http://127.0.0.1:15021/healthz/ready").is_ok()
-                    },
-                )
-                .with_context(|| tail(&proxy.log))?;
-                let comm = std::fs::read_to_string(format!("/proc/{}/comm", proxy.pid))
-                    .unwrap_or_default();
-                ensure!(
-                    comm.trim() == "dataplane",
-                    "pid {} is {comm:?}, not the dataplane (ip netns exec / prlimit did not exec?)",
-                    proxy.pid
-                );
-            }
-            let [client_proxy, server_proxy]: [Proxy; 2] = proxies
+            let [a, b]: [NodeDataplane; 2] = nodes
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("two dataplanes"))?;
+            a.wait_captured(&[&format!("{NAMESPACE}/client")], Duration::from_secs(30))?;
+            b.wait_captured(&[&format!("{NAMESPACE}/server")], Duration::from_secs(30))?;
+            let captured_in = captured_in.elapsed();
+            for node in [&a, &b] {
+                let states = node.pod_states()?;
+                ensure!(
+                    !states
+                        .iter()
+                        .any(|(uid, _)| uid.contains(&format!("/{DIRECT_NAMESPACE}/"))),
+                    "the dataplane of {} took on a pod outside the mesh: {states:?}",
+                    node.node
+                );
+            }
 
-            let clk_tck = netns::run(Command::new("getconf").arg("CLK_TCK"))
-                .ok()
-                .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-                .unwrap_or(100.0);
             let mut bench = Bench {
                 seconds,
                 rounds: args.rounds.max(1),
                 connections,
                 work: work.clone(),
-                clk_tck,
                 mesh_client,
                 mesh_server,
                 direct_client,
                 direct_server,
-                proxies: [client_proxy, server_proxy],
+                nodes: [a, b],
                 bench_exe,
-                section: Section::new("Dataplane: meshed (two dataplanes, HBONE) vs direct"),
+                section: Section::new("dataplane", NAME),
+                cross_checks: vec![],
+                peak_under_load: [0, 0],
+                held: vec![],
             };
+            bench.section.note(format!(
+                "Capture: each node's agent found its enrolled pod's namespace by the pod's IP and \
+                 captured it (rules + listeners inside the pod); both pods were captured {:.1} s after \
+                 the first dataplane started; the pods outside the mesh were left alone.",
+                captured_in.as_secs_f64()
+            ));
             bench.measure()
         })();
-        if result.is_err() && !netns::interrupted() {
+        if result.is_err() && !lab::interrupted() {
             for name in [
-                "dataplane-client.log",
-                "dataplane-server.log",
+                "dataplane-node-a.log",
+                "dataplane-node-b.log",
                 "controlplane.log",
             ] {
                 let path = work.join(name);
                 if path.exists() {
-                    eprintln!("--- last lines of {name}:\n{}", tail(&path));
+                    eprintln!("--- last lines of {name}:\n{}", lab::tail(&path));
                 }
             }
         }
@@ -450,104 +345,118 @@ impl Bench {
         result
     }
 
+    fn pids(&self) -> [u32; 2] {
+        [self.nodes[0].pid, self.nodes[1].pid]
+    }
+
     fn measure(&mut self) -> anyhow::Result<Section> {
-        // Idle: ready, nothing carried yet.
+        // Idle: ready, pods captured, nothing carried yet.
         std::thread::sleep(Duration::from_secs(1));
-        let idle = [
-            rss_kib(Some(self.proxies[0].pid)),
-            rss_kib(Some(self.proxies[1].pid)),
-        ];
+        let idle = self.pids().map(|p| rss_kib(Some(p)));
 
         eprintln!("==> servers: nginx and iperf3 in both server pods");
         for pod in [self.direct_server.clone(), self.mesh_server.clone()] {
             self.start_servers(&pod)?;
         }
-        // The dataplanes' own connections (xDS and CA, made while the capture
-        // rules were already in place) must not have been captured.
-        for proxy in &self.proxies {
-            let c = self.scrape(proxy)?;
+        for node in &self.nodes {
+            let c = self.scrape(node)?;
             ensure!(
                 c.opened == 0.0 && c.refused == 0.0,
-                "the dataplane in {} proxied or refused connections before any test traffic \
-                 ({} opened, {} refused): its own control-plane connections were captured \
-                 (packet mark not set?)",
-                proxy.pod.netns,
+                "the dataplane of {} proxied or refused connections before any test traffic \
+                 ({} opened, {} refused): its own connections were captured (packet mark not set?)",
+                node.node,
                 c.opened,
                 c.refused
             );
         }
-        self.section.notes.push(
-            "Capture check: after startup (rules installed before the dataplanes started), neither \
-             dataplane had proxied or refused anything: their own control-plane connections carry \
-             mark 0x539 and were not redirected."
-                .to_owned(),
-        );
         // Smoke test: one request each way, the meshed one seen by both proxies.
         let url = |pod: &Pod| format!("http://{}:{NGINX_PORT}/index.html", pod.ip);
-        curl(&self.direct_client, &url(&self.direct_server)).context("direct smoke request")?;
+        lab::curl(&self.direct_client.netns, &url(&self.direct_server))
+            .context("direct smoke request")?;
         let (_, delta) = self.meshed(|| {
-            curl(&self.mesh_client, &url(&self.mesh_server)).context("meshed smoke request")
+            lab::curl(&self.mesh_client.netns, &url(&self.mesh_server))
+                .context("meshed smoke request")
         })?;
         let smoke = delta.check("smoke request", 1.0, None)?;
-        self.section.notes.push(smoke);
+        self.cross_checks.push(smoke);
 
+        // Idle connections first, while nothing else has grown the
+        // dataplanes' heaps: memory per connection is then its own.
+        self.idle_connections()?;
         self.bulk(1)?;
         self.bulk(4)?;
-        self.http("10 keep-alive connections", 10, false)?;
-        self.http("100 keep-alive connections", 100, false)?;
-        self.http("new connection per request", 10, true)?;
-        self.idle_connections(idle)?;
+        self.http("ka10", "10 keep-alive connections", 10, false)?;
+        self.http("ka100", "100 keep-alive connections", 100, false)?;
+        self.http("close", "new connection per request", 10, true)?;
+        self.memory_table(idle);
+        self.summarize();
+        Ok(std::mem::replace(&mut self.section, Section::new("", "")))
+    }
 
+    fn summarize(&mut self) {
         let s = &mut self.section;
         s.notes.insert(
             0,
             format!(
-                "Two pod network namespaces (client {MESH_CLIENT_IP}, server {MESH_SERVER_IP}) on a bridge, \
-                 each with Istio's in-pod capture rules (mangle TPROXY to 15006/15008, nat REDIRECT to 15001, \
-                 mark 0x539, connmark 0x111, local route table) and its own `dataplane run --proxy-mode \
-                 dedicated`; the control plane in a namespace of its own on the bridge ({CONTROL_PLANE_IP}:15012). Direct baseline: a second, \
-                 identical pair of namespaces ({DIRECT_CLIENT_IP}, {DIRECT_SERVER_IP}) on the same bridge, \
-                 no rules, no dataplanes; each test runs direct then meshed, back to back."
+                "Two nodes ({NODE_A_IP}, {NODE_B_IP}) and four pods as network namespaces on one bridge; \
+                 the control plane in a namespace of its own ({CONTROL_PLANE_IP}:15012) serving them from \
+                 a manifest folder. Each node runs `dataplane run --proxy-mode shared --inpod true`; \
+                 the meshed client pod ({MESH_CLIENT_IP}) is on node A, the meshed server pod \
+                 ({MESH_SERVER_IP}) on node B, both in an enrolled namespace. Direct baseline: a second \
+                 pair ({DIRECT_CLIENT_IP} on node A, {DIRECT_SERVER_IP} on node B) in a namespace that \
+                 is not enrolled; each test runs direct then meshed, back to back."
             ),
         );
         s.notes.insert(
             1,
             format!(
                 "{} s per test, {} round(s) (figures are medians over rounds; peak RSS the maximum); \
-                 2 cores shared by the load generator, the servers and both dataplanes. \
+                 the load generators, the servers and both dataplanes share the machine's cores. \
                  Ratios are meshed / direct (for latency and CPU, higher is worse).",
                 self.seconds, self.rounds
             ),
         );
-        s.notes.push(
+        s.note(
             "CPU: dataplanes' utime + stime from /proc/PID/stat over the meshed run; iperf3 client \
-             and server from its own cpu_utilization_percent. Memory: VmRSS."
-                .to_owned(),
+             and server from its own cpu_utilization_percent. Memory: VmRSS of each node's dataplane.",
         );
-        let ratio = |metric: &str| {
-            s.rows
-                .iter()
-                .find(|r| r.metric == metric)
-                .and_then(|r| r.ratio)
-                .map(|r| format!("{:.0}%", r * 100.0))
-                .unwrap_or_else(|| "?".into())
-        };
-        let idle_mib = s
-            .rows
-            .iter()
-            .find(|r| r.metric == "dataplane RSS idle (client pod)")
-            .map(|r| r.value)
-            .unwrap_or(0.0);
+        s.note(format!(
+            "Metrics cross-check (each meshed test against the dataplanes' own counters): {}.",
+            self.cross_checks.join("; ")
+        ));
+        let ratio = |id: &str| s.ratio(id).map(percent).unwrap_or_else(|| "?".into());
         let summary = format!(
             "{ZTUNNEL}. Here: bulk {} of direct, keep-alive requests {} (10 connections), \
              new-connection requests {}, {:.1} MB idle RSS.",
-            ratio("bulk, 1 stream: throughput"),
-            ratio("HTTP, 10 keep-alive connections: requests/s"),
-            ratio("HTTP, new connection per request: requests/s"),
-            idle_mib * 1.048_576,
+            ratio("bulk_1_gbps"),
+            ratio("http_ka10_rps"),
+            ratio("http_close_rps"),
+            s.value("rss_idle_client_mib").unwrap_or(f64::NAN) * 1.048_576,
         );
-        s.notes.push(summary);
-        Ok(std::mem::replace(s, Section::new("")))
+        s.note(summary);
+
+        let bars: Vec<Bar> = [
+            ("bulk_1_gbps", "bulk, 1 stream"),
+            ("bulk_4_gbps", "bulk, 4 streams"),
+            ("http_ka10_rps", "HTTP, 10 keep-alive connections"),
+            ("http_ka100_rps", "HTTP, 100 keep-alive connections"),
+            ("http_close_rps", "HTTP, new connection per request"),
+            ("setup_rate", "connection setup"),
+        ]
+        .iter()
+        .map(|(id, label)| Bar {
+            label: (*label).into(),
+            value: s.ratio(id).unwrap_or(f64::NAN) * 100.0,
+        })
+        .collect();
+        s.charts.push(Chart::bars(
+            "dataplane-ratios.svg",
+            "Meshed as % of direct (same run; 100% = no cost)",
+            "% of the direct pair's figure",
+            "%",
+            bars,
+            Some(100.0),
+        ));
     }
 
     fn start_servers(&self, pod: &Pod) -> anyhow::Result<()> {
@@ -559,9 +468,9 @@ impl Bench {
         std::fs::write(www.join("index.html"), "x".repeat(1024))?;
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, nginx_conf(&dir))?;
-        netns::spawn(
+        lab::spawn(
             &format!("nginx ({})", pod.netns),
-            netns::in_netns(&pod.netns, "nginx")
+            lab::in_netns(&pod.netns, "nginx")
                 .arg("-e")
                 .arg(dir.join("error.log"))
                 .arg("-p")
@@ -570,38 +479,27 @@ impl Bench {
                 .arg(&conf),
             &dir.join("stderr.log"),
         )?;
-        netns::spawn(
+        lab::spawn(
             &format!("iperf3 server ({})", pod.netns),
-            netns::in_netns(&pod.netns, "iperf3").args(["-s", "-p", &IPERF_PORT.to_string()]),
+            lab::in_netns(&pod.netns, "iperf3").args(["-s", "-p", &IPERF_PORT.to_string()]),
             &dir.join("iperf3.log"),
         )?;
         for port in [NGINX_PORT, IPERF_PORT] {
-            wait_listening(pod, port).with_context(|| tail(&dir.join("error.log")))?;
+            lab::wait_listening(&pod.netns, port)
+                .with_context(|| lab::tail(&dir.join("error.log")))?;
         }
         Ok(())
     }
 
-    fn scrape(&self, proxy: &Proxy) -> anyhow::Result<Counters> {
-        ensure_alive(proxy)?;
-        let text = curl(&proxy.pod, "http://127.0.0.1:15020/metrics")?;
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", proxy.pid))?;
-        // Fields after "(comm)": state is 0, utime 11, stime 12.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
+    fn scrape(&self, node: &NodeDataplane) -> anyhow::Result<Counters> {
+        node.ensure_alive()?;
+        let text = node.get("15020/metrics")?;
         Ok(Counters {
             opened: metric_sum(&text, "istio_tcp_connections_opened_total"),
             refused: metric_sum(&text, "meshbox_proxy_connections_refused_total"),
             received_bytes: metric_sum(&text, "istio_tcp_received_bytes_total"),
             active: metric_sum(&text, "meshbox_proxy_active_connections"),
-            cpu: (ticks(11) + ticks(12)) / self.clk_tck,
+            cpu: cpu_seconds(node.pid),
         })
     }
 
@@ -611,21 +509,17 @@ impl Bench {
         &self,
         test: impl FnOnce() -> anyhow::Result<T>,
     ) -> anyhow::Result<(T, MeshDelta)> {
-        let before = [
-            self.scrape(&self.proxies[0])?,
-            self.scrape(&self.proxies[1])?,
-        ];
+        let before = [self.scrape(&self.nodes[0])?, self.scrape(&self.nodes[1])?];
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(0));
+        let peaks = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let sampler = {
-            let (stop, peak) = (stop.clone(), peak.clone());
-            let pids = [self.proxies[0].pid, self.proxies[1].pid];
+            let (stop, peaks) = (stop.clone(), peaks.clone());
+            let pids = self.pids();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    peak.fetch_max(
-                        rss_kib(Some(pids[0])) + rss_kib(Some(pids[1])),
-                        Ordering::Relaxed,
-                    );
+                    for (peak, pid) in peaks.iter().zip(pids) {
+                        peak.fetch_max(rss_kib(Some(pid)), Ordering::Relaxed);
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                 }
             })
@@ -637,10 +531,7 @@ impl Bench {
         // Bytes are counted when a connection closes: wait for them.
         let deadline = Instant::now() + Duration::from_secs(10);
         let after = loop {
-            let after = [
-                self.scrape(&self.proxies[0])?,
-                self.scrape(&self.proxies[1])?,
-            ];
+            let after = [self.scrape(&self.nodes[0])?, self.scrape(&self.nodes[1])?];
             let settled = after.iter().zip(&before).all(|(a, b)| a.active <= b.active);
             if settled || Instant::now() > deadline {
                 break after;
@@ -652,9 +543,18 @@ impl Bench {
             MeshDelta {
                 client: after[0] - before[0],
                 server: after[1] - before[1],
-                peak_rss_kib: peak.load(Ordering::Relaxed),
+                peak_rss_kib: [
+                    peaks[0].load(Ordering::Relaxed),
+                    peaks[1].load(Ordering::Relaxed),
+                ],
             },
         ))
+    }
+
+    fn note_peak(&mut self, delta: &MeshDelta) {
+        for (peak, seen) in self.peak_under_load.iter_mut().zip(delta.peak_rss_kib) {
+            *peak = (*peak).max(seen);
+        }
     }
 
     fn bulk(&mut self, streams: u32) -> anyhow::Result<()> {
@@ -667,8 +567,7 @@ impl Bench {
         } else {
             format!("bulk, {streams} streams")
         };
-        // Per round: throughput, CPU per GB (all; dataplanes), peak RSS.
-        let (mut direct, mut meshed) = (Figures::default(), Figures::default());
+        let (mut direct, mut meshed) = (Samples::default(), Samples::default());
         for round in 0..self.rounds {
             let d = iperf(
                 &self.direct_client,
@@ -683,7 +582,8 @@ impl Bench {
                 f64::from(streams) + 1.0,
                 Some(m.bytes),
             )?;
-            self.section.notes.push(note);
+            self.cross_checks.push(note);
+            self.note_peak(&delta);
             direct.add("throughput", d.gbps());
             direct.add("cpu", 1000.0 * d.endpoint_cpu() / (d.bytes / 1e9));
             meshed.add("throughput", m.gbps());
@@ -692,35 +592,43 @@ impl Bench {
                 1000.0 * (m.endpoint_cpu() + delta.cpu()) / (m.bytes / 1e9),
             );
             meshed.add("dataplane cpu", 1000.0 * delta.cpu() / (m.bytes / 1e9));
-            meshed.add("peak rss", delta.peak_rss_kib as f64 / 1024.0);
+            meshed.add(
+                "peak rss",
+                (delta.peak_rss_kib[0] + delta.peak_rss_kib[1]) as f64 / 1024.0,
+            );
         }
+        let id = format!("bulk_{streams}");
         let s = &mut self.section;
         s.compared(
+            &format!("{id}_gbps"),
             &format!("{label}: throughput"),
             meshed.median("throughput"),
             direct.median("throughput"),
             "Gbit/s",
         );
         s.compared(
+            &format!("{id}_cpu_ms_per_gb"),
             &format!("{label}: CPU (endpoints + dataplanes) per GB"),
             meshed.median("cpu"),
             direct.median("cpu"),
             "ms/GB",
         );
         s.row(
+            &format!("{id}_dataplane_cpu_ms_per_gb"),
             &format!("{label}: CPU of both dataplanes per GB"),
             meshed.median("dataplane cpu"),
             "ms/GB",
         );
         s.row(
-            &format!("{label}: dataplanes' peak RSS (client + server)"),
+            &format!("{id}_peak_rss_mib"),
+            &format!("{label}: dataplanes' peak RSS (client + server node)"),
             meshed.max("peak rss"),
             "MiB",
         );
         Ok(())
     }
 
-    fn http(&mut self, label: &str, connections: u32, close: bool) -> anyhow::Result<()> {
+    fn http(&mut self, id: &str, label: &str, connections: u32, close: bool) -> anyhow::Result<()> {
         eprintln!(
             "==> wrk, {label}, {} s each way, {} round(s)",
             self.seconds, self.rounds
@@ -728,7 +636,7 @@ impl Bench {
         let run = |client: &Pod, server: &Pod, seconds: u64| {
             wrk(client, server, connections, close, seconds)
         };
-        let (mut direct, mut meshed) = (Figures::default(), Figures::default());
+        let (mut direct, mut meshed) = (Samples::default(), Samples::default());
         for round in 0..self.rounds {
             // A short warm-up on each side (pools, nginx workers), not measured.
             run(&self.direct_client, &self.direct_server, 1)?;
@@ -751,17 +659,22 @@ impl Bench {
                 f64::from(connections)
             };
             let note = delta.check(&format!("wrk {label}, round {}", round + 1), expected, None)?;
-            self.section.notes.push(note);
-            for (figures, w) in [(&mut direct, &d), (&mut meshed, &m)] {
-                figures.add("requests/s", w.rps);
-                figures.add("p50", w.p50_ms * 1000.0);
-                figures.add("p90", w.p90_ms * 1000.0);
-                figures.add("p99", w.p99_ms * 1000.0);
+            self.cross_checks.push(note);
+            self.note_peak(&delta);
+            for (samples, w) in [(&mut direct, &d), (&mut meshed, &m)] {
+                samples.add("requests/s", w.rps);
+                samples.add("p50", w.p50_ms * 1000.0);
+                samples.add("p90", w.p90_ms * 1000.0);
+                samples.add("p99", w.p99_ms * 1000.0);
             }
-            meshed.add("peak rss", delta.peak_rss_kib as f64 / 1024.0);
+            meshed.add(
+                "peak rss",
+                (delta.peak_rss_kib[0] + delta.peak_rss_kib[1]) as f64 / 1024.0,
+            );
         }
         let s = &mut self.section;
         s.compared(
+            &format!("http_{id}_rps"),
             &format!("HTTP, {label}: requests/s"),
             meshed.median("requests/s"),
             direct.median("requests/s"),
@@ -769,145 +682,222 @@ impl Bench {
         );
         for name in ["p50", "p90", "p99"] {
             s.compared(
+                &format!("http_{id}_{name}_us"),
                 &format!("HTTP, {label}: {name} latency"),
                 meshed.median(name),
                 direct.median(name),
                 "µs",
             );
         }
-        if !close {
-            s.row(
-                &format!("HTTP, {label}: dataplanes' peak RSS (client + server)"),
-                meshed.max("peak rss"),
-                "MiB",
-            );
-        }
+        s.row(
+            &format!("http_{id}_peak_rss_mib"),
+            &format!("HTTP, {label}: dataplanes' peak RSS (client + server node)"),
+            meshed.max("peak rss"),
+            "MiB",
+        );
         Ok(())
     }
 
-    fn idle_connections(&mut self, idle: [u64; 2]) -> anyhow::Result<()> {
+    fn idle_connections(&mut self) -> anyhow::Result<()> {
         let n = self.connections;
-        eprintln!("==> {n} idle connections held open end to end");
-        let direct_rate = self.hold(
-            &self.direct_client.clone(),
-            &self.direct_server.clone(),
-            n,
-            |_| Ok(()),
-        )?;
-        let before = [
-            rss_kib(Some(self.proxies[0].pid)),
-            rss_kib(Some(self.proxies[1].pid)),
-        ];
-        let mut held = [0u64; 2];
+        eprintln!("==> {n} idle connections held open end to end, in {HOLD_STEPS} steps");
+        let (direct_client, direct_server) =
+            (self.direct_client.clone(), self.direct_server.clone());
+        let (mesh_client, mesh_server) = (self.mesh_client.clone(), self.mesh_server.clone());
+        let direct_rate = self.hold(&direct_client, &direct_server, n, |_, _| Ok(()))?;
+        let before = self.pids().map(|p| rss_kib(Some(p)));
+        let mut steps: Vec<(usize, [u64; 2])> = vec![(0, before)];
         let mut active = [0f64; 2];
-        let mesh_rate = self.hold(
-            &self.mesh_client.clone(),
-            &self.mesh_server.clone(),
-            n,
-            |b| {
-                // Let allocations settle, then read memory with all of them open.
-                std::thread::sleep(Duration::from_secs(1));
-                held = [
-                    rss_kib(Some(b.proxies[0].pid)),
-                    rss_kib(Some(b.proxies[1].pid)),
-                ];
-                active = [
-                    b.scrape(&b.proxies[0])?.active,
-                    b.scrape(&b.proxies[1])?.active,
-                ];
-                Ok(())
-            },
-        )?;
+        let mesh_rate = self.hold(&mesh_client, &mesh_server, n, |b, held| {
+            // Let allocations settle, then read memory with all of them open.
+            std::thread::sleep(Duration::from_secs(1));
+            steps.push((held, b.pids().map(|p| rss_kib(Some(p)))));
+            if held == n {
+                active = [b.scrape(&b.nodes[0])?.active, b.scrape(&b.nodes[1])?.active];
+            }
+            Ok(())
+        })?;
         for (side, a) in ["client", "server"].iter().zip(active) {
             ensure!(
                 a >= n as f64,
-                "the {side} dataplane had {a} active connections with {n} held open: \
+                "the {side} node's dataplane had {a} active connections with {n} held open: \
                  the connections did not go through the mesh"
             );
         }
-        let s = &mut self.section;
-        s.notes.push(format!(
-            "{n} idle connections: dataplanes reported {}/{} active (client/server)",
-            active[0], active[1]
+        self.cross_checks.push(format!(
+            "{} idle connections: dataplanes reported {}/{} active (client/server node)",
+            num(n as f64),
+            active[0],
+            active[1]
         ));
-        s.compared(
-            &format!("connection setup ({n} connections, {HOLD_BATCH} at a time, first byte back)"),
+        self.section.compared(
+            "setup_rate",
+            &format!(
+                "connection setup ({} connections, {HOLD_BATCH} at a time, first byte back)",
+                num(n as f64)
+            ),
             mesh_rate,
             direct_rate,
             "conn/s",
         );
-        for (i, side) in ["client", "server"].iter().enumerate() {
-            s.row(
-                &format!("dataplane RSS idle ({side} pod)"),
-                idle[i] as f64 / 1024.0,
-                "MiB",
-            );
-        }
-        for (i, side) in ["client", "server"].iter().enumerate() {
-            s.row(
-                &format!("dataplane RSS with {n} idle connections ({side} pod)"),
-                held[i] as f64 / 1024.0,
-                "MiB",
-            );
-            s.row(
-                &format!("dataplane memory per idle connection ({side} pod)"),
-                (held[i] as f64 - before[i] as f64) / n as f64,
-                "KiB/conn",
-            );
-        }
+        let series = |i: usize, name: &str| {
+            Series::new(
+                name,
+                steps
+                    .iter()
+                    .map(|(k, r)| (*k as f64, r[i] as f64 / 1024.0))
+                    .collect(),
+            )
+        };
+        self.section.charts.push(Chart::lines(
+            "dataplane-memory.svg",
+            "Dataplane resident memory vs idle tunneled connections",
+            "idle connections held open end to end",
+            "RSS (MiB)",
+            vec![series(0, "client node"), series(1, "server node")],
+        ));
+        self.held = steps;
         Ok(())
     }
 
-    /// Holds `n` connections from `client` to `server`, calls `while_held`,
-    /// releases them; returns the setup rate (connections per second).
+    /// The memory figures: idle, under load, with the idle connections
+    /// held (per connection: the slope of RSS over the steps, so memory
+    /// the allocator had cached does not count as free).
+    fn memory_table(&mut self, idle: [u64; 2]) {
+        let n = self.connections;
+        let Some(&(_, held)) = self.held.last() else {
+            return;
+        };
+        let s = &mut self.section;
+        s.note(format!(
+            "Memory per idle connection: the slope of each dataplane's RSS over {} steps of {} \
+             connections held open (a pooled HBONE stream each on the client node; an inbound \
+             stream plus the connection to the app on the server node).",
+            HOLD_STEPS,
+            num((n / HOLD_STEPS) as f64)
+        ));
+        let mut memory = Table {
+            title: "Dataplane resident memory".into(),
+            columns: vec![
+                "node".into(),
+                "idle".into(),
+                "under load (peak)".into(),
+                format!("with {} idle connections", num(n as f64)),
+                "per 1 000 idle connections".into(),
+                "per idle connection".into(),
+            ],
+            rows: vec![],
+        };
+        for (i, side) in ["client", "server"].iter().enumerate() {
+            let points: Vec<(f64, f64)> = self
+                .held
+                .iter()
+                .map(|(k, r)| (*k as f64, r[i] as f64))
+                .collect();
+            let per_conn_kib = slope(&points);
+            s.table_row(
+                &format!("rss_idle_{side}_mib"),
+                &format!("dataplane RSS idle ({side} node)"),
+                idle[i] as f64 / 1024.0,
+                "MiB",
+            );
+            s.table_row(
+                &format!("rss_load_{side}_mib"),
+                &format!("dataplane RSS under load, peak over all tests ({side} node)"),
+                self.peak_under_load[i] as f64 / 1024.0,
+                "MiB",
+            );
+            s.table_row(
+                &format!("rss_held_{side}_mib"),
+                &format!("dataplane RSS with {n} idle connections ({side} node)"),
+                held[i] as f64 / 1024.0,
+                "MiB",
+            );
+            s.table_row(
+                &format!("mib_per_1000_idle_{side}"),
+                &format!("dataplane memory per 1 000 idle tunneled connections ({side} node)"),
+                per_conn_kib * 1000.0 / 1024.0,
+                "MiB",
+            );
+            s.table_row(
+                &format!("kib_per_idle_connection_{side}"),
+                &format!("dataplane memory per idle tunneled connection ({side} node)"),
+                per_conn_kib,
+                "KiB",
+            );
+            memory.rows.push(vec![
+                (*side).into(),
+                format!("{} MiB", num(idle[i] as f64 / 1024.0)),
+                format!("{} MiB", num(self.peak_under_load[i] as f64 / 1024.0)),
+                format!("{} MiB", num(held[i] as f64 / 1024.0)),
+                format!("{} MiB", num(per_conn_kib * 1000.0 / 1024.0)),
+                format!("{} KiB", num(per_conn_kib)),
+            ]);
+        }
+        s.tables.push(memory);
+    }
+
+    /// Holds `n` connections from `client` to `server`, opened in
+    /// [`HOLD_STEPS`] steps with `at_step(self, held so far)` after each;
+    /// releases them; returns the setup rate (connections per second of
+    /// opening time).
     fn hold(
         &self,
         client: &Pod,
         server: &Pod,
         n: usize,
-        mut while_held: impl FnMut(&Self) -> anyhow::Result<()>,
+        mut at_step: impl FnMut(&Self, usize) -> anyhow::Result<()>,
     ) -> anyhow::Result<f64> {
         let listen = SocketAddr::from((server.ip, HOLD_PORT));
-        let server_pid = netns::spawn(
+        let server_pid = lab::spawn(
             "connection holder (server)",
-            netns::in_netns(&server.netns, "prlimit")
+            lab::in_netns(&server.netns, "prlimit")
                 .arg(nofile())
                 .arg(&self.bench_exe)
-                .args(["dataplane", "--hold-listen", &listen.to_string()]),
+                .args(["hold", "--listen", &listen.to_string()]),
             &self.work.join(format!("hold-server-{}.log", server.ip)),
         )?;
+        let mut clients = vec![];
         let result = (|| {
-            wait_listening(server, HOLD_PORT)?;
-            let log = self.work.join(format!("hold-client-{}.log", client.ip));
-            let (client_pid, stdout) = netns::spawn_piped(
-                "connection holder (client)",
-                netns::in_netns(&client.netns, "prlimit")
-                    .arg(nofile())
-                    .arg(&self.bench_exe)
-                    .args(["dataplane", "--hold-connect", &listen.to_string()])
-                    .args(["--hold-count", &n.to_string()]),
-                &log,
-            )?;
-            let line = netns::read_line_timeout(stdout, Duration::from_secs(180));
-            let result = match line.as_deref().and_then(|l| l.strip_prefix("ready ")) {
-                Some(rest) => {
-                    let secs: f64 = rest
-                        .split_whitespace()
-                        .nth(1)
-                        .and_then(|s| s.parse().ok())
-                        .context("holder output")?;
-                    while_held(self).map(|()| n as f64 / secs)
-                }
-                None => Err(anyhow::anyhow!(
-                    "holding {n} connections from {} to {listen} failed: {}",
-                    client.netns,
-                    line.unwrap_or_else(|| tail(&log))
-                )),
-            };
-            netns::stop(client_pid, Duration::from_secs(5));
-            result
+            lab::wait_listening(&server.netns, HOLD_PORT)?;
+            let (mut held, mut opening) = (0, 0.0);
+            for step in 0..HOLD_STEPS {
+                let count = n * (step + 1) / HOLD_STEPS - held;
+                let log = self
+                    .work
+                    .join(format!("hold-client-{}-{step}.log", client.ip));
+                let (pid, stdout) = lab::spawn_piped(
+                    "connection holder (client)",
+                    lab::in_netns(&client.netns, "prlimit")
+                        .arg(nofile())
+                        .arg(&self.bench_exe)
+                        .args(["hold", "--connect", &listen.to_string()])
+                        .args(["--count", &count.to_string()]),
+                    &log,
+                )?;
+                clients.push(pid);
+                let line = lab::read_line_timeout(stdout, Duration::from_secs(180));
+                let Some(rest) = line.as_deref().and_then(|l| l.strip_prefix("ready ")) else {
+                    bail!(
+                        "holding {count} more connections from {} to {listen} failed: {}",
+                        client.netns,
+                        line.unwrap_or_else(|| lab::tail(&log))
+                    );
+                };
+                opening += rest
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .context("holder output")?;
+                held += count;
+                at_step(self, held)?;
+            }
+            Ok(n as f64 / opening)
         })();
-        netns::stop(server_pid, Duration::from_secs(5));
+        for pid in clients {
+            lab::stop(pid, Duration::from_secs(5));
+        }
+        lab::stop(server_pid, Duration::from_secs(5));
         result
     }
 }
@@ -926,179 +916,6 @@ fn nofile() -> String {
     let n = NOFILE.min(hard);
     format!("--nofile={n}:{n}")
 }
-
-/// One figure's values over the rounds of a test.
-#[derive(Default)]
-struct Figures(Vec<(&'static str, f64)>);
-
-impl Figures {
-    fn add(&mut self, name: &'static str, value: f64) {
-        self.0.push((name, value));
-    }
-
-    fn values(&self, name: &str) -> Vec<f64> {
-        let mut v: Vec<f64> = self
-            .0
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        v
-    }
-
-    /// The median (the mean of the middle two for an even count).
-    fn median(&self, name: &str) -> f64 {
-        let v = self.values(name);
-        match v.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
-    }
-
-    fn max(&self, name: &str) -> f64 {
-        self.values(name).last().copied().unwrap_or(0.0)
-    }
-}
-
-fn ensure_alive(proxy: &Proxy) -> anyhow::Result<()> {
-    ensure!(
-        netns::alive(proxy.pid),
-        "the dataplane in {} exited:\n{}",
-        proxy.pod.netns,
-        tail(&proxy.log)
-    );
-    Ok(())
-}
-
-/// GET `url` from inside `pod` (loopback or over the pod's network).
-fn curl(pod: &Pod, url: &str) -> anyhow::Result<String> {
-    let out =
-        netns::run(netns::in_netns(&pod.netns, "curl").args(["-sSf", "--max-time", "10", url]))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !ready() {
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-/// Waits until something listens on `port` inside `pod` (asked with `ss`:
-/// a connection attempt from outside would be captured by the proxy).
-fn wait_listening(pod: &Pod, port: u16) -> anyhow::Result<()> {
-    wait_for(
-        &format!("port {port} in {}", pod.netns),
-        Duration::from_secs(15),
-        || {
-            netns::run(netns::in_netns(&pod.netns, "ss").args([
-                "-Htln",
-                "sport",
-                "=",
-                &format!(":{port}"),
-            ]))
-            .is_ok_and(|o| !o.stdout.is_empty())
-        },
-    )
-}
-
-/// The last lines of a log file.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-/// Sum of a metric over all its label sets in Prometheus text.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            if !(rest.starts_with('{') || rest.starts_with(' ')) {
-                return None;
-            }
-            line.rsplit(' ').next()?.parse::<f64>().ok()
-        })
-        .sum()
-}
-
-/// Istio's in-pod redirection (seed 004), applied with iptables-restore
-/// inside the pod's namespace, plus the policy route that delivers
-/// TPROXY-marked packets (and the app's replies to spoofed sources) locally.
-fn install_capture(pod: &Pod) -> anyhow::Result<()> {
-    netns::run_with_input(
-        &mut netns::in_netns(&pod.netns, "iptables-restore"),
-        CAPTURE_RULES,
-    )
-    .context("installing the capture rules (needs the xt_TPROXY, xt_connmark, xt_mark modules)")?;
-    netns::run(netns::in_netns(&pod.netns, "ip").args([
-        "rule",
-        "add",
-        "fwmark",
-        "0x111/0xfff",
-        "pref",
-        "32764",
-        "lookup",
-        "100",
-    ]))?;
-    netns::run(netns::in_netns(&pod.netns, "ip").args([
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ]))?;
-    let saved = netns::run(&mut netns::in_netns(&pod.netns, "iptables-save"))?;
-    ensure!(
-        String::from_utf8_lossy(&saved.stdout).contains("TPROXY"),
-        "capture rules missing in {} after iptables-restore",
-        pod.netns
-    );
-    Ok(())
-}
-
-/// What `iptables-save` shows in an ambient pod (seed 004).
-const CAPTURE_RULES: &str = "\
-*mangle
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:ISTIO_OUTPUT - [0:0]
-:ISTIO_PRERT - [0:0]
--A PREROUTING -j ISTIO_PRERT
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
--A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
--A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
--A ISTIO_PRERT ! -d 127.0.0.1/32 -i lo -p tcp -j ACCEPT
--A ISTIO_PRERT -p tcp -m tcp --dport 15008 -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15008 --on-ip 0.0.0.0 --tproxy-mark 0x111/0xfff
--A ISTIO_PRERT -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x111/0xfff
-COMMIT
-*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:ISTIO_OUTPUT - [0:0]
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
--A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
-COMMIT
-";
 
 fn nginx_conf(dir: &Path) -> String {
     let d = dir.display();
@@ -1124,7 +941,14 @@ http {{
     )
 }
 
-fn pod_yaml(out: &mut String, namespace: &str, name: &str, ip: Ipv4Addr, ports: &[(&str, u16)]) {
+fn pod_yaml(
+    out: &mut String,
+    namespace: &str,
+    name: &str,
+    node: &str,
+    ip: Ipv4Addr,
+    ports: &[(&str, u16)],
+) {
     let _ = write!(
         out,
         "---
@@ -1137,7 +961,7 @@ metadata:
   labels:
     app: {name}
 spec:
-  nodeName: {NODE}
+  nodeName: {node}
   serviceAccountName: {name}
   containers:
   - name: {name}
@@ -1172,8 +996,8 @@ fn manifests_yaml(mc: &Pod, ms: &Pod, dc: &Pod, ds: &Pod) -> String {
     ];
     let mut out = format!(
         "# Written by `bench dataplane`: the pods of its network lab.
-# {NAMESPACE}: client and server, captured, each with a dedicated dataplane.
-# {NAMESPACE}-direct: the same pair without the mesh (the baseline).
+# {NAMESPACE}: client (node-a) and server (node-b), captured by their nodes' dataplanes.
+# {DIRECT_NAMESPACE}: the same pair without the mesh (the baseline).
 apiVersion: v1
 kind: Namespace
 metadata:
@@ -1184,22 +1008,24 @@ metadata:
 apiVersion: v1
 kind: Namespace
 metadata:
-  name: {NAMESPACE}-direct
+  name: {DIRECT_NAMESPACE}
 "
     );
-    pod_yaml(&mut out, NAMESPACE, "client", mc.ip, &[]);
-    pod_yaml(&mut out, NAMESPACE, "server", ms.ip, &server_ports);
+    pod_yaml(&mut out, NAMESPACE, "client", "node-a", mc.ip, &[]);
     pod_yaml(
         &mut out,
-        &format!("{NAMESPACE}-direct"),
-        "client",
-        dc.ip,
-        &[],
-    );
-    pod_yaml(
-        &mut out,
-        &format!("{NAMESPACE}-direct"),
+        NAMESPACE,
         "server",
+        "node-b",
+        ms.ip,
+        &server_ports,
+    );
+    pod_yaml(&mut out, DIRECT_NAMESPACE, "client", "node-a", dc.ip, &[]);
+    pod_yaml(
+        &mut out,
+        DIRECT_NAMESPACE,
+        "server",
+        "node-b",
         ds.ip,
         &server_ports,
     );
@@ -1245,7 +1071,7 @@ impl Iperf {
 }
 
 fn iperf(client: &Pod, server: &Pod, streams: u32, seconds: u64) -> anyhow::Result<Iperf> {
-    let out = netns::output(netns::in_netns(&client.netns, "iperf3").args([
+    let out = lab::output(lab::in_netns(&client.netns, "iperf3").args([
         "-c",
         &server.ip.to_string(),
         "-p",
@@ -1292,7 +1118,7 @@ fn wrk(
     close: bool,
     seconds: u64,
 ) -> anyhow::Result<Wrk> {
-    let mut cmd = netns::in_netns(&client.netns, "wrk");
+    let mut cmd = lab::in_netns(&client.netns, "wrk");
     cmd.args([
         "-t",
         "2",
@@ -1306,7 +1132,7 @@ fn wrk(
         cmd.args(["-H", "Connection: close"]);
     }
     cmd.arg(format!("http://{}:{NGINX_PORT}/index.html", server.ip));
-    let out = netns::run(&mut cmd)?;
+    let out = lab::run(&mut cmd)?;
     parse_wrk(&String::from_utf8_lossy(&out.stdout))
 }
 
@@ -1363,9 +1189,19 @@ fn duration_ms(v: &str) -> anyhow::Result<f64> {
     })
 }
 
-/// The server side of the idle-connection test: accepts, sends one byte
-/// (so the client knows the connection reached here), holds it.
-async fn hold_listen(addr: SocketAddr) -> anyhow::Result<Infallible> {
+/// `bench hold`: the two sides of the idle-connection test; runs until
+/// killed.
+pub async fn hold(args: HoldArgs) -> anyhow::Result<()> {
+    match (args.listen, args.connect) {
+        (Some(addr), None) => hold_listen(addr).await,
+        (None, Some(addr)) => hold_connect(addr, args.count).await,
+        _ => bail!("give one of --listen and --connect"),
+    }
+}
+
+/// The server side: accepts, sends one byte (so the client knows the
+/// connection reached here), holds it.
+async fn hold_listen(addr: SocketAddr) -> anyhow::Result<()> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
@@ -1389,7 +1225,7 @@ async fn hold_listen(addr: SocketAddr) -> anyhow::Result<Infallible> {
 /// The client side: opens `count` connections, `HOLD_BATCH` at a time,
 /// each complete when the server's byte came back; prints
 /// `ready COUNT SECONDS` and holds them until killed.
-async fn hold_connect(addr: SocketAddr, count: usize) -> anyhow::Result<Infallible> {
+async fn hold_connect(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt;
     let start = Instant::now();
     let mut held = Vec::with_capacity(count);
@@ -1457,27 +1293,19 @@ Transfer/sec:     48.07MB
     }
 
     #[test]
-    fn medians_over_rounds() {
-        let mut f = Figures::default();
-        for v in [3.0, 1.0, 2.0] {
-            f.add("a", v);
-        }
-        f.add("b", 4.0);
-        f.add("b", 1.0);
-        assert_eq!(f.median("a"), 2.0);
-        assert_eq!(f.median("b"), 2.5);
-        assert_eq!(f.max("a"), 3.0);
-        assert_eq!(f.median("none"), 0.0);
-    }
-
-    #[test]
-    fn sums_metrics_over_labels() {
-        let text = "# HELP istio_tcp_connections_opened The total\n\
-            istio_tcp_connections_opened_total{reporter=\"source\",a=\"b c\"} 3\n\
-            istio_tcp_connections_opened_total{reporter=\"destination\"} 4\n\
-            istio_tcp_connections_opened_totalx 100\n\
-            meshbox_proxy_active_connections 7\n# EOF\n";
-        assert_eq!(metric_sum(text, "istio_tcp_connections_opened_total"), 7.0);
-        assert_eq!(metric_sum(text, "meshbox_proxy_active_connections"), 7.0);
+    fn manifests_put_each_pair_on_both_nodes() {
+        let pod = |ip| Pod {
+            netns: "x".into(),
+            ip,
+        };
+        let yaml = manifests_yaml(
+            &pod(MESH_CLIENT_IP),
+            &pod(MESH_SERVER_IP),
+            &pod(DIRECT_CLIENT_IP),
+            &pod(DIRECT_SERVER_IP),
+        );
+        assert_eq!(yaml.matches("nodeName: node-a").count(), 2);
+        assert_eq!(yaml.matches("nodeName: node-b").count(), 2);
+        assert_eq!(yaml.matches("istio.io/dataplane-mode: ambient").count(), 1);
     }
 }

@@ -1,16 +1,17 @@
-//! A throwaway network lab for benchmarks: a bridge in the root network
-//! namespace, "pod" network namespaces each with a veth to it, processes
-//! started inside them, and the guarantee that all of it goes away again —
-//! on success, on error, on panic (a [`Guard`]'s `Drop`) and on
-//! Ctrl-C/SIGTERM ([`cleanup_on_signal`]).
+//! A throwaway network lab for benchmarks: network namespaces ("nodes",
+//! "pods"), optionally a bridge in the root namespace with a veth to each
+//! pod, processes started inside them, and the guarantee that all of it goes
+//! away again — on success, on error, on panic (a [`Guard`]'s `Drop`) and on
+//! Ctrl-C/SIGTERM ([`run_blocking`]).
 //!
 //! Everything created is recorded in one process-wide registry *before* it
 //! is created, so a failure half-way through still removes what exists.
 //! Children run in their own process group: a Ctrl-C reaches only this
 //! process, which then stops them in order instead of racing them.
 //!
-//! Names carry this process's id (`mbx-<pid>-<pod>`, `mbxbr<pid>`), so a
-//! later run recognises what a killed run left behind ([`sweep_stale`]).
+//! Names carry a prefix and this process's id (`mbx-<pid>-<pod>`,
+//! `mbxbr<pid>`; the capture benchmark uses `mbc`), so a later run
+//! recognises what a killed run left behind ([`sweep_stale`]).
 
 use std::io::Read;
 use std::net::Ipv4Addr;
@@ -140,6 +141,11 @@ pub fn cleanup() {
     for dir in &taken.dirs {
         let _ = std::fs::remove_dir_all(dir);
     }
+    // The next part of `bench all` may build a lab of its own; after a
+    // signal nothing new starts.
+    if !interrupted() {
+        CLOSING.store(false, Ordering::SeqCst);
+    }
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -209,33 +215,6 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = child.wait_with_output();
     registry().running.retain(|p| *p != pid);
     Ok(out?)
-}
-
-/// Runs a short command with `input` on its stdin.
-pub fn run_with_input(cmd: &mut Command, input: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    check_open()?;
-    cmd.process_group(0)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
-    let pid = child.id();
-    registry().running.push(pid);
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(input.as_bytes())?;
-    }
-    let out = child.wait_with_output();
-    registry().running.retain(|p| *p != pid);
-    let out = out?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Starts a long-running child, stdout and stderr appended to `log`;
@@ -308,23 +287,33 @@ pub fn in_netns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// The name prefixes of this crate's labs (`bench dataplane`: `mbx`,
+/// `bench capture`: `mbc`).
+const PREFIXES: [&str; 2] = ["mbx", "mbc"];
+
 /// Removes namespaces and links that an earlier run of this program left
 /// behind when it was killed without a chance to clean up (its pid, part
 /// of every name, is gone).
 pub fn sweep_stale() {
     let alive = |pid: &str| Path::new(&format!("/proc/{pid}")).exists();
+    let stale_pid = |name: &str, sep: &str| {
+        PREFIXES.iter().find_map(|p| {
+            let rest = name.strip_prefix(p)?.strip_prefix(sep)?;
+            let pid = if sep == "-" {
+                rest.split('-').next()?
+            } else {
+                rest
+            };
+            (!pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) && !alive(pid))
+                .then_some(())
+        })
+    };
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let Some(name) = line.split_whitespace().next() else {
                 continue;
             };
-            let Some(pid) = name
-                .strip_prefix("mbx-")
-                .and_then(|rest| rest.split('-').next())
-            else {
-                continue;
-            };
-            if pid.chars().all(|c| c.is_ascii_digit()) && !alive(pid) {
+            if stale_pid(name, "-").is_some() {
                 eprintln!("removing network namespace {name} left by an earlier run");
                 kill_netns_pids(name);
                 quiet(Command::new("ip").args(["netns", "del", name]));
@@ -337,10 +326,7 @@ pub fn sweep_stale() {
                 continue;
             };
             let name = name.split('@').next().unwrap_or(name);
-            let Some(pid) = name.strip_prefix("mbxbr") else {
-                continue;
-            };
-            if pid.chars().all(|c| c.is_ascii_digit()) && !alive(pid) {
+            if stale_pid(name, "br").is_some() {
                 eprintln!("removing bridge {name} left by an earlier run");
                 quiet(Command::new("ip").args(["link", "del", name]));
             }
@@ -348,12 +334,12 @@ pub fn sweep_stale() {
     }
 }
 
-/// A bridge in the root namespace with an address, the pods' gateway.
+/// Network namespaces named `{prefix}-{pid}-{tag}`, and optionally a bridge
+/// `{prefix}br{pid}` in the root namespace, the pods' gateway.
 pub struct Lab {
     id: u32,
-    pub bridge: String,
-    pub bridge_ip: Ipv4Addr,
-    pub prefix_len: u8,
+    prefix: &'static str,
+    bridge: Option<(String, u8)>,
 }
 
 /// A pod network namespace with one veth on the bridge.
@@ -364,63 +350,298 @@ pub struct Pod {
 }
 
 impl Lab {
-    /// Creates the bridge; the returned guard removes the whole lab.
-    pub fn create(bridge_ip: Ipv4Addr, prefix_len: u8) -> anyhow::Result<(Guard, Lab)> {
+    /// Starts a lab (after removing what killed runs left); the returned
+    /// guard removes all of it. With `bridge`, a bridge at that address.
+    pub fn create(
+        prefix: &'static str,
+        bridge: Option<(Ipv4Addr, u8)>,
+    ) -> anyhow::Result<(Guard, Lab)> {
         let guard = Guard(());
         sweep_stale();
-        let taken = run(Command::new("ip").args(["-o", "-4", "addr", "show"]))?;
-        if String::from_utf8_lossy(&taken.stdout).contains(&format!(" {bridge_ip}/")) {
-            bail!(
-                "{bridge_ip} is already assigned in the root network namespace (another run of \
-                 this benchmark?); stop it or remove that address first"
-            );
-        }
         let id = std::process::id();
-        let bridge = format!("mbxbr{id}");
-        registry().links.push(bridge.clone());
-        run(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]))?;
-        run(Command::new("ip").args([
-            "addr",
-            "add",
-            &format!("{bridge_ip}/{prefix_len}"),
-            "dev",
-            &bridge,
-        ]))?;
-        run(Command::new("ip").args(["link", "set", &bridge, "up"]))?;
-        Ok((
-            guard,
-            Lab {
-                id,
-                bridge,
-                bridge_ip,
-                prefix_len,
-            },
-        ))
+        let mut lab = Lab {
+            id,
+            prefix,
+            bridge: None,
+        };
+        if let Some((bridge_ip, prefix_len)) = bridge {
+            let taken = run(Command::new("ip").args(["-o", "-4", "addr", "show"]))?;
+            if String::from_utf8_lossy(&taken.stdout).contains(&format!(" {bridge_ip}/")) {
+                bail!(
+                    "{bridge_ip} is already assigned in the root network namespace (another run of \
+                     this benchmark?); stop it or remove that address first"
+                );
+            }
+            let name = format!("{prefix}br{id}");
+            registry().links.push(name.clone());
+            run(Command::new("ip").args(["link", "add", &name, "type", "bridge"]))?;
+            run(Command::new("ip").args([
+                "addr",
+                "add",
+                &format!("{bridge_ip}/{prefix_len}"),
+                "dev",
+                &name,
+            ]))?;
+            run(Command::new("ip").args(["link", "set", &name, "up"]))?;
+            lab.bridge = Some((name, prefix_len));
+        }
+        Ok((guard, lab))
     }
 
-    /// A pod namespace `tag` (≤ 4 characters) at `ip`.
-    pub fn add_pod(&self, tag: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
-        let netns = format!("mbx-{}-{tag}", self.id);
-        let host = format!("mbx{}{tag}", self.id);
-        anyhow::ensure!(host.len() <= 15, "interface name {host} too long");
+    pub fn bridge_name(&self) -> Option<&str> {
+        self.bridge.as_ref().map(|(n, _)| n.as_str())
+    }
+
+    /// The namespace name for `tag`.
+    pub fn netns_name(&self, tag: &str) -> String {
+        format!("{}-{}-{tag}", self.prefix, self.id)
+    }
+
+    /// A network namespace `tag` with its loopback up.
+    pub fn add_netns(&self, tag: &str) -> anyhow::Result<String> {
+        let netns = self.netns_name(tag);
         registry().netns.push(netns.clone());
         run(Command::new("ip").args(["netns", "add", &netns]))?;
+        run(in_netns(&netns, "ip").args(["link", "set", "lo", "up"]))?;
+        Ok(netns)
+    }
+
+    /// A pod namespace `tag` (≤ 4 characters) at `ip`, on the bridge.
+    pub fn add_pod(&self, tag: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
+        let Some((bridge, prefix_len)) = &self.bridge else {
+            bail!("this lab has no bridge");
+        };
+        let host = format!("{}{}{tag}", self.prefix, self.id);
+        anyhow::ensure!(host.len() <= 15, "interface name {host} too long");
+        let netns = self.add_netns(tag)?;
         registry().links.push(host.clone());
         run(Command::new("ip").args([
             "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ]))?;
-        run(Command::new("ip").args(["link", "set", &host, "master", &self.bridge, "up"]))?;
+        run(Command::new("ip").args(["link", "set", &host, "master", bridge, "up"]))?;
         let ns = |args: &[&str]| run(in_netns(&netns, "ip").args(args));
-        ns(&["link", "set", "lo", "up"])?;
-        ns(&[
-            "addr",
-            "add",
-            &format!("{ip}/{}", self.prefix_len),
-            "dev",
-            "eth0",
-        ])?;
+        ns(&["addr", "add", &format!("{ip}/{prefix_len}"), "dev", "eth0"])?;
         ns(&["link", "set", "eth0", "up"])?;
         Ok(Pod { netns, ip })
+    }
+
+    /// Deletes a namespace made with [`Lab::add_netns`] before the end (a
+    /// pod going away).
+    pub fn remove_netns(&self, netns: &str) {
+        kill_netns_pids(netns);
+        quiet(Command::new("ip").args(["netns", "del", netns]));
+        registry().netns.retain(|n| n != netns);
+    }
+}
+
+/// Runs a lab benchmark on a blocking thread; Ctrl-C, SIGTERM or SIGHUP
+/// meanwhile removes the lab and ends the process (130).
+pub async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let work = tokio::task::spawn_blocking(f);
+    tokio::select! {
+        result = work => {
+            let result = result.context("benchmark thread")?;
+            if interrupted() && result.is_err() {
+                bail!("interrupted");
+            }
+            result
+        }
+        () = cleanup_on_signal() => bail!("interrupted"),
+    }
+}
+
+/// Polls `ready` every 100 ms until it holds or `timeout` passes.
+pub fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Waits until something listens on TCP `port` inside `netns` (asked with
+/// `ss`: a connection attempt into a captured pod would be captured).
+pub fn wait_listening(netns: &str, port: u16) -> anyhow::Result<()> {
+    wait_for(
+        &format!("port {port} in {netns}"),
+        Duration::from_secs(30),
+        || {
+            run(in_netns(netns, "ss").args(["-Htln", "sport", "=", &format!(":{port}")]))
+                .is_ok_and(|o| !o.stdout.is_empty())
+        },
+    )
+}
+
+/// The last lines of a log file.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// GET `url` from inside `netns`.
+pub fn curl(netns: &str, url: &str) -> anyhow::Result<String> {
+    let out = run(in_netns(netns, "curl").args(["-sSf", "--max-time", "10", url]))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The control plane, standalone, serving the manifests in `config` from
+/// inside `netns`: gRPC (xDS + CA over TLS) on `grpc`, with `grpc`'s IP in
+/// its certificate. Returns once 15012 listens.
+pub fn start_control_plane(
+    netns: &str,
+    config: &Path,
+    state: &Path,
+    grpc: std::net::SocketAddr,
+    log: &Path,
+) -> anyhow::Result<u32> {
+    let bin = crate::host::sibling_binary("controlplane")?;
+    std::fs::create_dir_all(state)?;
+    let pid = spawn(
+        "controlplane",
+        in_netns(netns, &bin)
+            .arg("run")
+            .arg("--config-dir")
+            .arg(config)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--grpc-addr", &grpc.to_string()])
+            .args(["--rest-addr", "127.0.0.1:15014"])
+            .args(["--server-san", &grpc.ip().to_string()])
+            .env("RUST_LOG", "warn"),
+        log,
+    )?;
+    wait_listening(netns, grpc.port()).with_context(|| tail(log))?;
+    Ok(pid)
+}
+
+/// A node-mode dataplane with in-pod capture (`--inpod true`), started in
+/// `netns` (the node) with a node token; `extra` flags appended. Admin,
+/// metrics and readiness listen on their default ports inside `netns`.
+pub struct NodeDataplane {
+    pub netns: String,
+    pub node: String,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+impl NodeDataplane {
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        netns: &str,
+        node: &str,
+        xds: std::net::SocketAddr,
+        state: &Path,
+        work: &Path,
+        nofile: Option<&str>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let token = work.join(format!("{node}.token"));
+        run(Command::new(crate::host::sibling_binary("controlplane")?)
+            .args(["token", "--node", node])
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--out")
+            .arg(&token))?;
+        let log = work.join(format!("dataplane-{node}.log"));
+        let bin = crate::host::sibling_binary("dataplane")?;
+        let mut cmd = match nofile {
+            Some(limit) => {
+                let mut c = in_netns(netns, "prlimit");
+                c.arg(limit).arg(&bin);
+                c
+            }
+            None => in_netns(netns, &bin),
+        };
+        cmd.arg("run")
+            .args(["--xds-address", &format!("https://{xds}")])
+            .arg("--xds-root-ca")
+            .arg(state.join("root-cert.pem"))
+            .arg("--auth-token")
+            .arg(&token)
+            .args(["--proxy-mode", "shared", "--node-name", node])
+            .args(["--inpod", "true", "--drain-timeout", "1s"])
+            .args(extra)
+            .env("RUST_LOG", "info");
+        let pid = spawn(&format!("dataplane ({node})"), &mut cmd, &log)?;
+        let dp = Self {
+            netns: netns.into(),
+            node: node.into(),
+            pid,
+            log,
+        };
+        wait_for(
+            &format!("the dataplane of {node} to be ready"),
+            Duration::from_secs(30),
+            || dp.ensure_alive().is_ok() && dp.get("15021/healthz/ready").is_ok(),
+        )
+        .with_context(|| tail(&dp.log))?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        anyhow::ensure!(
+            comm.trim() == "dataplane",
+            "pid {pid} is {comm:?}, not the dataplane (ip netns exec / prlimit did not exec?)"
+        );
+        Ok(dp)
+    }
+
+    pub fn ensure_alive(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            alive(self.pid),
+            "the dataplane of {} exited:\n{}",
+            self.node,
+            tail(&self.log)
+        );
+        Ok(())
+    }
+
+    /// GET `http://127.0.0.1:{port_and_path}` inside the node.
+    pub fn get(&self, port_and_path: &str) -> anyhow::Result<String> {
+        curl(&self.netns, &format!("http://127.0.0.1:{port_and_path}"))
+    }
+
+    /// Capture state per pod uid, from `/config_dump`.
+    pub fn pod_states(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let dump: serde_json::Value = serde_json::from_str(&self.get("15000/config_dump")?)?;
+        Ok(dump["pods"]
+            .as_array()
+            .map(|pods| {
+                pods.iter()
+                    .map(|p| {
+                        (
+                            p["uid"].as_str().unwrap_or_default().to_owned(),
+                            p["state"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Waits until the pods whose uid ends in each of `pods` are captured.
+    pub fn wait_captured(&self, pods: &[&str], timeout: Duration) -> anyhow::Result<()> {
+        let mut last = vec![];
+        wait_for(
+            &format!("{} to be captured by {}", pods.join(", "), self.node),
+            timeout,
+            || {
+                last = self.pod_states().unwrap_or_default();
+                pods.iter().all(|want| {
+                    last.iter().any(|(uid, state)| {
+                        uid.ends_with(&format!("/{want}")) && state == "captured"
+                    })
+                })
+            },
+        )
+        .with_context(|| format!("pod states: {last:?}\n{}", tail(&self.log)))
     }
 }
 

@@ -1,93 +1,465 @@
-//! Report output: a markdown table per section and the same data as JSON.
+//! The report every benchmark writes: `report.md` (tables, charts linked),
+//! `report.json` (the same data, machine-readable; what CI checks) and one
+//! SVG per chart, all in the `--out` folder.
+//!
+//! A part of the suite that cannot run here (not root, a tool missing) is a
+//! section with status `skipped` and the reason; one that broke is `failed`
+//! with the error — the other parts are still reported.
 
+use std::fmt::Write as _;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Serialize;
 
-#[derive(Debug, Serialize)]
+use crate::chart::Chart;
+use crate::checks::CheckResult;
+use crate::host::Machine;
+
+/// One figure. `id` is stable (what report.json readers and CI look up);
+/// `metric` is the label people read.
+#[derive(Debug, Clone, Serialize)]
 pub struct Row {
+    pub id: String,
     pub metric: String,
     pub value: f64,
     pub unit: String,
-    /// The same-run baseline, when the metric has one.
+    /// The same-run baseline, when the figure has one.
     pub baseline: Option<f64>,
     /// value / baseline.
     pub ratio: Option<f64>,
+    /// Shown in one of the section's tables rather than in its list of
+    /// figures (report.json has it either way).
+    #[serde(skip)]
+    pub in_table: bool,
 }
 
-#[derive(Debug, Serialize)]
+/// A table as people read it (e.g. one line per size); every number in it
+/// is also a [`Row`] (added with [`Section::table_row`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Table {
+    pub title: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    Skipped { reason: String },
+    Failed { error: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Section {
+    pub id: String,
     pub name: String,
+    #[serde(flatten)]
+    pub status: Status,
+    pub elapsed_s: f64,
     pub notes: Vec<String>,
     pub rows: Vec<Row>,
+    pub tables: Vec<Table>,
+    pub charts: Vec<Chart>,
 }
 
 impl Section {
-    pub fn new(name: &str) -> Self {
+    pub fn new(id: &str, name: &str) -> Self {
         Self {
+            id: id.into(),
             name: name.into(),
+            status: Status::Ok,
+            elapsed_s: 0.0,
             notes: vec![],
             rows: vec![],
+            tables: vec![],
+            charts: vec![],
         }
     }
 
-    pub fn row(&mut self, metric: &str, value: f64, unit: &str) {
+    pub fn skipped(id: &str, name: &str, reason: String) -> Self {
+        let mut s = Self::new(id, name);
+        s.status = Status::Skipped { reason };
+        s
+    }
+
+    pub fn failed(id: &str, name: &str, error: &anyhow::Error) -> Self {
+        let mut s = Self::new(id, name);
+        s.status = Status::Failed {
+            error: format!("{error:#}"),
+        };
+        s
+    }
+
+    pub fn row(&mut self, id: &str, metric: &str, value: f64, unit: &str) {
         self.rows.push(Row {
+            id: id.into(),
             metric: metric.into(),
             value,
             unit: unit.into(),
             baseline: None,
             ratio: None,
+            in_table: false,
         });
     }
 
-    pub fn compared(&mut self, metric: &str, value: f64, baseline: f64, unit: &str) {
+    /// A figure that one of the section's tables shows.
+    pub fn table_row(&mut self, id: &str, metric: &str, value: f64, unit: &str) {
+        self.row(id, metric, value, unit);
+        if let Some(r) = self.rows.last_mut() {
+            r.in_table = true;
+        }
+    }
+
+    /// A figure next to its same-run baseline.
+    pub fn compared(&mut self, id: &str, metric: &str, value: f64, baseline: f64, unit: &str) {
         self.rows.push(Row {
+            id: id.into(),
             metric: metric.into(),
             value,
             unit: unit.into(),
             baseline: Some(baseline),
-            ratio: (baseline != 0.0).then(|| value / baseline),
+            ratio: (baseline != 0.0 && baseline.is_finite()).then(|| value / baseline),
+            in_table: false,
         });
+    }
+
+    pub fn value(&self, id: &str) -> Option<f64> {
+        self.rows.iter().find(|r| r.id == id).map(|r| r.value)
+    }
+
+    pub fn ratio(&self, id: &str) -> Option<f64> {
+        self.rows.iter().find(|r| r.id == id).and_then(|r| r.ratio)
+    }
+
+    pub fn note(&mut self, note: impl Into<String>) {
+        self.notes.push(note.into());
     }
 }
 
-pub fn markdown(sections: &[Section]) -> String {
+/// How and where the report was made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Meta {
+    pub command: String,
+    /// UTC, RFC 3339.
+    pub date: String,
+    pub quick: bool,
+    /// `release` or `debug`: figures from a debug build are not comparable.
+    pub build: &'static str,
+    pub git_commit: Option<String>,
+    pub machine: Machine,
+    pub load_average_start: [f64; 3],
+    pub load_average_end: [f64; 3],
+    pub elapsed_s: f64,
+}
+
+impl Meta {
+    pub fn start(quick: bool) -> Self {
+        let args: Vec<String> = std::env::args().collect();
+        let now = time::OffsetDateTime::now_utc();
+        let date = now
+            .replace_nanosecond(0)
+            .unwrap_or(now)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let git_commit = std::process::Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
+                    .unwrap_or_else(|| ".".into()),
+            )
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        let load = crate::host::load_average();
+        Self {
+            command: args.join(" "),
+            date,
+            quick,
+            build: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            git_commit,
+            machine: Machine::describe(),
+            load_average_start: load,
+            load_average_end: load,
+            elapsed_s: 0.0,
+        }
+    }
+
+    pub fn finish(&mut self, elapsed: Duration) {
+        self.load_average_end = crate::host::load_average();
+        self.elapsed_s = elapsed.as_secs_f64();
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Bumped when a reader of report.json would need to change.
+    pub schema: u32,
+    pub meta: Meta,
+    pub sections: Vec<Section>,
+    pub checks: Vec<CheckResult>,
+}
+
+/// A number as people read it: about 3 significant digits, whole numbers
+/// whole, thousands grouped.
+pub fn num(v: f64) -> String {
+    if !v.is_finite() {
+        return "–".into();
+    }
+    let a = v.abs();
+    if a >= 100.0 || (v.fract() == 0.0 && a < 1e15) {
+        group(v.round() as i64)
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else if a == 0.0 {
+        "0".into()
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn group(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+pub fn percent(ratio: f64) -> String {
+    if !ratio.is_finite() {
+        return "–".into();
+    }
+    if ratio < 0.1 {
+        format!("{:.1}%", ratio * 100.0)
+    } else {
+        format!("{:.0}%", ratio * 100.0)
+    }
+}
+
+fn status_text(s: &Status) -> String {
+    match s {
+        Status::Ok => "ok".into(),
+        Status::Skipped { reason } => format!("skipped: {reason}"),
+        Status::Failed { error } => format!("**failed**: {}", error.replace('\n', " ")),
+    }
+}
+
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+pub fn markdown(report: &Report) -> String {
+    let m = &report.meta;
     let mut out = String::from("# meshbox benchmark report\n\n");
-    for s in sections {
-        out.push_str(&format!("## {}\n\n", s.name));
+    let _ = writeln!(
+        out,
+        "`{}` — {}, {} build{}{}.\n",
+        m.command,
+        m.date,
+        m.build,
+        if m.quick { ", quick mode" } else { "" },
+        m.git_commit
+            .as_ref()
+            .map(|c| format!(", commit {c}"))
+            .unwrap_or_default()
+    );
+    let mc = &m.machine;
+    let _ = writeln!(
+        out,
+        "Machine: {} ({}), {} cores, {:.0} GiB, {}, kernel {}. Load average (1/5/15 min): {:.2} {:.2} {:.2} at the start, {:.2} {:.2} {:.2} at the end. Took {:.0} s.\n",
+        mc.cpu,
+        mc.hostname,
+        mc.cores,
+        mc.memory_gib,
+        mc.os,
+        mc.kernel,
+        m.load_average_start[0],
+        m.load_average_start[1],
+        m.load_average_start[2],
+        m.load_average_end[0],
+        m.load_average_end[1],
+        m.load_average_end[2],
+        m.elapsed_s
+    );
+    out.push_str(
+        "Every figure that has a baseline was measured next to it in the same run; on a shared, \
+         noisy machine read the ratios.\n\n",
+    );
+    if report.sections.len() > 1 {
+        out.push_str("| part | status | time |\n|---|---|---:|\n");
+        for s in &report.sections {
+            let _ = writeln!(
+                out,
+                "| [{}](#{}) | {} | {:.0} s |",
+                s.name,
+                anchor(&s.name),
+                cell(&status_text(&s.status)),
+                s.elapsed_s
+            );
+        }
+        out.push('\n');
+    }
+    if !report.checks.is_empty() {
+        out.push_str(&crate::checks::markdown(&report.checks));
+    }
+    for s in &report.sections {
+        let _ = writeln!(out, "## {}\n", s.name);
+        if !matches!(s.status, Status::Ok) {
+            let _ = writeln!(out, "{}\n", status_text(&s.status));
+        }
         for note in &s.notes {
-            out.push_str(&format!("- {note}\n"));
+            let _ = writeln!(out, "- {note}");
         }
         if !s.notes.is_empty() {
             out.push('\n');
         }
-        out.push_str("| metric | value | unit | baseline | ratio |\n|---|---:|---|---:|---:|\n");
-        for r in &s.rows {
-            let baseline = r.baseline.map(|b| format!("{b:.1}")).unwrap_or_default();
-            let ratio = r
-                .ratio
-                .map(|x| format!("{:.0}%", x * 100.0))
-                .unwrap_or_default();
-            out.push_str(&format!(
-                "| {} | {:.1} | {} | {} | {} |\n",
-                r.metric, r.value, r.unit, baseline, ratio
-            ));
+        let listed: Vec<&Row> = s.rows.iter().filter(|r| !r.in_table).collect();
+        if !listed.is_empty() {
+            out.push_str(&rows_table(&listed));
         }
-        out.push('\n');
+        for t in &s.tables {
+            if !t.title.is_empty() {
+                let _ = writeln!(out, "**{}**\n", t.title);
+            }
+            let _ = writeln!(out, "| {} |", t.columns.join(" | "));
+            let _ = writeln!(
+                out,
+                "|{}",
+                t.columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| if i == 0 { "---|" } else { "---:|" })
+                    .collect::<String>()
+            );
+            for r in &t.rows {
+                let cells: Vec<String> = r.iter().map(|c| cell(c)).collect();
+                let _ = writeln!(out, "| {} |", cells.join(" | "));
+            }
+            out.push('\n');
+        }
+        for c in &s.charts {
+            let _ = writeln!(out, "![{}]({})\n", c.title, c.file);
+        }
     }
     out
 }
 
-pub fn write(dir: &Path, sections: &[Section]) -> anyhow::Result<()> {
+fn rows_table(rows: &[&Row]) -> String {
+    let mut out = String::from("| figure | value | baseline | ratio |\n|---|---:|---:|---:|\n");
+    for r in rows {
+        let unit = if r.unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", r.unit)
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {}{} | {} | {} |",
+            cell(&r.metric),
+            num(r.value),
+            unit,
+            r.baseline
+                .map(|b| format!("{}{unit}", num(b)))
+                .unwrap_or_default(),
+            r.ratio.map(percent).unwrap_or_default()
+        );
+    }
+    out.push('\n');
+    out
+}
+
+/// GitHub's heading anchor: lower case, spaces to dashes, most punctuation
+/// dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Writes report.md, report.json and the charts to `dir`; prints the
+/// markdown.
+pub fn write(dir: &Path, report: &Report) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let md = markdown(sections);
+    for section in &report.sections {
+        for chart in &section.charts {
+            if let Err(e) = crate::chart::render(dir, chart) {
+                eprintln!("chart {}: {e:#}", chart.file);
+            }
+        }
+    }
+    let md = markdown(report);
     std::fs::write(dir.join("report.md"), &md)?;
     std::fs::write(
         dir.join("report.json"),
-        serde_json::to_string_pretty(sections)?,
+        serde_json::to_string_pretty(report)?,
     )?;
     print!("{md}");
     eprintln!("report written to {}", dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(num(1234567.4), "1 234 567");
+        assert_eq!(num(437.4), "437");
+        assert_eq!(num(48.25), "48.2");
+        assert_eq!(num(50.0), "50");
+        assert_eq!(num(1.5), "1.50");
+        assert_eq!(num(0.0123), "0.012");
+        assert_eq!(num(f64::NAN), "–");
+        assert_eq!(percent(0.24), "24%");
+        assert_eq!(percent(0.091), "9.1%");
+        assert_eq!(anchor("xDS server (TLS)"), "xds-server-tls");
+    }
+
+    #[test]
+    fn sections_render_rows_or_tables() {
+        let mut s = Section::new("x", "X part");
+        s.compared("a", "a figure", 5.0, 10.0, "req/s");
+        let mut skipped = Section::skipped("y", "Y part", "needs root".into());
+        skipped.elapsed_s = 0.0;
+        let report = Report {
+            schema: 1,
+            meta: Meta::start(true),
+            sections: vec![s, skipped],
+            checks: vec![],
+        };
+        let md = markdown(&report);
+        assert!(
+            md.contains("| a figure | 5.00 req/s | 10.0 req/s | 50% |"),
+            "{md}"
+        );
+        assert!(md.contains("skipped: needs root"), "{md}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["sections"][0]["status"], "ok");
+        assert_eq!(json["sections"][0]["rows"][0]["ratio"], 0.5);
+        assert_eq!(json["sections"][1]["status"], "skipped");
+        assert_eq!(json["sections"][1]["reason"], "needs root");
+    }
 }

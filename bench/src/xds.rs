@@ -37,21 +37,36 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::report::Section;
+use crate::chart::{Chart, Series};
+use crate::report::{Section, Table, num};
+use crate::stats::percentile;
+
+pub const NAME: &str = "Control plane: xDS server";
 
 #[derive(clap::Args)]
 pub struct XdsArgs {
-    #[arg(long, default_value_t = 100)]
-    clients: usize,
-    #[arg(long, default_value_t = 10_000)]
-    workloads: usize,
-    #[arg(long, default_value_t = 2_000)]
-    services: usize,
-    #[arg(long, default_value_t = 500)]
-    policies: usize,
-    /// Single-workload changes measured after the full sync.
-    #[arg(long, default_value_t = 50)]
-    changes: usize,
+    /// Small sizes and few clients, for CI.
+    #[arg(long)]
+    pub quick: bool,
+    /// Client counts measured at `--workloads` (default 1,10,50,100;
+    /// --quick 2,10).
+    #[arg(long, value_delimiter = ',')]
+    clients: Vec<usize>,
+    /// Workloads for the client series (default 10 000; --quick 1 000);
+    /// services = workloads / 5, policies = workloads / 20.
+    #[arg(long)]
+    workloads: Option<usize>,
+    /// Workload counts of the size series (default 1000,10000,50000;
+    /// --quick 250,1000).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<usize>,
+    /// Clients in the size series (default 10; --quick 2).
+    #[arg(long)]
+    size_clients: Option<usize>,
+    /// Single-workload changes measured after each full sync (default 50;
+    /// --quick 10).
+    #[arg(long)]
+    changes: Option<usize>,
     /// Serve without TLS (like the development port 15010) instead of the
     /// TLS path of port 15012.
     #[arg(long)]
@@ -91,23 +106,24 @@ impl Drop for StateDir {
 }
 
 /// Serves `server` on a loopback port the way `controlplane run` serves
-/// 15012 (or, with `plaintext`, 15010). Returns the address and, over TLS,
-/// the serving certificate (renewed for as long as it is held) and the path
-/// of the root certificate clients must trust.
+/// 15012 (or, with `plaintext`, 15010). Returns the address, the serving
+/// task and, over TLS, the serving certificate (renewed for as long as it
+/// is held) and the path of the root certificate clients must trust.
 async fn serve(
     server: &XdsServer,
     state: &Path,
     plaintext: bool,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
+    tokio::task::JoinHandle<()>,
     Option<(Arc<ServingCertificate>, PathBuf)>,
 )> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let app = tonic::service::Routes::new(server.service()).into_axum_router();
     if plaintext {
-        tokio::spawn(serve_plain(listener, app));
-        return Ok((addr, None));
+        let task = tokio::spawn(serve_plain(listener, app));
+        return Ok((addr, task, None));
     }
     let ca = Arc::new(CertificateAuthority::load_or_create(
         state,
@@ -117,8 +133,8 @@ async fn serve(
     let names = ServingNames::new("meshbox-controlplane", "meshbox-system", &[]);
     let serving = ServingCertificate::start(ca.clone(), names, Duration::from_secs(24 * 3600))?;
     let tls = serving.server_config(ca.roots(), "cluster.local", &[b"h2"])?;
-    tokio::spawn(serve_tls(listener, tls, app));
-    Ok((addr, Some((serving, state.join("root-cert.pem")))))
+    let task = tokio::spawn(serve_tls(listener, tls, app));
+    Ok((addr, task, Some((serving, state.join("root-cert.pem")))))
 }
 
 fn unix_nanos() -> u128 {
@@ -207,9 +223,34 @@ fn policy(p: usize) -> (String, Option<Arc<Authorization>>) {
     (format!("default/p{p}"), Some(Arc::new(a)))
 }
 
-pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
+/// The figures of one run: `clients` clients against `workloads`.
+struct Run {
+    workloads: usize,
+    services: usize,
+    policies: usize,
+    clients: usize,
+    encode_ms: f64,
+    sync_ms: f64,
+    change_p50_ms: f64,
+    change_p99_ms: f64,
+    change_bytes: f64,
+    sync_bytes_per_resource: f64,
+    encodings_per_change: f64,
+    heap_state_mib: f64,
+    heap_per_client_kib: f64,
+}
+
+async fn run_one(
+    workloads: usize,
+    clients: usize,
+    changes: usize,
+    plaintext: bool,
+) -> anyhow::Result<Run> {
+    let (services, policies) = ((workloads / 5).max(1), (workloads / 20).max(1));
+    eprintln!("==> xDS: {workloads} workloads, {clients} clients");
     let state =
         StateDir(std::env::temp_dir().join(format!("meshbox-bench-xds-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&state.0);
     std::fs::create_dir_all(&state.0)?;
     let tokens = LocalTokens::load_or_create(&state.0, "cluster.local")?;
     let token = tokens.mint_for_node("bench-node", Duration::from_secs(3600))?;
@@ -219,19 +260,29 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
         &mut registry,
         XdsOptions::default(),
     ));
-    let (addr, tls) = serve(&server, &state.0, args.plaintext).await?;
+    let (addr, serving, tls) = serve(&server, &state.0, plaintext).await?;
+    // Stop serving when this run ends, whatever way it ends.
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _serving = Abort(serving);
 
-    let rss_empty = crate::proc::rss_kib(None) as f64 / 1024.0;
-    let addresses: Vec<_> = (0..args.workloads)
-        .map(|i| workload(i, args.services, "v0"))
-        .chain((0..args.services).map(service))
+    // The resources as the model would hand them over: part of what the
+    // server holds once fed.
+    let heap_empty = crate::alloc::live_bytes();
+    let addresses: Vec<_> = (0..workloads)
+        .map(|i| workload(i, services, "v0"))
+        .chain((0..services).map(service))
         .collect();
-    let policies: Vec<_> = (0..args.policies).map(policy).collect();
+    let policy_list: Vec<_> = (0..policies).map(policy).collect();
     let encode = Instant::now();
     let feed = server.clone();
-    tokio::task::spawn_blocking(move || feed.update(addresses, policies)).await?;
+    tokio::task::spawn_blocking(move || feed.update(addresses, policy_list)).await?;
     let encode = encode.elapsed();
-    let rss_loaded = crate::proc::rss_kib(None) as f64 / 1024.0;
+    let heap_loaded = crate::alloc::live_bytes();
 
     let exe = std::env::current_exe()?;
     let mut command = tokio::process::Command::new(exe);
@@ -241,13 +292,10 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
     }
     let mut child = command
         .args(["--addr", &addr.to_string()])
-        .args(["--clients", &args.clients.to_string()])
-        .args([
-            "--expect-addresses",
-            &(args.workloads + args.services).to_string(),
-        ])
-        .args(["--expect-policies", &args.policies.to_string()])
-        .args(["--changes", &args.changes.to_string()])
+        .args(["--clients", &clients.to_string()])
+        .args(["--expect-addresses", &(workloads + services).to_string()])
+        .args(["--expect-policies", &policies.to_string()])
+        .args(["--changes", &changes.to_string()])
         .env(TOKEN_ENV, &token)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -269,67 +317,286 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
             bail!("the client process ended before reporting {key}")
         };
     read_until("sync_ms", &mut results).await?;
-    let rss_synced = crate::proc::rss_kib(None) as f64 / 1024.0;
+    let heap_synced = crate::alloc::live_bytes();
 
     let encodings_before = encodings(&registry);
-    for change in 0..args.changes {
+    for change in 0..changes {
         let tag = format!("c{change}@{}", unix_nanos());
-        let update = workload(change * 7 % args.workloads.max(1), args.services, &tag);
+        let update = workload(change * 7 % workloads.max(1), services, &tag);
         let feed = server.clone();
         tokio::task::spawn_blocking(move || feed.update([update], [])).await?;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     read_until("change_p99_ms", &mut results).await?;
-    let encodings_per_change =
-        (encodings(&registry) - encodings_before) / args.changes.max(1) as f64;
+    let encodings_per_change = (encodings(&registry) - encodings_before) / changes.max(1) as f64;
     let _ = child.wait().await;
+    drop(tls);
 
-    let mut section = Section::new("xDS server");
-    section.notes.push(format!(
-        "{} workloads, {} services, {} policies; {} wildcard clients in a separate process, each on its own connection, {}; {} single-workload changes, 30 ms apart",
-        args.workloads,
-        args.services,
-        args.policies,
-        args.clients,
+    let get = |k: &str| results.get(k).copied().unwrap_or(f64::NAN);
+    const MIB: f64 = 1024.0 * 1024.0;
+    Ok(Run {
+        workloads,
+        services,
+        policies,
+        clients,
+        encode_ms: encode.as_secs_f64() * 1e3,
+        sync_ms: get("sync_ms"),
+        change_p50_ms: get("change_p50_ms"),
+        change_p99_ms: get("change_p99_ms"),
+        change_bytes: get("change_bytes"),
+        sync_bytes_per_resource: get("sync_bytes") / (workloads + services + policies) as f64,
+        encodings_per_change,
+        heap_state_mib: (heap_loaded - heap_empty) as f64 / MIB,
+        heap_per_client_kib: (heap_synced - heap_loaded) as f64 / 1024.0 / clients as f64,
+    })
+}
+
+pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
+    let q = args.quick;
+    let pick = |given: &[usize], quick: &[usize], full: &[usize]| {
+        if !given.is_empty() {
+            given.to_vec()
+        } else if q {
+            quick.to_vec()
+        } else {
+            full.to_vec()
+        }
+    };
+    let client_counts = pick(&args.clients, &[2, 10], &[1, 10, 50, 100]);
+    let workloads = args.workloads.unwrap_or(if q { 1_000 } else { 10_000 });
+    let sizes = pick(&args.sizes, &[250, 1_000], &[1_000, 10_000, 50_000]);
+    let size_clients = args.size_clients.unwrap_or(if q { 2 } else { 10 });
+    let changes = args.changes.unwrap_or(if q { 10 } else { 50 });
+    anyhow::ensure!(
+        client_counts.iter().chain(&sizes).all(|&n| n > 0) && size_clients > 0 && changes > 0,
+        "client counts, sizes and changes must be positive"
+    );
+
+    let mut plan: Vec<(usize, usize)> = client_counts.iter().map(|&c| (workloads, c)).collect();
+    for &w in &sizes {
+        if !plan.contains(&(w, size_clients)) {
+            plan.push((w, size_clients));
+        }
+    }
+    let mut runs = vec![];
+    for (w, c) in plan {
+        runs.push(run_one(w, c, changes, args.plaintext).await?);
+        // Let the finished run's connections wind down before the next
+        // one's heap readings.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    let mut section = Section::new("xds", NAME);
+    section.note(format!(
+        "services = workloads/5, policies = workloads/20; wildcard clients in a separate process, each on its own connection, {}; {changes} single-workload changes per run, 30 ms apart",
         if args.plaintext {
             "over plaintext loopback gRPC (the development port's path, --plaintext)"
         } else {
             "over TLS on loopback through the control plane's serving code (a certificate from its CA, clients trusting root-cert.pem from the state dir, node tokens)"
         },
-        args.changes
     ));
-    let get = |k: &str| results.get(k).copied().unwrap_or(f64::NAN);
-    section.row(
-        "encode the full state once",
-        encode.as_secs_f64() * 1e3,
-        "ms",
+    section.note(
+        "bytes = encoded DeltaDiscoveryResponse messages a client receives (without gRPC/HTTP2/TLS framing); \
+         server heap = live heap of the xDS server (state, encodings, connections), counted by the benchmark's allocator",
     );
-    section.row(
-        &format!("full state to all {} clients", args.clients),
-        get("sync_ms"),
-        "ms",
+    let mut table = Table {
+        title: String::new(),
+        columns: [
+            "workloads",
+            "services",
+            "policies",
+            "clients",
+            "encode once",
+            "full state to all",
+            "change to all p50",
+            "change to all p99",
+            "bytes per client per change",
+            "sync bytes per resource",
+            "encodings per change",
+            "server heap: state",
+            "server heap per client",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows: vec![],
+    };
+    for r in &runs {
+        let p = format!("w{}_c{}", r.workloads, r.clients);
+        let label = format!("{} workloads, {} clients", r.workloads, r.clients);
+        for (id, what, value, unit) in [
+            ("encode_ms", "encode the full state once", r.encode_ms, "ms"),
+            ("sync_ms", "full state to all clients", r.sync_ms, "ms"),
+            (
+                "change_p50_ms",
+                "change to all clients p50",
+                r.change_p50_ms,
+                "ms",
+            ),
+            (
+                "change_p99_ms",
+                "change to all clients p99",
+                r.change_p99_ms,
+                "ms",
+            ),
+            (
+                "change_bytes",
+                "bytes per client for one pod change",
+                r.change_bytes,
+                "B",
+            ),
+            (
+                "sync_bytes_per_resource",
+                "full-state bytes per resource",
+                r.sync_bytes_per_resource,
+                "B",
+            ),
+            (
+                "encodings_per_change",
+                "resource encodings per change",
+                r.encodings_per_change,
+                "",
+            ),
+            (
+                "heap_state_mib",
+                "server heap with the state loaded",
+                r.heap_state_mib,
+                "MiB",
+            ),
+            (
+                "heap_per_client_kib",
+                "server heap per client after the full sync",
+                r.heap_per_client_kib,
+                "KiB",
+            ),
+        ] {
+            section.table_row(
+                &format!("{p}_{id}"),
+                &format!("{label}: {what}"),
+                value,
+                unit,
+            );
+        }
+        table.rows.push(vec![
+            num(r.workloads as f64),
+            num(r.services as f64),
+            num(r.policies as f64),
+            num(r.clients as f64),
+            format!("{} ms", num(r.encode_ms)),
+            format!("{} ms", num(r.sync_ms)),
+            format!("{} ms", num(r.change_p50_ms)),
+            format!("{} ms", num(r.change_p99_ms)),
+            format!("{} B", num(r.change_bytes)),
+            format!("{} B", num(r.sync_bytes_per_resource)),
+            num(r.encodings_per_change),
+            format!("{} MiB", num(r.heap_state_mib)),
+            format!("{} KiB", num(r.heap_per_client_kib)),
+        ]);
+    }
+    section.tables.push(table);
+
+    let max = |f: fn(&Run) -> f64| runs.iter().map(f).fold(f64::NAN, f64::max);
+    let min = |f: fn(&Run) -> f64| runs.iter().map(f).fold(f64::NAN, f64::min);
+    section.table_row(
+        "encodings_per_change_max",
+        "resource encodings per change, highest over runs",
+        max(|r| r.encodings_per_change),
+        "",
     );
-    section.row("change to all clients p50", get("change_p50_ms"), "ms");
-    section.row("change to all clients p99", get("change_p99_ms"), "ms");
-    section.row(
-        "bytes per client for one pod change",
-        get("change_bytes"),
+    section.table_row(
+        "bytes_per_change_max",
+        "bytes per client per pod change, highest over runs",
+        max(|r| r.change_bytes),
         "B",
     );
-    section.row("resource encodings per change", encodings_per_change, "");
-    section.row("server RSS empty", rss_empty, "MiB");
-    section.compared(
-        "server RSS with the state loaded",
-        rss_loaded,
-        rss_empty,
-        "MiB",
+    section.table_row(
+        "bytes_per_change_spread",
+        "bytes per client per pod change, highest / lowest over runs",
+        max(|r| r.change_bytes) / min(|r| r.change_bytes),
+        "",
     );
-    section.compared(
-        "server RSS after the full sync",
-        rss_synced,
-        rss_empty,
-        "MiB",
+    section.table_row(
+        "sync_bytes_per_resource_max",
+        "full-state bytes per resource, highest over runs",
+        max(|r| r.sync_bytes_per_resource),
+        "B",
     );
+    // Server heap per client = fixed + per resource × resources, from the
+    // smallest and largest size at the same client count.
+    let mut by_size: Vec<&Run> = runs.iter().filter(|r| r.clients == size_clients).collect();
+    by_size.sort_by_key(|r| r.workloads);
+    let resources = |r: &Run| (r.workloads + r.services + r.policies) as f64;
+    let (per_resource, fixed_kib) = match (by_size.first(), by_size.last()) {
+        (Some(a), Some(b)) if resources(b) > resources(a) => {
+            let slope = (b.heap_per_client_kib - a.heap_per_client_kib) * 1024.0
+                / (resources(b) - resources(a));
+            (slope, a.heap_per_client_kib - slope * resources(a) / 1024.0)
+        }
+        _ => (f64::NAN, f64::NAN),
+    };
+    section.table_row(
+        "server_heap_per_client_per_resource",
+        "server heap per client, per resource it holds (slope over the size series)",
+        per_resource,
+        "B",
+    );
+    section.table_row(
+        "server_heap_per_client_fixed_kib",
+        "server heap per client, fixed part (intercept over the size series)",
+        fixed_kib,
+        "KiB",
+    );
+    section.note(format!(
+        "server heap per connected client ≈ {} KiB + {} B per resource it holds (from the size series at {size_clients} clients)",
+        num(fixed_kib),
+        num(per_resource)
+    ));
+
+    let by_clients: Vec<&Run> = runs.iter().filter(|r| r.workloads == workloads).collect();
+    let points = |rs: &[&Run], x: fn(&Run) -> f64, y: fn(&Run) -> f64| {
+        rs.iter().map(|r| (x(r), y(r))).collect::<Vec<_>>()
+    };
+    section.charts.push(Chart::lines(
+        "xds-clients.svg",
+        &format!("xDS: {} workloads to N clients", num(workloads as f64)),
+        "clients",
+        "ms",
+        vec![
+            Series::new(
+                "full state to all clients",
+                points(&by_clients, |r| r.clients as f64, |r| r.sync_ms),
+            ),
+            Series::new(
+                "one change to all clients, p99",
+                points(&by_clients, |r| r.clients as f64, |r| r.change_p99_ms),
+            ),
+            Series::new(
+                "one change to all clients, p50",
+                points(&by_clients, |r| r.clients as f64, |r| r.change_p50_ms),
+            ),
+        ],
+    ));
+    if let Some(first) = by_size.first() {
+        let (w0, s0) = (first.workloads as f64, first.sync_ms);
+        section.charts.push(Chart::lines(
+            "xds-sizes.svg",
+            &format!("xDS: full state to {size_clients} clients vs mesh size"),
+            "workloads (services = workloads/5, policies = workloads/20)",
+            "ms",
+            vec![
+                Series::reference(
+                    "linear",
+                    points(&by_size, |r| r.workloads as f64, |r| r.workloads as f64)
+                        .into_iter()
+                        .map(|(x, _)| (x, s0 * x / w0))
+                        .collect(),
+                ),
+                Series::new(
+                    "full state to all clients",
+                    points(&by_size, |r| r.workloads as f64, |r| r.sync_ms),
+                ),
+            ],
+        ));
+    }
     Ok(section)
 }
 
@@ -337,11 +604,7 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
 fn encodings(registry: &prometheus_client::registry::Registry) -> f64 {
     let mut text = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut text, registry);
-    text.lines()
-        .find(|l| l.starts_with("meshbox_xds_resource_encodings_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    crate::stats::metric_sum(&text, "meshbox_xds_resource_encodings_total")
 }
 
 pub async fn run_clients(args: ClientArgs) -> anyhow::Result<()> {
@@ -394,15 +657,17 @@ pub async fn run_clients(args: ClientArgs) -> anyhow::Result<()> {
             }
             let mut counts: HashMap<String, usize> = HashMap::new();
             let mut synced = false;
+            let mut sync_bytes = 0;
             while let Ok(Some(r)) = stream.message().await {
                 *counts.entry(r.type_url.clone()).or_default() += r.resources.len();
                 if !synced {
+                    sync_bytes += r.encoded_len();
                     if counts.get(ADDRESS_TYPE_URL).copied().unwrap_or(0) >= expect_addresses
                         && counts.get(AUTHORIZATION_TYPE_URL).copied().unwrap_or(0)
                             >= expect_policies
                     {
                         synced = true;
-                        let _ = seen.send((None, unix_nanos(), 0));
+                        let _ = seen.send((None, unix_nanos(), sync_bytes));
                     }
                 } else {
                     for res in &r.resources {
@@ -429,20 +694,28 @@ pub async fn run_clients(args: ClientArgs) -> anyhow::Result<()> {
         });
     }
     let mut synced = 0;
+    let mut sync_bytes = 0;
     while synced < args.clients {
         match seen_rx.recv().await {
-            Some((None, _, _)) => synced += 1,
+            Some((None, _, bytes)) => {
+                synced += 1;
+                sync_bytes += bytes;
+            }
             Some(_) => {}
             None => bail!("clients ended"),
         }
     }
+    // Bytes first: the server reads its memory on `sync_ms`.
+    println!("RESULT sync_bytes={}", sync_bytes / args.clients.max(1));
     println!("RESULT sync_ms={}", started.elapsed().as_secs_f64() * 1e3);
     let mut per_change: HashMap<String, (usize, u128)> = HashMap::new();
     let mut latencies = Vec::new();
     let mut bytes = 0;
     while latencies.len() < args.changes {
-        let Some((Some(tag), at, size)) = seen_rx.recv().await else {
-            continue;
+        let (tag, at, size) = match seen_rx.recv().await {
+            Some((Some(tag), at, size)) => (tag, at, size),
+            Some(_) => continue,
+            None => bail!("clients ended"),
         };
         let Some(sent) = tag
             .split_once('@')
@@ -458,10 +731,8 @@ pub async fn run_clients(args: ClientArgs) -> anyhow::Result<()> {
             latencies.push(entry.1 as f64 / 1e6);
         }
     }
-    latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     println!("RESULT change_bytes={bytes}");
-    println!("RESULT change_p50_ms={}", pct(0.5));
-    println!("RESULT change_p99_ms={}", pct(0.99));
+    println!("RESULT change_p50_ms={}", percentile(&latencies, 0.5));
+    println!("RESULT change_p99_ms={}", percentile(&latencies, 0.99));
     Ok(())
 }
