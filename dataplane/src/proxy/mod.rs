@@ -147,12 +147,14 @@ impl ProxyContext {
         }
     }
 
-    /// Identities of the workloads this proxy serves now.
+    /// Identities of the workloads this proxy serves now: in node mode the
+    /// enrolled (HBONE) pods on the node; a pod outside the mesh gets no
+    /// certificate.
     pub fn local_identities(&self, state: &ProxyState) -> Vec<SpiffeId> {
         let mut ids: Vec<SpiffeId> = match &self.scope {
             Scope::Node { .. } => state
                 .workloads()
-                .filter(|w| self.is_local(w))
+                .filter(|w| self.is_local(w) && w.protocol == crate::state::Protocol::Hbone)
                 .map(|w| w.identity.clone())
                 .collect(),
             Scope::Workload { identity, .. } => vec![identity.clone()],
