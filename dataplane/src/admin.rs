@@ -49,6 +49,9 @@ struct StatusGauges {
     certificates: Gauge,
     certificate_soonest_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
     pool_connections: Gauge,
+    /// In-pod mode only: pods captured now, and enrolled pods not yet.
+    inpod_captured: Gauge,
+    inpod_pending: Gauge,
 }
 
 impl StatusGauges {
@@ -113,6 +116,18 @@ impl StatusGauges {
 impl Admin {
     pub fn new(ctx: Arc<ProxyContext>, agent: Option<Arc<Agent>>, mut registry: Registry) -> Self {
         let gauges = StatusGauges::register(&mut registry);
+        if agent.is_some() {
+            registry.register(
+                "meshbox_inpod_captured_pods",
+                "Enrolled pods on this node captured now (rules and listeners in place)",
+                gauges.inpod_captured.clone(),
+            );
+            registry.register(
+                "meshbox_inpod_pending_pods",
+                "Enrolled pods on this node not captured yet (see /config_dump pods for why)",
+                gauges.inpod_pending.clone(),
+            );
+        }
         Self {
             ctx,
             agent,
@@ -229,6 +244,12 @@ impl Admin {
             .unwrap_or(0.0);
         g.certificate_soonest_expiry.set(soonest);
         g.pool_connections.set(self.ctx.pool.connections() as i64);
+        if let Some(agent) = &self.agent {
+            let pods = agent.status();
+            let captured = pods.iter().filter(|p| p.state == "captured").count();
+            g.inpod_captured.set(captured as i64);
+            g.inpod_pending.set((pods.len() - captured) as i64);
+        }
     }
 }
 

@@ -891,6 +891,13 @@ async fn same_node_service_vips_malicious_pods_probes_and_the_cni_chain() {
         cni_chain_captures_a_new_pod(&mesh, &node_a, &node_b, &cni_socket, &mut topo).await;
     }
 
+    // The node's metrics count its pods by state.
+    let metrics = node_a.metrics().await;
+    assert!(
+        metrics.contains("meshbox_inpod_captured_pods 3"),
+        "client, buddy and mallory captured: {metrics}"
+    );
+
     // The control plane shows each node's capture state.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
