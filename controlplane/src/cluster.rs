@@ -1,7 +1,10 @@
 //! What the control plane keeps *in* the cluster in Kubernetes mode: its CA
 //! (a Secret in its own namespace, so every replica and restart signs with
-//! the same root) and the root certificate published to each enrolled
-//! namespace as ConfigMap `istio-ca-root-cert`, where Istio tooling looks.
+//! the same root) and the root certificate published as ConfigMap
+//! `istio-ca-root-cert`, where Istio tooling looks: in each enrolled
+//! namespace, and in the control plane's own namespace, whose node proxies
+//! mount it to trust the control plane (as Istio's ztunnel does in
+//! `istio-system`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -104,8 +107,16 @@ fn enrolled(ns: &Namespace) -> bool {
         .is_some_and(|v| v == "ambient")
 }
 
-/// Keeps `istio-ca-root-cert` in every enrolled namespace.
-pub fn publish_root_configmaps(client: kube::Client, root_pem: String) {
+/// Whether `ns` gets the root ConfigMap: enrolled namespaces, and the
+/// control plane's own (`own`) whatever its labels, because the node
+/// proxies running there need the root before they can reach us.
+fn wants_root(ns: &Namespace, own: &str) -> bool {
+    enrolled(ns) || ns.metadata.name.as_deref() == Some(own)
+}
+
+/// Keeps `istio-ca-root-cert` in every enrolled namespace and in
+/// `own_namespace`.
+pub fn publish_root_configmaps(client: kube::Client, root_pem: String, own_namespace: String) {
     let root_pem = Arc::new(root_pem);
     tokio::spawn(async move {
         let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -119,7 +130,7 @@ pub fn publish_root_configmaps(client: kube::Client, root_pem: String) {
                 event = events.next() => {
                     let Some(event) = event else { return };
                     match event {
-                        Ok(Event::Apply(ns)) | Ok(Event::InitApply(ns)) if enrolled(&ns) => {
+                        Ok(Event::Apply(ns)) | Ok(Event::InitApply(ns)) if wants_root(&ns, &own_namespace) => {
                             if let Some(name) = ns.metadata.name {
                                 publish(&client, &name, &root_pem).await;
                                 if !enrolled_names.contains(&name) {
@@ -206,5 +217,74 @@ mod tests {
         });
         publish(&client, "shop", "ROOT PEM").await;
         server.await.unwrap();
+    }
+
+    /// The control plane's own namespace gets the root although it is not
+    /// enrolled (its node proxies mount it); other unenrolled namespaces
+    /// do not.
+    #[tokio::test]
+    async fn publishes_to_enrolled_namespaces_and_its_own() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        publish_root_configmaps(client, "ROOT PEM".into(), "meshbox-system".into());
+        let namespace = |name: &str, labels: serde_json::Value| serde_json::json!({"metadata": {"name": name, "labels": labels}});
+        let list = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "NamespaceList",
+            "metadata": {"resourceVersion": "1"},
+            "items": [
+                namespace("meshbox-system", serde_json::json!({})),
+                namespace("other", serde_json::json!({"istio.io/dataplane-mode": "none"})),
+                namespace("shop", serde_json::json!({"istio.io/dataplane-mode": "ambient"})),
+            ],
+        });
+        let mut patched = Vec::new();
+        // Watch requests are left unanswered (held open) so the watcher
+        // waits instead of relisting.
+        let mut held = Vec::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let shop = "/api/v1/namespaces/shop/configmaps/istio-ca-root-cert";
+        while !patched.iter().any(|p| p == shop) {
+            let (request, send) = tokio::time::timeout_at(deadline, handle.next_request())
+                .await
+                .expect("the publisher made its requests in time")
+                .expect("a request");
+            let path = request.uri().path().to_owned();
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            match *request.method() {
+                http::Method::GET if path == "/api/v1/namespaces" && !query.contains("watch") => {
+                    send.send_response(
+                        Response::builder()
+                            .body(Body::from(serde_json::to_vec(&list).unwrap()))
+                            .unwrap(),
+                    );
+                }
+                http::Method::GET => held.push(send),
+                http::Method::PATCH => {
+                    let body = request.into_body().collect_bytes().await.unwrap();
+                    let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    assert_eq!(sent["data"]["root-cert.pem"], "ROOT PEM");
+                    patched.push(path);
+                    send.send_response(
+                        Response::builder()
+                            .body(Body::from(serde_json::to_vec(&sent).unwrap()))
+                            .unwrap(),
+                    );
+                }
+                ref other => panic!("unexpected {other} {path}"),
+            }
+        }
+        // Namespaces are handled in list order, so "other" (listed before
+        // shop) was skipped, not still pending. The periodic re-publish may
+        // repeat a namespace; only which ones counts.
+        patched.sort();
+        patched.dedup();
+        assert_eq!(
+            patched,
+            [
+                "/api/v1/namespaces/meshbox-system/configmaps/istio-ca-root-cert",
+                shop,
+            ]
+        );
     }
 }

@@ -173,7 +173,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 ready.store(true, Ordering::Release);
                 tracing::info!("every Kubernetes watcher has listed once; ready");
             });
-            cluster::publish_root_configmaps(client.clone(), ca.roots_pem());
+            cluster::publish_root_configmaps(
+                client.clone(),
+                ca.roots_pem(),
+                config.namespace.clone(),
+            );
         }
         (None, None) => unreachable!("Kubernetes mode always has a client"),
     }
