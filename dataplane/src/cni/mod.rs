@@ -26,8 +26,10 @@
 //!   with an `error`, which fails the `CHECK`.
 //!
 //! [`serve`] is the agent's side of the socket, [`request`] the plugin's,
-//! and [`plugin`] the CNI spec side (environment, stdin, results, errors).
+//! [`plugin`] the CNI spec side (environment, stdin, results, errors), and
+//! [`install`] puts the plugin into a node's CNI configuration.
 
+pub mod install;
 pub mod plugin;
 
 use std::future::Future;
