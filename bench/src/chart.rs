@@ -325,7 +325,7 @@ mod tests {
         let svg = std::fs::read_to_string(dir.join("l.svg")).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("cost vs pods"));
         let svg = std::fs::read_to_string(dir.join("b.svg")).unwrap();
-        assert!(svg.contains("bulk: 24.0%"), "{svg}");
+        assert!(svg.contains("bulk: 24%"), "{svg}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -532,6 +532,11 @@ pub struct NodeDataplane {
     pub node: String,
     pub pid: u32,
     pub log: PathBuf,
+    /// How it was started (program and arguments after `ip netns exec NS`),
+    /// to start it again the same way.
+    argv: Vec<std::ffi::OsString>,
+    work: PathBuf,
+    starts: u32,
 }
 
 impl NodeDataplane {
@@ -552,45 +557,81 @@ impl NodeDataplane {
             .arg(state)
             .arg("--out")
             .arg(&token))?;
-        let log = work.join(format!("dataplane-{node}.log"));
         let bin = crate::host::sibling_binary("dataplane")?;
-        let mut cmd = match nofile {
-            Some(limit) => {
-                let mut c = in_netns(netns, "prlimit");
-                c.arg(limit).arg(&bin);
-                c
-            }
-            None => in_netns(netns, &bin),
-        };
-        cmd.arg("run")
-            .args(["--xds-address", &format!("https://{xds}")])
-            .arg("--xds-root-ca")
-            .arg(state.join("root-cert.pem"))
-            .arg("--auth-token")
-            .arg(&token)
-            .args(["--proxy-mode", "shared", "--node-name", node])
-            .args(["--inpod", "true", "--drain-timeout", "1s"])
-            .args(extra)
-            .env("RUST_LOG", "info");
-        let pid = spawn(&format!("dataplane ({node})"), &mut cmd, &log)?;
-        let dp = Self {
+        let mut argv: Vec<std::ffi::OsString> = vec![];
+        if let Some(limit) = nofile {
+            argv.extend(["prlimit".into(), limit.into()]);
+        }
+        argv.push(bin.into());
+        argv.extend(
+            [
+                "run",
+                "--xds-address",
+                &format!("https://{xds}"),
+                "--xds-root-ca",
+            ]
+            .map(Into::into),
+        );
+        argv.push(state.join("root-cert.pem").into());
+        argv.push("--auth-token".into());
+        argv.push(token.into());
+        argv.extend(
+            [
+                "--proxy-mode",
+                "shared",
+                "--node-name",
+                node,
+                "--inpod",
+                "true",
+                "--drain-timeout",
+                "1s",
+            ]
+            .map(Into::into),
+        );
+        argv.extend(extra.iter().map(Into::into));
+        let mut dp = Self {
             netns: netns.into(),
             node: node.into(),
-            pid,
-            log,
+            pid: 0,
+            log: PathBuf::new(),
+            argv,
+            work: work.to_path_buf(),
+            starts: 0,
         };
+        dp.launch()?;
+        Ok(dp)
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        self.starts += 1;
+        self.log = self.work.join(if self.starts == 1 {
+            format!("dataplane-{}.log", self.node)
+        } else {
+            format!("dataplane-{}-{}.log", self.node, self.starts)
+        });
+        let mut cmd = in_netns(&self.netns, &self.argv[0]);
+        cmd.args(&self.argv[1..]).env("RUST_LOG", "info");
+        self.pid = spawn(&format!("dataplane ({})", self.node), &mut cmd, &self.log)?;
         wait_for(
-            &format!("the dataplane of {node} to be ready"),
+            &format!("the dataplane of {} to be ready", self.node),
             Duration::from_secs(30),
-            || dp.ensure_alive().is_ok() && dp.get("15021/healthz/ready").is_ok(),
+            || self.ensure_alive().is_ok() && self.get("15021/healthz/ready").is_ok(),
         )
-        .with_context(|| tail(&dp.log))?;
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        .with_context(|| tail(&self.log))?;
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.pid)).unwrap_or_default();
         anyhow::ensure!(
             comm.trim() == "dataplane",
-            "pid {pid} is {comm:?}, not the dataplane (ip netns exec / prlimit did not exec?)"
+            "pid {} is {comm:?}, not the dataplane (ip netns exec / prlimit did not exec?)",
+            self.pid
         );
-        Ok(dp)
+        Ok(())
+    }
+
+    /// Stops the process (SIGTERM) and starts it again the same way; its
+    /// pods' rules stay in place meanwhile, and it re-adopts them.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        stop(self.pid, Duration::from_secs(5));
+        self.launch()
     }
 
     pub fn ensure_alive(&self) -> anyhow::Result<()> {

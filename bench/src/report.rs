@@ -441,7 +441,7 @@ mod tests {
     #[test]
     fn sections_render_rows_or_tables() {
         let mut s = Section::new("x", "X part");
-        s.compared("a", "a figure", 5.0, 10.0, "req/s");
+        s.compared("a", "a figure", 5.5, 11.0, "req/s");
         let mut skipped = Section::skipped("y", "Y part", "needs root".into());
         skipped.elapsed_s = 0.0;
         let report = Report {
@@ -452,7 +452,7 @@ mod tests {
         };
         let md = markdown(&report);
         assert!(
-            md.contains("| a figure | 5.00 req/s | 10.0 req/s | 50% |"),
+            md.contains("| a figure | 5.50 req/s | 11 req/s | 50% |"),
             "{md}"
         );
         assert!(md.contains("skipped: needs root"), "{md}");
