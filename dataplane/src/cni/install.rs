@@ -475,7 +475,9 @@ fn copy_binary(source: &Path, target: &Path) -> Result<bool, InstallError> {
         return Ok(false);
     }
     let content = fs::read(source).map_err(io_error("reading", source))?;
-    if fs::read(target).is_ok_and(|existing| existing == content) {
+    // The size first: the watching installer checks this every few seconds.
+    let same_size = fs::metadata(target).is_ok_and(|m| m.len() == content.len() as u64);
+    if same_size && fs::read(target).is_ok_and(|existing| existing == content) {
         return Ok(false);
     }
     write_atomic(target, &content, 0o755)?;

@@ -1,0 +1,335 @@
+#!/usr/bin/env python3
+"""Offline schema checks of meshbox's Kubernetes manifests (run by
+deploy/check.sh; needs the PyPI package kubernetes-validate).
+
+Every document in the files given is checked:
+
+- built-in kinds against the Kubernetes OpenAPI schema of each
+  --kubernetes-version, strictly (an unknown field is an error, as with
+  kubectl's default server-side field validation); a kind with no schema
+  there is an error too;
+- the AuthorizationPolicy CRD like any built-in kind (apiextensions/v1),
+  and also for what the API server demands of a CRD beyond that: a
+  structural schema, one storage version, the same schema in every served
+  version (there is no conversion webhook);
+- every AuthorizationPolicy against that CRD's openAPIV3Schema, the way the
+  API server applies it: unknown fields rejected, and the CRD's CEL rules
+  (x-kubernetes-validations), each emulated here.
+
+Before any of that it checks itself on policies that must be refused, so a
+checker that accepts everything fails.
+"""
+
+import argparse
+import copy
+import sys
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+CRD_NAME = "authorizationpolicies.security.istio.io"
+POLICY_GROUP = "security.istio.io"
+
+# The CEL rules of the CRD, as Python. A rule in the CRD that is not here
+# fails the check: add its emulation when you add the rule.
+CEL_RULES = {
+    "!(has(self.selector) && (has(self.targetRef) || has(self.targetRefs)))":
+        lambda spec: not ("selector" in spec and ("targetRef" in spec or "targetRefs" in spec)),
+    "!(has(self.targetRef) && has(self.targetRefs))":
+        lambda spec: not ("targetRef" in spec and "targetRefs" in spec),
+}
+
+
+class Failure(Exception):
+    pass
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def name_of(doc):
+    meta = doc.get("metadata") or {}
+    ns = meta.get("namespace")
+    return "%s %s%s" % (doc.get("kind"), ns + "/" if ns else "", meta.get("name"))
+
+
+# --------------------------------------------------------------------------
+# The CRD
+
+def check_structural(node, path, errors):
+    """What the API server requires of a CRD's schema (structural schemas,
+    apiextensions validation), for the constructs this CRD uses."""
+    if not isinstance(node, dict):
+        errors.append("%s: not a schema object" % path)
+        return
+    for junctor in ("allOf", "anyOf", "oneOf", "not"):
+        if junctor in node:
+            errors.append("%s: %s is not handled by this checker" % (path, junctor))
+    free = node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string")
+    kind = node.get("type")
+    if not kind and not free:
+        errors.append("%s: no type (a structural schema types every node)" % path)
+    if "properties" in node and "additionalProperties" in node:
+        errors.append("%s: properties and additionalProperties are mutually exclusive" % path)
+    if "properties" in node or "additionalProperties" in node:
+        if kind != "object":
+            errors.append("%s: properties on a node of type %r" % (path, kind))
+    for field, sub in (node.get("properties") or {}).items():
+        check_structural(sub, "%s.%s" % (path, field), errors)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        check_structural(extra, path + ".*", errors)
+    if kind == "array":
+        if "items" not in node:
+            errors.append("%s: an array needs items" % path)
+        else:
+            check_structural(node["items"], path + "[]", errors)
+    elif "items" in node:
+        errors.append("%s: items on a node of type %r" % (path, kind))
+    for field in node.get("required") or []:
+        if field not in (node.get("properties") or {}):
+            errors.append("%s: required field %r is not a property" % (path, field))
+    for value in node.get("enum") or []:
+        if kind == "string" and not isinstance(value, str):
+            errors.append("%s: enum value %r is not a string" % (path, value))
+    for rule in node.get("x-kubernetes-validations") or []:
+        if rule.get("rule") not in CEL_RULES:
+            errors.append("%s: CEL rule %r has no emulation in deploy/validate.py" % (path, rule.get("rule")))
+
+
+def check_crd(crd):
+    spec = crd["spec"]
+    errors = []
+    if spec.get("group") != POLICY_GROUP:
+        errors.append("group is %r, not %s" % (spec.get("group"), POLICY_GROUP))
+    if spec.get("names", {}).get("kind") != "AuthorizationPolicy":
+        errors.append("kind is not AuthorizationPolicy")
+    if spec.get("scope") != "Namespaced":
+        errors.append("not namespaced")
+    versions = spec.get("versions") or []
+    stored = [v["name"] for v in versions if v.get("storage")]
+    if stored != ["v1"]:
+        errors.append("the storage version must be v1 alone, is %s" % stored)
+    served = [v for v in versions if v.get("served")]
+    if "v1" not in [v["name"] for v in served]:
+        errors.append("v1 is not served")
+    schemas = [v.get("schema", {}).get("openAPIV3Schema") for v in served]
+    if any(s != schemas[0] for s in schemas):
+        errors.append("served versions have different schemas, and there is no conversion")
+    if spec.get("conversion", {}).get("strategy", "None") != "None":
+        errors.append("a conversion strategy other than None")
+    for version in versions:
+        schema = version.get("schema", {}).get("openAPIV3Schema")
+        if schema is None:
+            errors.append("%s: no openAPIV3Schema" % version["name"])
+            continue
+        check_structural(schema, version["name"], errors)
+        if schema.get("type") != "object":
+            errors.append("%s: the root must be of type object" % version["name"])
+        if "metadata" in (schema.get("properties") or {}):
+            errors.append("%s: metadata may only restrict name and generateName" % version["name"])
+    if errors:
+        raise Failure("CRD %s:\n  %s" % (crd["metadata"]["name"], "\n  ".join(errors)))
+    return next(v for v in versions if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+# --------------------------------------------------------------------------
+# Custom resources against the CRD
+
+def closed(schema):
+    """The schema as the API server enforces it: objects with properties
+    accept no other field (strict field validation after pruning), except
+    where x-kubernetes-preserve-unknown-fields says otherwise."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return
+        if node.get("type") == "object" and "properties" in node \
+                and "additionalProperties" not in node \
+                and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
+        for sub in (node.get("properties") or {}).values():
+            walk(sub)
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"])
+        if isinstance(node.get("items"), dict):
+            walk(node["items"])
+
+    walk(schema)
+    # Every object has these; the CRD's schema does not list them.
+    schema.setdefault("properties", {}).update({
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+    })
+    schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata"})
+    return schema
+
+
+def cel_rules(schema, doc, path="", out=None):
+    """(rule, message, value) for every CEL rule, with the value it applies to."""
+    out = [] if out is None else out
+    if not isinstance(schema, dict) or doc is None:
+        return out
+    for rule in schema.get("x-kubernetes-validations") or []:
+        out.append((rule["rule"], rule.get("message", rule["rule"]), doc, path or "<root>"))
+    if isinstance(doc, dict):
+        for field, sub in (schema.get("properties") or {}).items():
+            if field in doc:
+                cel_rules(sub, doc[field], path + "." + field, out)
+    if isinstance(doc, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(doc):
+            cel_rules(schema["items"], item, "%s[%d]" % (path, i), out)
+    return out
+
+
+def check_policy(doc, schema):
+    api_version = doc.get("apiVersion", "")
+    if api_version not in ("security.istio.io/v1", "security.istio.io/v1beta1"):
+        raise Failure("%s: apiVersion %s is not served by the CRD" % (name_of(doc), api_version))
+    validator = jsonschema.Draft7Validator(closed(schema))
+    problems = ["%s: %s" % ("/".join(str(p) for p in e.absolute_path) or "<root>", e.message)
+                for e in validator.iter_errors(doc)]
+    if not problems:
+        for rule, message, value, path in cel_rules(schema, doc):
+            if rule not in CEL_RULES:
+                problems.append("%s: no emulation of CEL rule %r" % (path, rule))
+            elif not CEL_RULES[rule](value):
+                problems.append("%s: %s" % (path, message))
+    if problems:
+        raise Failure("%s does not validate against the CRD:\n  %s" % (name_of(doc), "\n  ".join(problems)))
+
+
+# Policies the check must refuse: if one passes, the checker is broken.
+MUST_FAIL = {
+    "a misspelt field (principal)": """
+spec:
+  rules:
+  - from:
+    - source:
+        principal: ["cluster.local/ns/a/sa/b"]
+""",
+    "an unknown action": """
+spec:
+  action: PERMIT
+""",
+    "ports as a string, not a list": """
+spec:
+  rules:
+  - to:
+    - operation:
+        ports: "8080"
+""",
+    "a condition without key": """
+spec:
+  rules:
+  - when:
+    - values: ["x"]
+""",
+    "selector and targetRef together": """
+spec:
+  selector:
+    matchLabels: {app: a}
+  targetRef: {kind: Service, name: a}
+""",
+}
+
+MUST_PASS = """
+spec:
+  selector:
+    matchLabels: {app: reviews}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/bookinfo/sa/productpage"]
+        notNamespaces: ["legacy"]
+    to:
+    - operation:
+        ports: ["9080"]
+    when:
+    - key: source.ip
+      values: ["10.0.0.0/8"]
+"""
+
+
+def self_test(schema):
+    head = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "t", "namespace": "t"}}
+    check_policy(dict(head, **yaml.safe_load(MUST_PASS)), schema)
+    for what, text in MUST_FAIL.items():
+        try:
+            check_policy(dict(head, **yaml.safe_load(text)), schema)
+        except Failure:
+            continue
+        raise Failure("self-test: a policy with %s was accepted" % what)
+
+
+# --------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kubernetes-version", action="append", required=True,
+                        help="validate built-in kinds against this version (repeatable)")
+    parser.add_argument("files", nargs="+")
+    args = parser.parse_args()
+
+    docs = []
+    for path in args.files:
+        try:
+            docs += [(path, d) for d in load(path)]
+        except yaml.YAMLError as e:
+            print("FAIL %s: not valid YAML: %s" % (path, e))
+            return 1
+
+    failures = 0
+    crds = [d for _, d in docs if d.get("kind") == "CustomResourceDefinition"
+            and d.get("metadata", {}).get("name") == CRD_NAME]
+    if not crds:
+        print("FAIL no CustomResourceDefinition %s among the files" % CRD_NAME)
+        return 1
+    try:
+        schema = check_crd(crds[0])
+        if any(c != crds[0] for c in crds):
+            raise Failure("the CRD differs between the rendered files")
+        self_test(schema)
+        print("ok   CRD %s: structural, v1 stored, every served version the same schema; "
+              "the checker refuses %d broken policies" % (CRD_NAME, len(MUST_FAIL)))
+    except Failure as e:
+        print("FAIL %s" % e)
+        return 1
+
+    seen = set()
+    for path, doc in docs:
+        key = (path, name_of(doc))
+        if key in seen:
+            continue
+        seen.add(key)
+        api_version = doc.get("apiVersion", "")
+        try:
+            if api_version.split("/")[0] == POLICY_GROUP:
+                check_policy(doc, schema)
+                print("ok   %s: %s (against the CRD)" % (path, name_of(doc)))
+                continue
+            for version in args.kubernetes_version:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kubernetes_validate.utils.SchemaNotFoundError:
+                    raise Failure("%s: %s: no schema for %s in Kubernetes %s" % (path, name_of(doc), api_version, version))
+                except kubernetes_validate.utils.ValidationError as e:
+                    where = "/".join(str(p) for p in e.path) or "<root>"
+                    raise Failure("%s: %s: Kubernetes %s: %s: %s" % (path, name_of(doc), version, where, e.message))
+            print("ok   %s: %s (Kubernetes %s, strict)" % (path, name_of(doc), ", ".join(args.kubernetes_version)))
+        except Failure as e:
+            print("FAIL %s" % e)
+            failures += 1
+    print("%d documents, %d failed" % (len(seen), failures))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
