@@ -331,12 +331,19 @@ dataplane_logs() {
 		--since-time="$1" --tail=-1 --prefix --max-log-requests=20 2>/dev/null || true
 }
 
-# The access-log fields worth showing, from one log line.
+# The access-log fields worth showing, from one log line: the pod, then a
+# field per line.
 fields() {
 	local line=$1 pod
 	pod=$(sed -n 's/^\[pod\/\([^/]*\)\/.*/\1/p' <<<"$line")
-	printf '%s: ' "${pod:-dataplane}"
-	grep -oE '(direction|src\.addr|src\.identity|dst\.hbone_addr|dst\.identity|reason)=("[^"]*"|[^ ]*)' <<<"$line" | paste -sd ' ' -
+	printf '%s:\n' "${pod:-dataplane}"
+	grep -oE '(direction|src\.addr|src\.identity|dst\.addr|dst\.hbone_addr|dst\.identity|reason)=("[^"]*"|[^ ]*)' <<<"$line" | sed 's/^/  /'
+}
+
+# with_field NAME VALUE: the lines of stdin where field NAME is VALUE
+# (tracing quotes string fields, not displayed ones: both forms).
+with_field() {
+	grep -F -e "$1=\"$2\"" -e "$1=$2 " || true
 }
 
 request() {
@@ -349,9 +356,14 @@ request_logged() {
 	dataplane_logs "$1" >"$WORK/request.log"
 	local dir
 	for dir in outbound inbound; do
-		grep 'connection complete' "$WORK/request.log" | grep "direction=\"$dir\"" |
-			grep "src.identity=\"$CLIENT_ID\"" | grep -q "dst.identity=\"$SERVER_ID\"" || return 1
+		[[ -n $(access_lines "$dir") ]] || return 1
 	done
+}
+
+# access_lines DIRECTION: the request's access-log lines of that direction.
+access_lines() {
+	grep 'connection complete' "$WORK/request.log" | with_field direction "$1" |
+		with_field src.identity "$CLIENT_ID" | with_field dst.identity "$SERVER_ID"
 }
 
 prove_request() {
@@ -376,9 +388,8 @@ prove_request() {
 	say "the dataplanes' access logs (\"connection complete\", abridged):"
 	local dir line
 	for dir in outbound inbound; do
-		line=$(grep 'connection complete' "$WORK/request.log" | grep "direction=\"$dir\"" |
-			grep "src.identity=\"$CLIENT_ID\"" | grep "dst.identity=\"$SERVER_ID\"" | tail -n 1)
-		fields "$line" | fold -s -w 96 | indent
+		line=$(access_lines "$dir" | tail -n 1)
+		fields "$line" | indent
 	done
 	ok "mutual TLS between $CLIENT_ID and $SERVER_ID, each side checked against the control plane's CA"
 	if answer=$(request clientip); then
@@ -389,9 +400,13 @@ prove_request() {
 denied() { ! request hostname >/dev/null; }
 allowed() { request hostname >/dev/null; }
 
+denial_lines() {
+	grep 'denied by authorization policy' "$WORK/deny.log" | with_field src.identity "$CLIENT_ID"
+}
+
 policy_denial_logged() {
 	dataplane_logs "$1" >"$WORK/deny.log"
-	grep 'denied by authorization policy' "$WORK/deny.log" | grep -q "src.identity=\"$CLIENT_ID\""
+	[[ -n $(denial_lines) ]]
 }
 
 prove_policy() {
@@ -410,8 +425,7 @@ prove_policy() {
 	wait_until 30 policy_denial_logged "$since" ||
 		die "the server's dataplane logged no denial for the client" "$WORK/deny.log"
 	say "the server's dataplane: \"connection denied by authorization policy\":"
-	fields "$(grep 'denied by authorization policy' "$WORK/deny.log" | grep "src.identity=\"$CLIENT_ID\"" | tail -n 1)" |
-		fold -s -w 96 | indent
+	fields "$(denial_lines | tail -n 1)" | indent
 	cmd_line "kubectl delete -f deploy/samples/deny-client.yaml"
 	k delete -f "$DEPLOY/samples/deny-client.yaml" 2>&1 | indent
 	wait_until 60 allowed || die "the request is still refused 60 s after the policy was deleted"
@@ -459,7 +473,7 @@ prove_certificate() {
 }
 
 summary() {
-	step "Done: meshbox runs on kind cluster '$CLUSTER'"
+	printf '\n%s==> Done: meshbox runs on kind cluster %s%s\n' "$BOLD" "$CLUSTER" "$RESET"
 	cat <<EOF | indent
 Where to look next:
   kubectl --context $CONTEXT -n $SYSTEM_NS logs ds/meshbox-dataplane -c dataplane -f   # access logs of one node
