@@ -187,6 +187,31 @@ marker_set() {
 }
 
 # ---------------------------------------------------------------------------
+# The CNI plugin on the kind nodes (the node containers, through docker)
+
+node_has_plugin() {
+	docker exec "$1" sh -c 'cat /etc/cni/net.d/*.conflist 2>/dev/null' | grep -q '"meshbox-cni"'
+}
+
+# The kind nodes whose CNI configuration names meshbox-cni (or not).
+nodes_with_plugin() {
+	local node
+	for node in $(kind get nodes --name "$CLUSTER" 2>/dev/null); do
+		if node_has_plugin "$node"; then echo "$node"; fi
+	done
+}
+
+nodes_without_plugin() {
+	local node
+	for node in $(kind get nodes --name "$CLUSTER" 2>/dev/null); do
+		if ! node_has_plugin "$node"; then echo "$node"; fi
+	done
+}
+
+plugin_on_every_node() { [[ -z $(nodes_without_plugin) ]]; }
+plugin_removed_from_nodes() { [[ -z $(nodes_with_plugin) ]]; }
+
+# ---------------------------------------------------------------------------
 # up
 
 cluster_up() {
@@ -269,6 +294,20 @@ diagnose() {
 	sed 's/^/      /' "$WORK/diagnose-$1.log" | tail -n 80 >&2
 }
 
+# restart_if_rebuilt KEY IMAGE WORKLOAD: the images keep their tag (dev)
+# from build to build, so a new build does not change the pod templates;
+# restart WORKLOAD when IMAGE differs from the one the last run deployed
+# (noted under KEY in the marker).
+restart_if_rebuilt() {
+	local id last
+	id=$(docker image inspect -f '{{.Id}}' "$2" | sed 's/^sha256://' | cut -c1-16)
+	last=$(marker_get "$1")
+	if [[ -n $last && $last != "$id" ]]; then
+		k -n "$SYSTEM_NS" rollout restart "$3" | indent
+	fi
+	marker_set "$1" "$id"
+}
+
 install_meshbox() {
 	step "Installing meshbox (kubectl apply -k deploy/kind)"
 	if ! k get crd authorizationpolicies.security.istio.io >/dev/null 2>&1; then
@@ -278,16 +317,8 @@ install_meshbox() {
 	k apply -k "$DEPLOY/kind" >"$WORK/apply.log" 2>&1 ||
 		die "kubectl apply -k deploy/kind failed" "$WORK/apply.log"
 	quiet_kustomize <"$WORK/apply.log" | indent
-	# The images keep their tag (dev) from build to build: record each
-	# build's image ID in the pod templates, so a new build rolls the
-	# pods and an unchanged one leaves them alone.
-	local cp_id dp_id
-	cp_id=$(docker image inspect -f '{{.Id}}' "$CP_IMAGE" | sed 's/^sha256://' | cut -c1-16)
-	dp_id=$(docker image inspect -f '{{.Id}}' "$DP_IMAGE" | sed 's/^sha256://' | cut -c1-16)
-	k -n "$SYSTEM_NS" patch deployment meshbox-controlplane --type merge \
-		-p "{\"spec\":{\"template\":{\"metadata\":{\"annotations\":{\"meshbox.dev/image\":\"$cp_id\"}}}}}" >/dev/null
-	k -n "$SYSTEM_NS" patch daemonset meshbox-dataplane --type merge \
-		-p "{\"spec\":{\"template\":{\"metadata\":{\"annotations\":{\"meshbox.dev/image\":\"$dp_id\"}}}}}" >/dev/null
+	restart_if_rebuilt imageControlplane "$CP_IMAGE" deployment/meshbox-controlplane
+	restart_if_rebuilt imageDataplane "$DP_IMAGE" daemonset/meshbox-dataplane
 
 	say "waiting for the control plane, then a dataplane on every node"
 	cmd_line "kubectl -n $SYSTEM_NS rollout status deployment/meshbox-controlplane"
@@ -301,7 +332,10 @@ install_meshbox() {
 		diagnose "$SYSTEM_NS"
 		die "the dataplanes did not become ready" "$WORK/rollout-dp.log"
 	fi
-	ok "dataplanes ready; meshbox-cni chained into each node's CNI configuration"
+	ok "dataplanes ready"
+	wait_until 30 plugin_on_every_node ||
+		die "meshbox-cni is missing from the CNI configuration of: $(nodes_without_plugin | paste -sd ' ' -) (see: kubectl -n $SYSTEM_NS logs ds/meshbox-dataplane -c cni)"
+	ok "meshbox-cni chained into every node's CNI configuration (checked on the node containers)"
 	k -n "$SYSTEM_NS" get pods -o wide | indent
 }
 
@@ -503,17 +537,6 @@ up() {
 # ---------------------------------------------------------------------------
 # down
 
-# The kind nodes whose CNI configuration still names meshbox-cni.
-nodes_with_plugin() {
-	local node
-	for node in $(kind get nodes --name "$CLUSTER" 2>/dev/null); do
-		if docker exec "$node" sh -c 'cat /etc/cni/net.d/*.conflist 2>/dev/null' | grep -q meshbox-cni; then
-			echo "$node"
-		fi
-	done
-}
-
-plugin_removed_from_nodes() { [[ -z $(nodes_with_plugin) ]]; }
 
 down() {
 	check_prerequisites
