@@ -6,6 +6,11 @@
 //! scheduled on that same node: a node cannot claim (or hide) another
 //! node's pods. Everything a client sends is bounded before it is kept.
 //! `GET /api/v1/dataplanes` joins these reports to the xDS streams by node.
+//!
+//! Beside it, `EnrollmentService/Lookup` answers the node agent's question
+//! when the CNI plugin reports a new sandbox: is this pod in the mesh? The
+//! pod has no IP yet, so it is no workload in xDS; the model knows it
+//! anyway from its spec and labels.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +18,12 @@ use std::sync::{Arc, Mutex};
 use meshbox_proto::capture::capture_status_service_server::{
     CaptureStatusService, CaptureStatusServiceServer,
 };
-use meshbox_proto::capture::{CaptureReport, CaptureReportResponse};
+use meshbox_proto::capture::enrollment_service_server::{
+    EnrollmentService, EnrollmentServiceServer,
+};
+use meshbox_proto::capture::{
+    CaptureReport, CaptureReportResponse, EnrollmentRequest, EnrollmentResponse,
+};
 use meshbox_proto::istio::workload::address;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -165,20 +175,7 @@ impl CaptureStatusService for CaptureGrpc {
         &self,
         request: Request<CaptureReport>,
     ) -> Result<Response<CaptureReportResponse>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().unwrap_or_default().to_owned());
-        let caller = self
-            .auth
-            .authenticate_header(header.as_deref())
-            .await
-            .map_err(crate::ca::grpc::auth_status)?;
-        let Caller::Node { node } = caller else {
-            return Err(Status::permission_denied(
-                "only node proxies report capture state",
-            ));
-        };
+        let node = node_caller(&self.auth, &request).await?;
         let (accepted, rejected) = self
             .reports
             .record(&node, request.into_inner(), &self.store)?;
@@ -190,6 +187,71 @@ impl CaptureStatusService for CaptureGrpc {
             );
         }
         Ok(Response::new(CaptureReportResponse { accepted, rejected }))
+    }
+}
+
+/// The node caller behind a request's bearer token.
+async fn node_caller<T>(auth: &Authenticator, request: &Request<T>) -> Result<String, Status> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    match auth
+        .authenticate_header(header.as_deref())
+        .await
+        .map_err(crate::ca::grpc::auth_status)?
+    {
+        Caller::Node { node } => Ok(node),
+        Caller::Workload(_) => Err(Status::permission_denied(
+            "only node proxies may use this service",
+        )),
+    }
+}
+
+/// Answers whether a pod is enrolled; see the module documentation.
+pub struct EnrollmentGrpc {
+    auth: Arc<Authenticator>,
+    store: Arc<MeshStore>,
+}
+
+impl EnrollmentGrpc {
+    pub fn server(
+        auth: Arc<Authenticator>,
+        store: Arc<MeshStore>,
+    ) -> EnrollmentServiceServer<Self> {
+        EnrollmentServiceServer::new(Self { auth, store }).max_decoding_message_size(4096)
+    }
+}
+
+/// The answer for `node`: pods on other nodes are reported unknown, so a
+/// node learns nothing about the rest of the cluster.
+pub fn lookup(store: &MeshStore, node: &str, namespace: &str, name: &str) -> EnrollmentResponse {
+    store.read(|index| match index.pod_enrollment(namespace, name) {
+        Some((pod_node, enrolled)) if pod_node == node => EnrollmentResponse {
+            known: true,
+            enrolled,
+        },
+        _ => EnrollmentResponse {
+            known: false,
+            enrolled: false,
+        },
+    })
+}
+
+#[tonic::async_trait]
+impl EnrollmentService for EnrollmentGrpc {
+    async fn lookup(
+        &self,
+        request: Request<EnrollmentRequest>,
+    ) -> Result<Response<EnrollmentResponse>, Status> {
+        let node = node_caller(&self.auth, &request).await?;
+        let req = request.into_inner();
+        Ok(Response::new(lookup(
+            &self.store,
+            &node,
+            &req.namespace,
+            &req.name,
+        )))
     }
 }
 
@@ -269,6 +331,50 @@ status: {phase: Running, podIP: 10.1.0.6, conditions: [{type: Ready, status: "Tr
             .record("node-a", CaptureReport { pods: vec![] }, &store)
             .unwrap();
         assert!(reports.get("node-a").unwrap().pods.is_empty());
+    }
+
+    #[test]
+    fn enrollment_is_known_before_the_pod_has_an_ip_and_only_on_its_node() {
+        let store = store();
+        store.replace_all(
+            parse_manifest(&format!(
+                "{PODS}---
+apiVersion: v1
+kind: Pod
+metadata: {{name: starting, namespace: shop}}
+spec: {{nodeName: node-a, serviceAccountName: web, containers: [{{name: app, image: x}}]}}
+status: {{phase: Pending}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: opted-out, namespace: shop, labels: {{istio.io/dataplane-mode: none}}}}
+spec: {{nodeName: node-a, containers: [{{name: app, image: x}}]}}
+status: {{phase: Pending}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: plain}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: other, namespace: plain}}
+spec: {{nodeName: node-a, containers: [{{name: app, image: x}}]}}
+"
+            ))
+            .unwrap()
+            .objects,
+        );
+        let ask = |node: &str, ns: &str, name: &str| {
+            let r = lookup(&store, node, ns, name);
+            (r.known, r.enrolled)
+        };
+        assert_eq!(ask("node-a", "shop", "starting"), (true, true));
+        assert_eq!(ask("node-a", "shop", "opted-out"), (true, false));
+        assert_eq!(ask("node-a", "plain", "other"), (true, false));
+        // Another node's pod, or one not scheduled yet: unknown.
+        assert_eq!(ask("node-b", "shop", "starting"), (false, false));
+        assert_eq!(ask("node-a", "shop", "db"), (false, false));
+        assert_eq!(ask("node-a", "shop", "nope"), (false, false));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::auth::local::LocalTokens;
 use crate::auth::token_review::TokenReviewer;
 use crate::ca::grpc::CaGrpc;
 use crate::ca::{CertificateIssuer, NodeRoster, RateLimit, parse_ttl};
-use crate::capture::{CaptureGrpc, CaptureReports};
+use crate::capture::{CaptureGrpc, CaptureReports, EnrollmentGrpc};
 use crate::cluster;
 use crate::metrics::Metrics;
 use crate::model::MeshConfig;
@@ -213,7 +213,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             capture.clone(),
             auth.clone(),
             store.clone(),
-        ));
+        ))
+        .add_service(EnrollmentGrpc::server(auth.clone(), store.clone()));
     let grpc_app = grpc_routes.into_axum_router();
     let rest_app = api::router(ApiState {
         issuer: issuer.clone(),

@@ -181,6 +181,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 plaintext: config.inbound_plaintext_addr,
             },
             config.probe_snat,
+            Some(crate::inpod::EnrollmentLookup::new(
+                xds_channel.clone(),
+                token.clone(),
+            )),
         )),
         _ => None,
     };

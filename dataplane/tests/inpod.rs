@@ -938,18 +938,23 @@ async fn cni_chain_captures_a_new_pod(
     cni_socket: &Path,
     topo: &mut Topology,
 ) {
-    // Scheduled: the control plane knows the pod before its sandbox exists.
+    // Scheduled: the API has the pod, but no IP until its sandbox is
+    // made, so it is no workload in xDS yet; the agent asks the control
+    // plane, which knows it from its namespace's label.
+    let scheduled = pod(
+        "late",
+        "default",
+        "sleep",
+        "node-a",
+        "10.67.0.50",
+        "app: late",
+    );
+    let status = scheduled.find("status:").unwrap();
     mesh.write_manifest(
         "late.yaml",
-        &pod(
-            "late",
-            "default",
-            "sleep",
-            "node-a",
-            "10.67.0.50",
-            "app: late",
-        ),
+        &format!("{}status: {{phase: Pending}}\n---\n", &scheduled[..status]),
     );
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let sandbox = "mbt18-late";
     let _ = Command::new("ip").args(["netns", "del", sandbox]).output();
     ip(&["netns", "add", sandbox]);
@@ -1002,6 +1007,7 @@ async fn cni_chain_captures_a_new_pod(
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let mut result = None;
+    let started = Instant::now();
     for plugin in list["plugins"].as_array().unwrap() {
         result = cni_chain::invoke(
             "mbt18-fabric",
@@ -1016,16 +1022,32 @@ async fn cni_chain_captures_a_new_pod(
         .unwrap_or_else(|e| panic!("{e}"));
     }
     let result = result.expect("the chain's result");
+    eprintln!(
+        "CNI ADD (bridge + host-local + meshbox-cni) took {} ms",
+        started.elapsed().as_millis()
+    );
     assert_eq!(result["ips"][0]["address"], "10.67.0.50/24", "{result}");
     assert!(
         shows_captured(&node_a.config_dump().await, "late"),
         "captured when ADD returned"
     );
+    // The kubelet reports the pod's IP; its workload and certificate
+    // follow, and its traffic flows (refused, never plaintext, until then).
+    mesh.write_manifest("late.yaml", &scheduled);
     let late = topo.netns("late");
-    assert_eq!(
-        answer(&late, "10.67.0.2:8080").await,
-        "server sees 10.67.0.50"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = answer(&late, "10.67.0.2:8080").await;
+        if got == "server sees 10.67.0.50" {
+            break;
+        }
+        assert!(got.is_empty(), "only the mesh path may answer: {got}");
+        assert!(
+            Instant::now() < deadline,
+            "the new pod's traffic never flowed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     node_b
         .wait_for_log(&[
             "connection complete",

@@ -495,6 +495,17 @@ impl MeshIndex {
             .is_some_and(|ids| ids.contains_key(spiffe_id))
     }
 
+    /// A pod's node and whether it is enrolled, known as soon as the pod is
+    /// scheduled — before it has an IP, and so before it is a workload. The
+    /// node agent asks this when the CNI plugin reports a new sandbox.
+    pub fn pod_enrollment(&self, namespace: &str, name: &str) -> Option<(&str, bool)> {
+        let pod = self.pods.get(&Key::new(namespace, name))?;
+        Some((
+            pod.node.as_str(),
+            pod.enrolled(self.namespace_labels(namespace)),
+        ))
+    }
+
     /// Problems with input objects, sorted.
     pub fn statuses(&self) -> Vec<ObjectStatus> {
         let mut out: Vec<ObjectStatus> = self

@@ -42,7 +42,7 @@ const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 pub(super) struct PodState {
     pub(super) labels: Labels,
     pub(super) ips: Vec<IpAddr>,
-    node: String,
+    pub(super) node: String,
     service_account: String,
     phase: Option<String>,
     ready: bool,
@@ -157,7 +157,7 @@ impl PodState {
             && !matches!(self.phase.as_deref(), Some("Succeeded") | Some("Failed"))
     }
 
-    fn enrolled(&self, ns_labels: Option<&Labels>) -> bool {
+    pub(super) fn enrolled(&self, ns_labels: Option<&Labels>) -> bool {
         if self.host_network || self.has_sidecar {
             return false;
         }

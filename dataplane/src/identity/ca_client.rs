@@ -23,6 +23,21 @@ pub enum TokenSource {
 }
 
 impl TokenSource {
+    /// Puts `authorization: Bearer <token>` on `request` (nothing for
+    /// [`TokenSource::None`]).
+    pub(crate) fn authorize<T>(
+        &self,
+        request: &mut tonic::Request<T>,
+    ) -> Result<(), IdentityError> {
+        if let Some(token) = self.read()? {
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                IdentityError::Unavailable("the token is not a valid header".into())
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(())
+    }
+
     pub(crate) fn read(&self) -> Result<Option<String>, IdentityError> {
         match self {
             TokenSource::None => Ok(None),

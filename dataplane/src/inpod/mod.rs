@@ -11,6 +11,7 @@
 //! captured traffic is refused (nothing listens) rather than leaked, and the
 //! next start re-adopts the pods.
 
+pub mod enrollment;
 pub mod netns;
 pub mod report;
 pub mod rules;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{info, warn};
 
+pub use enrollment::EnrollmentLookup;
 pub use netns::Netns;
 
 use crate::cni::{CaptureCommand, CaptureRequest, CaptureResponse};
@@ -80,6 +82,8 @@ pub struct Agent {
     ports: PodListeners,
     /// Rewrite the node's own connections to captured pods (probes).
     probe_snat: bool,
+    /// Asks the control plane about pods that are no workload yet.
+    lookup: Option<EnrollmentLookup>,
     captured: Mutex<HashMap<String, Captured>>,
     /// Enrolled pods not captured yet, with why.
     pending: Mutex<BTreeMap<String, (Vec<IpAddr>, String)>>,
@@ -95,12 +99,14 @@ impl Agent {
         node: String,
         ports: PodListeners,
         probe_snat: bool,
+        lookup: Option<EnrollmentLookup>,
     ) -> Arc<Self> {
         Arc::new(Self {
             base,
             node,
             ports,
             probe_snat,
+            lookup,
             captured: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             last_scan: Mutex::new(None),
@@ -127,12 +133,17 @@ impl Agent {
         let _one_at_a_time = self.reconciling.lock().await;
         let wanted = self.wanted();
         let gone: Vec<String> = {
+            let state = self.base.mesh.read();
             let mut captured = self.captured.lock().unwrap_or_else(|p| p.into_inner());
             for (uid, pod) in captured.iter_mut() {
-                if wanted.contains_key(uid) {
+                // Captured before the control plane listed it: once it
+                // does, the pod is judged like any other (an opted-out pod
+                // is released).
+                if wanted.contains_key(uid) || state.workload_by_uid(uid).is_some() {
                     pod.awaiting_state = false;
                 }
             }
+            drop(state);
             captured
                 .iter()
                 .filter(|(uid, pod)| !wanted.contains_key(*uid) && !pod.awaiting_state)
@@ -329,12 +340,14 @@ impl Agent {
     /// The CNI plugin's request: capture a pod as its sandbox is created,
     /// before the application's first instruction, or release it.
     ///
-    /// Whether a new pod is enrolled is the control plane's call; the pod
-    /// may not have reached it yet, so this waits a little for it. A pod the
-    /// control plane still does not know is captured if its namespace has
-    /// enrolled pods (it most likely is one, and capturing fails closed:
-    /// its traffic is refused until its workload and certificate arrive),
-    /// and left alone otherwise.
+    /// Whether a new pod is enrolled is the control plane's call: from the
+    /// xDS state when the pod is a workload there already, else by asking
+    /// the control plane ([`EnrollmentLookup`]; a new pod has no IP in the
+    /// API yet). An enrolled pod not yet in xDS is captured at once and its
+    /// traffic refused until its workload and certificate arrive (fail
+    /// closed). Only when the control plane cannot be asked does this wait
+    /// a little for the pod to show up in xDS, then guess from its
+    /// namespace: captured if the namespace has enrolled pods.
     pub async fn handle_cni(&self, req: CaptureRequest) -> CaptureResponse {
         let uid = format!(
             "{}//Pod/{}/{}",
@@ -370,6 +383,20 @@ impl Agent {
     }
 
     async fn enrollment(&self, uid: &str, req: &CaptureRequest, wait: Duration) -> Enrollment {
+        if let Some(known) = self.known_enrollment(uid, req) {
+            return known;
+        }
+        // A new pod has no IP in the API yet, so it is no workload in xDS:
+        // ask the control plane, which knows it from its labels.
+        if let Some(lookup) = &self.lookup
+            && let Some(enrolled) = lookup.ask(&req.pod_namespace, &req.pod_name).await
+        {
+            return if enrolled {
+                Enrollment::Enrolled { known: false }
+            } else {
+                Enrollment::NotEnrolled
+            };
+        }
         let deadline = Instant::now() + wait;
         loop {
             {
@@ -400,6 +427,22 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The pod's enrollment from the xDS state, when it is a workload there.
+    fn known_enrollment(&self, uid: &str, req: &CaptureRequest) -> Option<Enrollment> {
+        let state = self.base.mesh.read();
+        let network = self.base.mesh.network();
+        let w = state.workload_by_uid(uid).or_else(|| {
+            req.ips
+                .iter()
+                .find_map(|ip| state.workload_by_ip(network, *ip))
+        })?;
+        Some(if w.protocol == Protocol::Hbone && w.node == self.node {
+            Enrollment::Enrolled { known: true }
+        } else {
+            Enrollment::NotEnrolled
+        })
     }
 
     /// Whether `uid` is captured now.

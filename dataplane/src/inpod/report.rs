@@ -44,21 +44,9 @@ pub fn spawn(agent: Arc<Agent>, channel: Channel, token: TokenSource, shutdown: 
                 pods: now.iter().map(to_wire).collect(),
             });
             request.set_timeout(Duration::from_secs(5));
-            match token.read() {
-                Ok(Some(token)) => match format!("Bearer {token}").parse() {
-                    Ok(value) => {
-                        request.metadata_mut().insert("authorization", value);
-                    }
-                    Err(_) => {
-                        debug!("the token is not a valid header; not reporting capture state");
-                        continue;
-                    }
-                },
-                Ok(None) => {}
-                Err(error) => {
-                    debug!(%error, "no token; not reporting capture state");
-                    continue;
-                }
+            if let Err(error) = token.authorize(&mut request) {
+                debug!(%error, "no usable token; not reporting capture state");
+                continue;
             }
             match client.report(request).await {
                 Ok(_) => sent = Some((now, Instant::now())),
