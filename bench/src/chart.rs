@@ -291,7 +291,15 @@ mod tests {
 
     #[test]
     fn renders_lines_and_bars_to_svg() {
-        let dir = std::env::temp_dir().join(format!("meshbox-bench-chart-{}", std::process::id()));
+        struct Dir(std::path::PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let guard =
+            Dir(std::env::temp_dir().join(format!("meshbox-chart-test-{}", std::process::id())));
+        let dir = guard.0.clone();
         std::fs::create_dir_all(&dir).unwrap();
         let line = Chart::lines(
             "l.svg",
@@ -326,6 +334,5 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.contains("cost vs pods"));
         let svg = std::fs::read_to_string(dir.join("b.svg")).unwrap();
         assert!(svg.contains("bulk: 24%"), "{svg}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

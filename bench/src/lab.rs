@@ -31,6 +31,8 @@ struct Registry {
     /// Pids of short commands being waited on right now.
     running: Vec<u32>,
     netns: Vec<String>,
+    /// Network namespaces bind-mounted outside /var/run/netns.
+    mounts: Vec<PathBuf>,
     links: Vec<String>,
     dirs: Vec<PathBuf>,
 }
@@ -41,6 +43,7 @@ impl Registry {
             daemons: Vec::new(),
             running: Vec::new(),
             netns: Vec::new(),
+            mounts: Vec::new(),
             links: Vec::new(),
             dirs: Vec::new(),
         }
@@ -135,6 +138,9 @@ pub fn cleanup() {
         kill_netns_pids(ns);
         quiet(Command::new("ip").args(["netns", "del", ns]));
     }
+    for path in taken.mounts.iter().rev() {
+        unmount_netns(path);
+    }
     for link in taken.links.iter().rev() {
         quiet(Command::new("ip").args(["link", "del", link]));
     }
@@ -163,6 +169,14 @@ fn kill_netns_pids(ns: &str) {
                 signal(pid, "KILL");
             }
         }
+    }
+}
+
+/// Unmounts a namespace (or directory) mount and removes the file.
+fn unmount_netns(path: &Path) {
+    quiet(Command::new("umount").arg("-l").arg(path));
+    if path.is_file() {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -215,6 +229,29 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<Output> {
     let out = child.wait_with_output();
     registry().running.retain(|p| *p != pid);
     Ok(out?)
+}
+
+/// Runs a short command with `input` on its stdin, output captured,
+/// whatever its exit; returns how long it took from spawn to exit.
+pub fn run_timed(cmd: &mut Command, input: &[u8]) -> anyhow::Result<(Duration, Output)> {
+    use std::io::Write;
+    check_open()?;
+    cmd.process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let pid = child.id();
+    registry().running.push(pid);
+    if let Some(mut stdin) = child.stdin.take() {
+        // A plugin may exit without reading all of it; its answer says why.
+        let _ = stdin.write_all(input);
+    }
+    let out = child.wait_with_output();
+    let took = started.elapsed();
+    registry().running.retain(|p| *p != pid);
+    Ok((took, out?))
 }
 
 /// Starts a long-running child, stdout and stderr appended to `log`;
@@ -317,6 +354,44 @@ pub fn sweep_stale() {
                 eprintln!("removing network namespace {name} left by an earlier run");
                 kill_netns_pids(name);
                 quiet(Command::new("ip").args(["netns", "del", name]));
+            }
+        }
+    }
+    // Mounts of dead runs under their work directories
+    // (`/tmp/meshbox-bench-{part}-{pid}/...`: private namespaces and the
+    // shared mount holding them, see `add_private_netns`), deepest first.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut stale: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .filter(|mount_point| {
+            mount_point.split('/').any(|part| {
+                part.strip_prefix("meshbox-bench-")
+                    .and_then(|rest| rest.rsplit('-').next())
+                    .is_some_and(|pid| {
+                        !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) && !alive(pid)
+                    })
+            })
+        })
+        .collect();
+    stale.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    stale.dedup();
+    for mount_point in stale {
+        eprintln!("removing mount {mount_point} left by an earlier run");
+        unmount_netns(Path::new(mount_point));
+    }
+    // Then their work directories (logs, state).
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let dead = name
+                .strip_prefix("meshbox-bench-")
+                .and_then(|rest| rest.rsplit('-').next())
+                .is_some_and(|pid| {
+                    !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) && !alive(pid)
+                });
+            if dead && entry.path().is_dir() {
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
@@ -425,12 +500,39 @@ impl Lab {
         Ok(Pod { netns, ip })
     }
 
-    /// Deletes a namespace made with [`Lab::add_netns`] before the end (a
-    /// pod going away).
-    pub fn remove_netns(&self, netns: &str) {
-        kill_netns_pids(netns);
-        quiet(Command::new("ip").args(["netns", "del", netns]));
-        registry().netns.retain(|n| n != netns);
+    /// Makes `dir` a shared mount, so that namespaces mounted in it later
+    /// are seen by processes started with `ip netns exec` (each has a mount
+    /// namespace of its own, a slave of this one) — as a node agent sees
+    /// the runtime's sandboxes through mount propagation.
+    pub fn shared_dir(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        registry().mounts.push(dir.to_path_buf());
+        run(Command::new("mount").arg("--bind").arg(dir).arg(dir))?;
+        run(Command::new("mount").arg("--make-shared").arg(dir))?;
+        Ok(())
+    }
+
+    /// A network namespace `tag` bind-mounted at `{dir}/{prefix}-{pid}-{tag}`
+    /// rather than in /var/run/netns (as Docker keeps its sandboxes' in
+    /// /var/run/docker/netns), loopback up; returns its path. `dir` should
+    /// be a [`Lab::shared_dir`].
+    pub fn add_private_netns(&self, dir: &Path, tag: &str) -> anyhow::Result<PathBuf> {
+        let path = dir.join(self.netns_name(tag));
+        std::fs::File::create(&path)?;
+        registry().mounts.push(path.clone());
+        run(Command::new("unshare")
+            .arg(format!("--net={}", path.display()))
+            .arg("true"))?;
+        run(Command::new("nsenter")
+            .arg(format!("--net={}", path.display()))
+            .args(["ip", "link", "set", "lo", "up"]))?;
+        Ok(path)
+    }
+
+    /// Deletes a namespace made with [`Lab::add_private_netns`].
+    pub fn remove_private_netns(&self, path: &Path) {
+        unmount_netns(path);
+        registry().mounts.retain(|p| p != path);
     }
 }
 
