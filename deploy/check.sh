@@ -9,7 +9,7 @@
 #     meshbox supports) and 1.34, strictly; the AuthorizationPolicy CRD;
 #     every AuthorizationPolicy in deploy/samples and examples/ against the
 #     CRD's schema;
-#  3. shellcheck on deploy/*.sh and examples/*.sh.
+#  3. shellcheck on deploy/*.sh, examples/*.sh and .ci/run.
 #
 #   deploy/check.sh
 #
@@ -77,7 +77,7 @@ done
 	sed "s|$WORK/\([a-z]*\)\.yaml|deploy/\1 (rendered)|; s|$REPO/||g" || fail "schema validation"
 
 echo "==> shellcheck"
-scripts=("$DEPLOY"/*.sh "$REPO"/examples/*.sh)
+scripts=("$DEPLOY"/*.sh "$REPO"/examples/*.sh "$REPO"/.ci/run)
 shellcheck "${scripts[@]}" || fail "shellcheck"
 for script in "${scripts[@]}"; do
 	echo "ok   ${script#"$REPO"/}"
