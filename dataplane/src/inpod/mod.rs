@@ -89,6 +89,9 @@ pub struct Agent {
     pending: Mutex<BTreeMap<String, (Vec<IpAddr>, String)>>,
     last_scan: Mutex<Option<Instant>>,
     reconciling: tokio::sync::Mutex<()>,
+    /// One capture or release at a time: the namespace scan and a CNI ADD
+    /// may find the same pod at once, and only one may bind its listeners.
+    capturing: tokio::sync::Mutex<()>,
     pub captures: prometheus_client::metrics::counter::Counter,
     pub failures: prometheus_client::metrics::counter::Counter,
 }
@@ -111,6 +114,7 @@ impl Agent {
             pending: Mutex::new(BTreeMap::new()),
             last_scan: Mutex::new(None),
             reconciling: tokio::sync::Mutex::new(()),
+            capturing: tokio::sync::Mutex::new(()),
             captures: Default::default(),
             failures: Default::default(),
         })
@@ -217,6 +221,7 @@ impl Agent {
         ips: Vec<IpAddr>,
         awaiting_state: bool,
     ) -> io::Result<()> {
+        let _one_at_a_time = self.capturing.lock().await;
         if self
             .captured
             .lock()
@@ -318,6 +323,7 @@ impl Agent {
     /// Stops serving a pod; `remove_rules` when it left the mesh (not when
     /// the dataplane stops).
     pub async fn release(&self, uid: &str, remove_rules: bool) {
+        let _one_at_a_time = self.capturing.lock().await;
         let Some(pod) = self
             .captured
             .lock()
