@@ -505,10 +505,11 @@ impl Capture {
         ));
         if unknown > 0 {
             s.note(format!(
-                "{unknown} more pod(s) in the same enrolled namespace that the control plane did not \
-                 know yet: the agent waits up to 3 s for it, then captures on the namespace's word. \
-                 In Kubernetes a pod's IP reaches the API server only after its CNI ADD returned, so \
-                 a new pod there is of this kind today."
+                "{unknown} more pod(s) in the same enrolled namespace that the control plane has no \
+                 record of at all: its enrollment lookup cannot answer, so the agent waits up to 3 s \
+                 for the pod, then captures on the namespace's word. In Kubernetes the pod object \
+                 exists before its sandbox, so the lookup answers at once (from the pod's and \
+                 namespace's labels, before the pod has an IP); this row is the fallback."
             ));
         }
         for f in self.failures.iter().take(10) {
