@@ -136,15 +136,8 @@ impl CaptureReports {
     }
 }
 
-fn shorten(mut s: String) -> String {
-    if s.len() > MAX_TEXT {
-        let mut end = MAX_TEXT;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
+fn shorten(s: String) -> String {
+    crate::xds::shorten(&s, MAX_TEXT).to_owned()
 }
 
 /// The gRPC service.

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 #[path = "support/cni_chain.rs"]
 mod cni_chain;
 
-use cni_chain::invoke;
+use cni_chain::run_list;
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_meshbox-cni");
 
@@ -698,7 +698,6 @@ async fn chained_after_bridge_and_host_local() {
             {"type": "meshbox-cni", "socket": agent.socket(), "timeout": "5s"},
         ],
     });
-    let plugins = list["plugins"].as_array().unwrap();
     let cni_path = vec![
         PathBuf::from(CNI_DIR),
         Path::new(PLUGIN).parent().unwrap().to_path_buf(),
@@ -711,21 +710,10 @@ async fn chained_after_bridge_and_host_local() {
     ];
 
     // ADD, in order, each plugin given the previous one's result.
-    let mut result: Option<Value> = None;
-    for plugin in plugins {
-        result = invoke(
-            &host_ns,
-            &cni_path,
-            &list,
-            plugin,
-            "ADD",
-            &env,
-            result.as_ref(),
-        )
+    let result = run_list(&host_ns, &cni_path, &list, "ADD", &env, None)
         .await
-        .unwrap();
-    }
-    let result = result.expect("a result");
+        .unwrap()
+        .expect("a result");
     let address = result["ips"][0]["address"].as_str().unwrap();
     let pod_ip = address.split('/').next().unwrap();
     assert!(pod_ip.starts_with("10.250.7."), "{result}");
@@ -744,38 +732,18 @@ async fn chained_after_bridge_and_host_local() {
     assert!(dir.0.join("ipam/meshbox-chain-test").join(pod_ip).exists());
 
     // CHECK, in order, with the final result.
-    for plugin in plugins {
-        invoke(
-            &host_ns,
-            &cni_path,
-            &list,
-            plugin,
-            "CHECK",
-            &env,
-            Some(&result),
-        )
+    run_list(&host_ns, &cni_path, &list, "CHECK", &env, Some(&result))
         .await
         .unwrap();
-    }
     assert_eq!(
         agent.requests().last().unwrap().command,
         CaptureCommand::Check
     );
 
     // DEL, in reverse; the address goes back to host-local's pool.
-    for plugin in plugins.iter().rev() {
-        invoke(
-            &host_ns,
-            &cni_path,
-            &list,
-            plugin,
-            "DEL",
-            &env,
-            Some(&result),
-        )
+    run_list(&host_ns, &cni_path, &list, "DEL", &env, Some(&result))
         .await
         .unwrap();
-    }
     assert_eq!(
         agent.requests().last().unwrap().command,
         CaptureCommand::Del
@@ -784,36 +752,15 @@ async fn chained_after_bridge_and_host_local() {
 
     // With the agent gone, a new pod is refused, and its DEL still passes.
     drop(agent);
-    let mut refused = None;
-    let mut failed = None;
-    for plugin in plugins {
-        match invoke(
-            &host_ns,
-            &cni_path,
-            &list,
-            plugin,
-            "ADD",
-            &env,
-            refused.as_ref(),
-        )
+    let failed = run_list(&host_ns, &cni_path, &list, "ADD", &env, None)
         .await
-        {
-            Ok(r) => refused = r,
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
-    }
-    let failed = failed.expect("ADD fails without the agent");
+        .expect_err("ADD fails without the agent");
     assert!(failed.starts_with("meshbox-cni ADD"), "{failed}");
     assert!(failed.contains("\"code\":11"), "{failed}");
     // The runtime cleans up a failed ADD with DEL, in reverse.
-    for plugin in plugins.iter().rev() {
-        invoke(&host_ns, &cni_path, &list, plugin, "DEL", &env, None)
-            .await
-            .unwrap();
-    }
+    run_list(&host_ns, &cni_path, &list, "DEL", &env, None)
+        .await
+        .unwrap();
     drop(namespaces);
     assert!(!Path::new(&netns).exists());
 }

@@ -987,33 +987,14 @@ async fn cni_chain_captures_a_new_pod(
     // The runtime brings the sandbox's loopback up with the `loopback`
     // plugin, as a network of its own, before the pod network's list.
     let loopback = serde_json::json!({"cniVersion": "1.0.0", "name": "cni-loopback", "plugins": [{"type": "loopback"}]});
-    cni_chain::invoke(
-        "mbt18-fabric",
-        &cni_path,
-        &loopback,
-        &loopback["plugins"][0],
-        "ADD",
-        &env,
-        None,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut result = None;
-    let started = Instant::now();
-    for plugin in list["plugins"].as_array().unwrap() {
-        result = cni_chain::invoke(
-            "mbt18-fabric",
-            &cni_path,
-            &list,
-            plugin,
-            "ADD",
-            &env,
-            result.as_ref(),
-        )
+    cni_chain::run_list("mbt18-fabric", &cni_path, &loopback, "ADD", &env, None)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let result = result.expect("the chain's result");
+    let started = Instant::now();
+    let result = cni_chain::run_list("mbt18-fabric", &cni_path, &list, "ADD", &env, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("the chain's result");
     eprintln!(
         "CNI ADD (bridge + host-local + meshbox-cni) took {} ms",
         started.elapsed().as_millis()
@@ -1051,19 +1032,9 @@ async fn cni_chain_captures_a_new_pod(
     // The pod is deleted; the runtime runs DEL, in reverse: released, and
     // its rules are gone from the sandbox.
     mesh.remove_manifest("late.yaml");
-    for plugin in list["plugins"].as_array().unwrap().iter().rev() {
-        cni_chain::invoke(
-            "mbt18-fabric",
-            &cni_path,
-            &list,
-            plugin,
-            "DEL",
-            &env,
-            Some(&result),
-        )
+    cni_chain::run_list("mbt18-fabric", &cni_path, &list, "DEL", &env, Some(&result))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    }
     let rules = Command::new("ip")
         .args(["netns", "exec", sandbox, "iptables-save"])
         .output()

@@ -34,6 +34,8 @@ mod stream;
 
 use std::time::Duration;
 
+/// Bounds client-supplied text before it is stored or shown.
+pub(crate) use delta::shorten;
 pub use server::{XdsServer, XdsService};
 pub use status::{ConnectionInfo, NackInfo, TypeInfo};
 

@@ -38,7 +38,7 @@ impl TokenSource {
         Ok(())
     }
 
-    pub(crate) fn read(&self) -> Result<Option<String>, IdentityError> {
+    fn read(&self) -> Result<Option<String>, IdentityError> {
         match self {
             TokenSource::None => Ok(None),
             TokenSource::File(path) => std::fs::read_to_string(path)
@@ -90,12 +90,7 @@ impl CertificateProvider for CaClient {
             validity_duration: self.ttl.as_secs() as i64,
             metadata,
         });
-        if let Some(token) = self.token.read()? {
-            let value = format!("Bearer {token}").parse().map_err(|_| {
-                IdentityError::Unavailable("the token is not a valid header".into())
-            })?;
-            request.metadata_mut().insert("authorization", value);
-        }
+        self.token.authorize(&mut request)?;
         let response = self
             .client
             .clone()

@@ -405,33 +405,23 @@ impl Agent {
         }
         let deadline = Instant::now() + wait;
         loop {
-            {
-                let state = self.base.mesh.read();
-                let network = self.base.mesh.network();
-                let workload = state.workload_by_uid(uid).or_else(|| {
-                    req.ips
-                        .iter()
-                        .find_map(|ip| state.workload_by_ip(network, *ip))
-                });
-                if let Some(w) = workload {
-                    return if w.protocol == Protocol::Hbone && w.node == self.node {
-                        Enrollment::Enrolled { known: true }
-                    } else {
-                        Enrollment::NotEnrolled
-                    };
-                }
-                if Instant::now() >= deadline {
-                    let namespace_enrolled = state
-                        .workloads()
-                        .any(|w| w.namespace == req.pod_namespace && w.protocol == Protocol::Hbone);
-                    return if namespace_enrolled {
-                        Enrollment::Enrolled { known: false }
-                    } else {
-                        Enrollment::NotEnrolled
-                    };
-                }
+            if Instant::now() >= deadline {
+                let namespace_enrolled = self
+                    .base
+                    .mesh
+                    .read()
+                    .workloads()
+                    .any(|w| w.namespace == req.pod_namespace && w.protocol == Protocol::Hbone);
+                return if namespace_enrolled {
+                    Enrollment::Enrolled { known: false }
+                } else {
+                    Enrollment::NotEnrolled
+                };
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(known) = self.known_enrollment(uid, req) {
+                return known;
+            }
         }
     }
 

@@ -194,41 +194,12 @@ fn apply_family(
         Some(&chains(family, inbound, plaintext, outbound)),
     )?;
     for (table, builtin, ours) in JUMPS {
-        let rule = [
-            "-t",
-            table,
-            "-C",
-            builtin,
-            "-j",
-            ours,
-            "-m",
-            "comment",
-            "--comment",
-            TAG,
-        ];
-        if run_in(path, family.iptables(), &rule, None).is_err() {
-            let mut add = rule;
-            add[2] = "-A";
-            run_in(path, family.iptables(), &add, None)?;
-        }
+        ensure_jump(path, family, table, builtin, ours, "-A")?;
     }
     let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
     let table = ROUTE_TABLE.to_string();
     // `ip rule add` duplicates on every call: delete first, ignore "absent".
-    let _ = run_in(
-        path,
-        "ip",
-        &[
-            family.ip(),
-            "rule",
-            "del",
-            "fwmark",
-            &fwmark,
-            "lookup",
-            &table,
-        ],
-        None,
-    );
+    delete_route_rule(path, family);
     run_in(
         path,
         "ip",
@@ -272,45 +243,17 @@ pub fn remove(netns: &Netns) -> io::Result<()> {
             let _ = run_in(
                 path,
                 family.iptables(),
-                &[
-                    "-t",
-                    table,
-                    "-D",
-                    builtin,
-                    "-j",
-                    ours,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    TAG,
-                ],
+                &jump("-D", table, builtin, ours),
                 None,
             );
         }
-        for (table, chain) in [
-            ("mangle", "MESHBOX_PRERT"),
-            ("mangle", "MESHBOX_OUTPUT"),
-            ("nat", "MESHBOX_OUTPUT"),
-        ] {
+        // Our chains are exactly the jumps' targets.
+        for (table, _, chain) in JUMPS {
             let _ = run_in(path, family.iptables(), &["-t", table, "-F", chain], None);
             let _ = run_in(path, family.iptables(), &["-t", table, "-X", chain], None);
         }
-        let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+        delete_route_rule(path, family);
         let table = ROUTE_TABLE.to_string();
-        let _ = run_in(
-            path,
-            "ip",
-            &[
-                family.ip(),
-                "rule",
-                "del",
-                "fwmark",
-                &fwmark,
-                "lookup",
-                &table,
-            ],
-            None,
-        );
         let _ = run_in(
             path,
             "ip",
@@ -319,6 +262,70 @@ pub fn remove(netns: &Netns) -> io::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The tagged rule that enters `ours` from `builtin`, for `op` (`-C`,
+/// `-A`, `-I`, `-D`).
+fn jump<'a>(op: &'a str, table: &'a str, builtin: &'a str, ours: &'a str) -> [&'a str; 10] {
+    [
+        "-t",
+        table,
+        op,
+        builtin,
+        "-j",
+        ours,
+        "-m",
+        "comment",
+        "--comment",
+        TAG,
+    ]
+}
+
+/// Adds the jump with `add` (`-A` or `-I`) unless it is there already.
+fn ensure_jump(
+    path: &Path,
+    family: Family,
+    table: &str,
+    builtin: &str,
+    ours: &str,
+    add: &str,
+) -> io::Result<()> {
+    if run_in(
+        path,
+        family.iptables(),
+        &jump("-C", table, builtin, ours),
+        None,
+    )
+    .is_err()
+    {
+        run_in(
+            path,
+            family.iptables(),
+            &jump(add, table, builtin, ours),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// Deletes the connmark routing rule; absent is fine.
+fn delete_route_rule(path: &Path, family: Family) {
+    let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+    let table = ROUTE_TABLE.to_string();
+    let _ = run_in(
+        path,
+        "ip",
+        &[
+            family.ip(),
+            "rule",
+            "del",
+            "fwmark",
+            &fwmark,
+            "lookup",
+            &table,
+        ],
+        None,
+    );
 }
 
 /// Input for `iptables-restore --noflush` in the node's own namespace:
@@ -354,23 +361,7 @@ pub fn apply_probe_snat(pods: &[std::net::IpAddr]) -> io::Result<()> {
             &["--noflush"],
             Some(&probe_snat(family, pods)),
         )?;
-        let rule = [
-            "-t",
-            "nat",
-            "-C",
-            "POSTROUTING",
-            "-j",
-            "MESHBOX_POSTRT",
-            "-m",
-            "comment",
-            "--comment",
-            TAG,
-        ];
-        if run_in(own, family.iptables(), &rule, None).is_err() {
-            let mut add = rule;
-            add[2] = "-I";
-            run_in(own, family.iptables(), &add, None)?;
-        }
+        ensure_jump(own, family, "nat", "POSTROUTING", "MESHBOX_POSTRT", "-I")?;
     }
     Ok(())
 }

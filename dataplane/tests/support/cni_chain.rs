@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 /// Runs one plugin of a conflist the way libcni does: the plugin's object
 /// with the list's `cniVersion` and `name` (and `prevResult`), the binary
 /// found by its `type` in `CNI_PATH`, here run inside the "host" netns.
-pub async fn invoke(
+async fn invoke(
     host_ns: &str,
     cni_path: &[PathBuf],
     list: &Value,
@@ -71,4 +71,43 @@ pub async fn invoke(
     serde_json::from_str(&stdout)
         .map(Some)
         .map_err(|e| format!("{kind} {command} printed {stdout:?}: {e}"))
+}
+
+/// Runs a whole conflist for `command` as libcni does: ADD and CHECK in
+/// order, DEL in reverse; ADD hands each plugin the previous one's result,
+/// CHECK and DEL give every plugin `result`. Stops at the first failure.
+pub async fn run_list(
+    host_ns: &str,
+    cni_path: &[PathBuf],
+    list: &Value,
+    command: &str,
+    env: &[(&str, &str)],
+    result: Option<&Value>,
+) -> Result<Option<Value>, String> {
+    let plugins: Vec<&Value> = list["plugins"]
+        .as_array()
+        .map(|p| p.iter().collect())
+        .unwrap_or_default();
+    let ordered: Vec<&Value> = if command == "DEL" {
+        plugins.into_iter().rev().collect()
+    } else {
+        plugins
+    };
+    let mut previous = result.cloned();
+    for plugin in ordered {
+        let out = invoke(
+            host_ns,
+            cni_path,
+            list,
+            plugin,
+            command,
+            env,
+            previous.as_ref(),
+        )
+        .await?;
+        if command == "ADD" {
+            previous = out;
+        }
+    }
+    Ok(previous)
 }
