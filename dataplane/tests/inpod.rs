@@ -466,6 +466,15 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
         .await
         .expect("traffic resumes");
     assert_eq!(greeting_line(&mut s).await, "server sees 10.66.0.1");
+    // Capturing again rebuilt our chains in place: one jump into each.
+    for save in ["iptables-save", "ip6tables-save"] {
+        let rules = saved_rules("mbt17-client", save);
+        assert_eq!(
+            rules.matches("--comment meshbox").count(),
+            3,
+            "{save} after re-adoption:\n{rules}"
+        );
+    }
 
     drop(s);
 
@@ -1035,14 +1044,31 @@ async fn cni_chain_captures_a_new_pod(
     cni_chain::run_list("mbt18-fabric", &cni_path, &list, "DEL", &env, Some(&result))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let rules = Command::new("ip")
-        .args(["netns", "exec", sandbox, "iptables-save"])
+    for save in ["iptables-save", "ip6tables-save"] {
+        let rules = saved_rules(sandbox, save);
+        assert!(!rules.contains("MESHBOX"), "{save} after DEL:\n{rules}");
+    }
+    for family in ["-4", "-6"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", sandbox, "ip", family, "rule"])
+            .output()
+            .unwrap();
+        let rules = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !rules.contains("lookup 133"),
+            "ip {family} rule after DEL:\n{rules}"
+        );
+    }
+}
+
+/// `iptables-save` (or `ip6tables-save`) in a test namespace.
+fn saved_rules(netns: &str, save: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, save])
         .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&rules.stdout).contains("MESHBOX"),
-        "rules left behind after DEL"
-    );
+        .unwrap_or_else(|e| panic!("{save}: {e}"));
+    assert!(out.status.success(), "{save} in {netns} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The node side of the probe exemption (`--probe-snat`): connections the
