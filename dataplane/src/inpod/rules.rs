@@ -123,6 +123,11 @@ impl Family {
     }
 }
 
+/// A mark as iptables and `ip rule` take it: `value/mask`.
+fn masked(mark: u32) -> String {
+    format!("{mark:#x}/{MASK:#x}")
+}
+
 /// Our chains in a captured pod, per table: each declared (which, under
 /// `iptables-restore --noflush`, empties it) and filled.
 fn pod_chains(
@@ -131,8 +136,8 @@ fn pod_chains(
     plaintext: u16,
     outbound: u16,
 ) -> [(&'static str, String); 2] {
-    let mark = format!("{PROXY_MARK:#x}/{MASK:#x}");
-    let conn = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+    let mark = masked(PROXY_MARK);
+    let conn = masked(CONNECTION_MARK);
     let lo = family.loopback();
     let any = family.unspecified();
     let probe = family.probe_source();
@@ -168,7 +173,7 @@ fn pod_chains(
 /// The input for `iptables-restore --noflush` (or `ip6tables-restore`)
 /// for a pod whose namespace holds `installed`: our chains rebuilt and the
 /// jumps into them added where missing, each table in one transaction.
-pub fn pod_rules(
+fn pod_rules(
     family: Family,
     inbound: u16,
     plaintext: u16,
@@ -216,7 +221,7 @@ fn jump_spec(jump: &Jump) -> String {
 /// What of ours `iptables-save` shows in a namespace: the tagged jumps and
 /// our chains.
 #[derive(Debug, Default)]
-pub struct Installed {
+struct Installed {
     jumps: std::collections::HashSet<Jump>,
     chains: Vec<(String, String)>,
 }
@@ -225,7 +230,7 @@ impl Installed {
     /// Reads `iptables-save` output. Only what [`POD_JUMPS`] and
     /// [`NODE_JUMP`] name is recognised; everything else is someone
     /// else's and left alone.
-    pub fn parse(save: &str) -> Installed {
+    fn parse(save: &str) -> Installed {
         let ours: Vec<Jump> = POD_JUMPS.into_iter().chain([NODE_JUMP]).collect();
         let mut installed = Installed::default();
         let mut table = "";
@@ -267,7 +272,9 @@ impl Installed {
     /// and the pod chains; `None` when there is nothing of ours.
     fn pod_removal(&self) -> Option<String> {
         let mut out = String::new();
-        for table in ["mangle", "nat"] {
+        let mut tables: Vec<&str> = POD_JUMPS.iter().map(|j| j.table).collect();
+        tables.dedup();
+        for table in tables {
             let jumps: Vec<&Jump> = POD_JUMPS
                 .iter()
                 .filter(|j| j.table == table && self.jumps.contains(j))
@@ -376,7 +383,7 @@ fn apply_family(
         &["--noflush"],
         Some(&pod_rules(family, inbound, plaintext, outbound, &installed)),
     )?;
-    let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+    let fwmark = masked(CONNECTION_MARK);
     let everything = family.everything();
     let routes = format!(
         "route replace local {everything} dev lo table {ROUTE_TABLE}\n\
@@ -393,7 +400,7 @@ fn apply_family(
 /// Removes everything [`apply`] installed; what is already gone is fine.
 pub fn remove(netns: &Netns) -> io::Result<()> {
     let path = netns.path();
-    let fwmark = format!("{CONNECTION_MARK:#x}/{MASK:#x}");
+    let fwmark = masked(CONNECTION_MARK);
     let routes = format!(
         "rule del fwmark {fwmark} lookup {ROUTE_TABLE}\n\
          route flush table {ROUTE_TABLE}\n"
