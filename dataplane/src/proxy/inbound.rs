@@ -8,27 +8,24 @@
 //! logged as a possible attack, because a well-behaved peer never sends it.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshbox_certs::SpiffeId;
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::pool::{CONNECTION_WINDOW, KEEPALIVE, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::relay::tcp_to_hbone;
 use super::socket::canonical;
-use super::{ProxyContext, error_text, relay};
+use super::tunnel::{self, CONNECTION_WINDOW, HboneStream, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::{ProxyContext, error_text};
 use crate::authz::{ConnectionInfo, authorize};
 use crate::identity::WorkloadCertificate;
 use crate::telemetry::{Connection, Direction, Security};
@@ -134,50 +131,74 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
         identity,
         served,
     });
-    let service = {
-        let ctx = ctx.clone();
-        service_fn(move |req| {
-            let ctx = ctx.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(serve_connect(ctx, conn, req).await) }
-        })
-    };
-    let connection = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(MAX_STREAMS)
-        .keep_alive_interval(KEEPALIVE)
-        .serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        _ = ctx.shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+        .handshake::<_, Bytes>(tls);
+    let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            debug!(src.addr = %peer, %error, "inbound HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(src.addr = %peer, "inbound HTTP/2 handshake timed out");
+            return;
         }
     };
-    if let Err(error) = result {
-        debug!(src.addr = %peer, %error, "inbound HBONE connection ended");
+    let keepalive = tunnel::keepalive(connection.ping_pong());
+    tokio::pin!(keepalive);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    ctx.tasks.spawn(serve_connect(ctx.clone(), conn.clone(), request, respond));
+                }
+                Some(Err(error)) => {
+                    debug!(src.addr = %peer, %error, "inbound HBONE connection ended");
+                    return;
+                }
+                // Closed, or drained after GOAWAY.
+                None => return,
+            },
+            () = &mut keepalive => {
+                debug!(src.addr = %peer, "inbound HBONE peer stopped answering PINGs; closing");
+                return;
+            }
+            () = ctx.shutdown.cancelled(), if !draining => {
+                // GOAWAY: open streams finish, new ones go elsewhere.
+                connection.graceful_shutdown();
+                draining = true;
+            }
+        }
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
     *r.status_mut() = code;
     r
+}
+
+/// Answers a refused CONNECT; the stream ends with the answer.
+fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
+    // Fails only if the peer already reset the stream.
+    let _ = respond.send_response(status(code), true);
 }
 
 async fn serve_connect(
     ctx: Arc<ProxyContext>,
     peer: Arc<Peer>,
-    mut req: Request<Incoming>,
-) -> Response<Empty<Bytes>> {
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) {
     if req.method() != Method::CONNECT {
         warn!(src.addr = %peer.addr, src.identity = %peer.identity, method = %req.method(), "inbound HBONE request is not CONNECT; refusing");
         ctx.telemetry.refused(Direction::Inbound, "not_connect");
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        return refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
     let target = req
         .uri()
@@ -187,26 +208,26 @@ async fn serve_connect(
     let Some(target) = target else {
         warn!(src.addr = %peer.addr, src.identity = %peer.identity, uri = %req.uri(), "inbound CONNECT without an ip:port authority; refusing");
         ctx.telemetry.refused(Direction::Inbound, "bad_authority");
-        return status(StatusCode::BAD_REQUEST);
+        return refuse(respond, StatusCode::BAD_REQUEST);
     };
     let (dst, decision) = {
         let state = ctx.mesh.read();
         let Some(dst) = ctx.local_workload(&state, target.ip()) else {
             warn!(src.addr = %peer.addr, src.identity = %peer.identity, authority = %target, "possible attack: CONNECT to an address that is no local workload; refusing");
             ctx.telemetry.refused(Direction::Inbound, "not_local");
-            return status(StatusCode::FORBIDDEN);
+            return refuse(respond, StatusCode::FORBIDDEN);
         };
         if dst.identity != peer.served {
             warn!(src.addr = %peer.addr, src.identity = %peer.identity, authority = %target, served = %peer.served, dst.identity = %dst.identity,
                 "possible attack: CONNECT to a workload other than the one this connection was opened to; refusing");
             ctx.telemetry
                 .refused(Direction::Inbound, "identity_mismatch");
-            return status(StatusCode::FORBIDDEN);
+            return refuse(respond, StatusCode::FORBIDDEN);
         }
         if target.ip() == peer.local.ip() && ctx.own_ports.contains(&target.port()) {
             warn!(src.addr = %peer.addr, authority = %target, "CONNECT to the proxy's own port; refusing");
             ctx.telemetry.refused(Direction::Inbound, "proxy_port");
-            return status(StatusCode::BAD_REQUEST);
+            return refuse(respond, StatusCode::BAD_REQUEST);
         }
         let info = ConnectionInfo {
             src_ip: peer.addr.ip(),
@@ -227,14 +248,14 @@ async fn serve_connect(
             "connection denied by authorization policy"
         );
         ctx.telemetry.refused(Direction::Inbound, "policy_denied");
-        return status(StatusCode::UNAUTHORIZED);
+        return refuse(respond, StatusCode::UNAUTHORIZED);
     }
     let mut app = match ctx.connect_app(target, peer.addr.ip()).await {
         Ok(app) => app,
         Err(error) => {
             info!(src.identity = %peer.identity, dst.addr = %target, %error, "the application refused the connection");
             ctx.telemetry.refused(Direction::Inbound, "app_unreachable");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     let src_workload = {
@@ -255,16 +276,21 @@ async fn serve_connect(
         dst_identity: Some(dst.identity.clone()),
         security: Security::MutualTls,
     });
-    let upgrade = hyper::upgrade::on(&mut req);
-    ctx.tasks.spawn(async move {
-        match upgrade.await {
-            Ok(upgraded) => {
-                let mut tunnel = TokioIo::new(upgraded);
-                let (request, response, error) = relay(&mut tunnel, &mut app).await;
-                record.finish(request, response, error_text(&error).as_deref());
-            }
-            Err(error) => record.finish(0, 0, Some(&error.to_string())),
+    drop(dst);
+    let mut respond = respond;
+    let send = match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => send,
+        Err(error) => {
+            record.finish(0, 0, Some(&error.to_string()));
+            return;
         }
-    });
-    status(StatusCode::OK)
+    };
+    let mut tunnel = HboneStream::new(send, req.into_body());
+    let relayed = tcp_to_hbone(&mut app, &mut tunnel).await;
+    // Bytes from the client (tunnel → app) first, as the access log has it.
+    record.finish(
+        relayed.backward,
+        relayed.forward,
+        error_text(&relayed.error).as_deref(),
+    );
 }

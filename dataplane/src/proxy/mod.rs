@@ -9,6 +9,10 @@
 //! - [`plaintext`]: 15006, captured inbound plaintext → authorize (no
 //!   identity) → the local application;
 //! - [`pool`]: pooled HBONE client connections;
+//! - [`tunnel`]: one HBONE CONNECT stream on h2, and the HTTP/2 settings
+//!   both ends use;
+//! - [`relay`]: moving bytes between a connection's two sides, with no
+//!   memory held while they are idle;
 //! - [`socket`]: marks, transparent sockets, original destinations.
 //!
 //! Every path fails closed: no certificate, no state, an unknown source or
@@ -19,19 +23,18 @@ pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;
+pub mod relay;
 pub mod socket;
 mod socks5;
+pub mod tunnel;
 
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use meshbox_certs::SpiffeId;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,8 +53,6 @@ use socket::Sockets;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection waits for its workload's first certificate.
 const CERT_WAIT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction.
-const COPY_BUFFER: usize = 64 * 1024;
 
 /// What every connection handler needs.
 pub struct ProxyContext {
@@ -320,70 +321,6 @@ where
                 }
             }
         }
-    }
-}
-
-/// Copies both ways until both sides are done, passing half-closes on.
-/// Returns bytes `a → b`, bytes `b → a`, and the error that ended it, if any.
-pub async fn relay<A, B>(a: &mut A, b: &mut B) -> (u64, u64, Option<io::Error>)
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    let mut a = Counted { inner: a, read: 0 };
-    let mut b = Counted { inner: b, read: 0 };
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await;
-    (a.read, b.read, result.err())
-}
-
-/// Counts the bytes read through it, so a relay that ends in an error still
-/// reports how much it moved.
-struct Counted<'a, T: ?Sized> {
-    inner: &'a mut T,
-    read: u64,
-}
-
-impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
-        poll
-    }
-}
-
-impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 

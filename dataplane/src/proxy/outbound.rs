@@ -9,12 +9,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::pool::{PoolKey, StreamGuard};
-use super::{ProxyContext, error_text, relay, socket};
+use super::relay::{Relayed, tcp_to_hbone, tcp_to_tcp};
+use super::tunnel::HboneStream;
+use super::{ProxyContext, error_text, socket};
 use crate::state::{Route, ServiceInfo, Transport, Workload};
 use crate::telemetry::{Connection, ConnectionRecord, Direction, Security};
 
@@ -28,15 +29,35 @@ pub enum Refusal {
     Unreachable,
 }
 
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+/// Where an established connection's bytes go.
+pub enum Upstream {
+    /// A CONNECT stream, holding its place on the pooled connection.
+    Hbone(HboneStream, StreamGuard),
+    /// Plain TCP: a workload outside HBONE, or out of the mesh.
+    Tcp(TcpStream),
+}
 
 /// An upstream ready for bytes.
 pub struct Established {
-    pub io: Box<dyn Io>,
+    pub upstream: Upstream,
     pub record: ConnectionRecord,
-    /// Keeps the pooled HBONE stream's slot.
-    _stream: Option<StreamGuard>,
+}
+
+impl Established {
+    /// Relays `downstream` (the local workload's connection) to the
+    /// upstream until both are done, then logs and counts the connection.
+    pub async fn relay(mut self, downstream: &mut TcpStream) {
+        let Relayed {
+            forward,
+            backward,
+            error,
+        } = match &mut self.upstream {
+            Upstream::Hbone(stream, _guard) => tcp_to_hbone(downstream, stream).await,
+            Upstream::Tcp(stream) => tcp_to_tcp(downstream, stream).await,
+        };
+        self.record
+            .finish(forward, backward, error_text(&error).as_deref());
+    }
 }
 
 pub async fn handle_captured(
@@ -59,13 +80,12 @@ pub async fn handle_captured(
         ctx.telemetry.refused(Direction::Outbound, "not_redirected");
         return;
     }
-    let Ok(mut upstream) = establish(&ctx, peer, target).await else {
+    // Boxed: the routing and dialing states are large and short-lived, and
+    // a task keeps its largest state's memory for as long as it lives.
+    let Ok(upstream) = Box::pin(establish(&ctx, peer, target)).await else {
         return;
     };
-    let (request, response, error) = relay(&mut stream, &mut upstream.io).await;
-    upstream
-        .record
-        .finish(request, response, error_text(&error).as_deref());
+    upstream.relay(&mut stream).await;
 }
 
 /// Routes and connects a connection from `peer` (a local workload) to
@@ -162,9 +182,8 @@ pub async fn establish(
                     security: Security::MutualTls,
                 });
                 Ok(Established {
-                    io: Box::new(tunnel.io),
+                    upstream: Upstream::Hbone(tunnel.io, tunnel.guard),
                     record,
-                    _stream: Some(tunnel.guard),
                 })
             }
         },
@@ -195,8 +214,7 @@ async fn plain_tcp(
         security: Security::Plaintext,
     });
     Ok(Established {
-        io: Box::new(io),
+        upstream: Upstream::Tcp(io),
         record,
-        _stream: None,
     })
 }

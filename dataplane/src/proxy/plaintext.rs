@@ -13,8 +13,9 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
+use super::relay::tcp_to_tcp;
 use super::socket::canonical;
-use super::{ProxyContext, error_text, relay};
+use super::{ProxyContext, error_text};
 use crate::authz::{ConnectionInfo, authorize};
 use crate::telemetry::{Connection, Direction, Security};
 
@@ -83,6 +84,10 @@ pub async fn handle(
         dst_workload: Some(dst),
         security: Security::Plaintext,
     });
-    let (request, response, error) = relay(&mut stream, &mut app).await;
-    record.finish(request, response, error_text(&error).as_deref());
+    let relayed = tcp_to_tcp(&mut stream, &mut app).await;
+    record.finish(
+        relayed.forward,
+        relayed.backward,
+        error_text(&relayed.error).as_deref(),
+    );
 }

@@ -11,33 +11,21 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshbox_certs::SpiffeId;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::socket::Sockets;
+use super::tunnel::{self, CONNECTION_WINDOW, HboneStream, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::identity::WorkloadCertificate;
 
-/// HTTP/2 flow-control windows: large enough that one stream can fill a
-/// fast link without waiting for WINDOW_UPDATEs (the defaults of 64 KiB cap
-/// a stream at a few hundred Mbit/s on a millisecond of latency).
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
-/// HTTP/2 PINGs keep idle pooled connections alive through NATs and detect
-/// dead peers.
-pub const KEEPALIVE: Duration = Duration::from_secs(30);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -75,10 +63,7 @@ pub enum PoolError {
     #[error("building the TLS client: {0}")]
     Config(#[from] rustls::Error),
     #[error("HTTP/2 with {addr}: {error}")]
-    Http2 {
-        addr: SocketAddr,
-        error: hyper::Error,
-    },
+    Http2 { addr: SocketAddr, error: h2::Error },
     #[error("the peer answered CONNECT with {0}")]
     Refused(StatusCode),
     #[error("timed out connecting to {0}")]
@@ -93,7 +78,10 @@ pub struct PoolSettings {
 
 struct Pooled {
     id: u64,
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: h2::client::SendRequest<Bytes>,
+    /// Set when the connection's task ended (peer gone, GOAWAY done,
+    /// keepalive failed).
+    closed: Arc<AtomicBool>,
     streams: AtomicUsize,
     idle_since: Mutex<Instant>,
     cert_not_after: SystemTime,
@@ -101,7 +89,7 @@ struct Pooled {
 
 impl Pooled {
     fn usable(&self, max_streams: usize) -> bool {
-        !self.sender.is_closed()
+        !self.closed.load(Ordering::Acquire)
             && self.streams.load(Ordering::Acquire) < max_streams
             && SystemTime::now() < self.cert_not_after
     }
@@ -126,7 +114,7 @@ impl Drop for StreamGuard {
 
 /// An open HBONE tunnel: bytes written go to the far application.
 pub struct Tunnel {
-    pub io: TokioIo<Upgraded>,
+    pub io: HboneStream,
     pub guard: StreamGuard,
     /// Whether this stream opened a new connection (for debugging reuse).
     pub new_connection: bool,
@@ -247,27 +235,27 @@ impl Pool {
 }
 
 async fn open_stream(
-    mut sender: http2::SendRequest<Empty<Bytes>>,
+    sender: h2::client::SendRequest<Bytes>,
     authority: SocketAddr,
     addr: SocketAddr,
-) -> Result<TokioIo<Upgraded>, PoolError> {
+) -> Result<HboneStream, PoolError> {
     let http2 = |error| PoolError::Http2 { addr, error };
-    sender.ready().await.map_err(http2)?;
+    let mut sender = sender.ready().await.map_err(http2)?;
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(authority.to_string())
-        .body(Empty::new())
+        .body(())
         .map_err(|_| PoolError::Refused(StatusCode::BAD_REQUEST))?;
-    let mut response = sender.send_request(request).await.map_err(http2)?;
+    let (response, send) = sender.send_request(request, false).map_err(http2)?;
+    let response = response.await.map_err(http2)?;
     if response.status() != StatusCode::OK {
         return Err(PoolError::Refused(response.status()));
     }
-    let upgraded = hyper::upgrade::on(&mut response).await.map_err(http2)?;
-    Ok(TokioIo::new(upgraded))
+    Ok(HboneStream::new(send, response.into_body()))
 }
 
 impl Inner {
-    fn checkout(&self, key: &PoolKey) -> Option<(http2::SendRequest<Empty<Bytes>>, StreamGuard)> {
+    fn checkout(&self, key: &PoolKey) -> Option<(h2::client::SendRequest<Bytes>, StreamGuard)> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let conn = conns
             .get(key)?
@@ -291,7 +279,7 @@ impl Inner {
         &self,
         key: &PoolKey,
         conn: Arc<Pooled>,
-    ) -> (http2::SendRequest<Empty<Bytes>>, StreamGuard) {
+    ) -> (h2::client::SendRequest<Bytes>, StreamGuard) {
         conn.streams.fetch_add(1, Ordering::AcqRel);
         let sender = conn.sender.clone();
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -322,26 +310,31 @@ impl Inner {
             .connect(ServerName::IpAddress(addr.ip().into()), tcp)
             .await
             .map_err(|error| PoolError::Tls { addr, error })?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
-            .keep_alive_interval(KEEPALIVE)
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(tls))
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|error| PoolError::Http2 { addr, error })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed_by_task = closed.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%addr, id, %error, "pooled HBONE connection ended");
+            let keepalive = tunnel::keepalive(connection.ping_pong());
+            tokio::select! {
+                result = &mut connection => if let Err(error) = result {
+                    debug!(%addr, id, %error, "pooled HBONE connection ended");
+                },
+                () = keepalive => debug!(%addr, id, "pooled HBONE connection stopped answering PINGs; closing"),
             }
+            closed_by_task.store(true, Ordering::Release);
         });
         debug!(%addr, id, source = %key.source, "opened HBONE connection");
         Ok(Arc::new(Pooled {
             id,
             sender,
+            closed,
             streams: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
             cert_not_after: cert.not_after,
@@ -362,7 +355,7 @@ impl Inner {
                         >= idle_timeout;
                 let expired = SystemTime::now() >= c.cert_not_after
                     && c.streams.load(Ordering::Acquire) == 0;
-                let keep = !c.sender.is_closed() && !idle && !expired;
+                let keep = !c.closed.load(Ordering::Acquire) && !idle && !expired;
                 if !keep {
                     debug!(addr = %key.addr, id = c.id, idle, expired, "closing pooled HBONE connection");
                 }

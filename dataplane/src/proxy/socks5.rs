@@ -13,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::ProxyContext;
 use super::outbound::{Refusal, establish};
-use super::{ProxyContext, error_text, relay};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,7 +62,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, mut stream: TcpStream, peer: SocketA
             }
         },
     };
-    let mut upstream = match establish(&ctx, peer, target).await {
+    let upstream = match Box::pin(establish(&ctx, peer, target)).await {
         Ok(upstream) => upstream,
         Err(refusal) => {
             let reply = match refusal {
@@ -77,10 +77,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, mut stream: TcpStream, peer: SocketA
         upstream.record.finish(0, 0, Some("client went away"));
         return;
     }
-    let (request, response, error) = relay(&mut stream, &mut upstream.io).await;
-    upstream
-        .record
-        .finish(request, response, error_text(&error).as_deref());
+    upstream.relay(&mut stream).await;
 }
 
 /// A service hostname's VIP in the proxy's network.
