@@ -238,9 +238,15 @@ impl Telemetry {
         let labels = TcpLabels::new(&connection);
         self.opened.get_or_create(&labels).inc();
         self.active.inc();
+        // The record keeps handles on its label set's counters (each an
+        // `Arc` shared with the family), not the 19 label strings: a node
+        // proxy holds tens of thousands of records, mostly with the same
+        // few label sets.
         ConnectionRecord {
-            telemetry: self.clone(),
-            labels,
+            active: self.active.clone(),
+            closed: self.closed.get_or_create(&labels).clone(),
+            received: self.received.get_or_create(&labels).clone(),
+            sent: self.sent.get_or_create(&labels).clone(),
             connection,
             started: Instant::now(),
             finished: false,
@@ -261,8 +267,10 @@ impl Telemetry {
 
 /// An open connection.
 pub struct ConnectionRecord {
-    telemetry: Telemetry,
-    labels: TcpLabels,
+    active: Gauge,
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
     connection: Connection,
     started: Instant,
     finished: bool,
@@ -278,11 +286,10 @@ impl ConnectionRecord {
     }
 
     fn close(&self, request_bytes: u64, response_bytes: u64, error: Option<&str>) {
-        let t = &self.telemetry;
-        t.active.dec();
-        t.closed.get_or_create(&self.labels).inc();
-        t.received.get_or_create(&self.labels).inc_by(request_bytes);
-        t.sent.get_or_create(&self.labels).inc_by(response_bytes);
+        self.active.dec();
+        self.closed.inc();
+        self.received.inc_by(request_bytes);
+        self.sent.inc_by(response_bytes);
         let c = &self.connection;
         // From the reporting workload's side, as Istio logs it: an outbound
         // connection sends the request, an inbound one sends the response.
