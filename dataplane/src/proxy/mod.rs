@@ -160,7 +160,7 @@ impl ProxyContext {
                 .collect(),
             Scope::Workload { identity, .. } => vec![identity.clone()],
         };
-        ids.sort_by_key(|i| i.to_string());
+        ids.sort();
         ids.dedup();
         ids
     }

@@ -38,7 +38,7 @@ pub struct PoolKey {
 
 impl PoolKey {
     pub fn new(source: SpiffeId, mut expected: Vec<SpiffeId>, addr: SocketAddr) -> Self {
-        expected.sort_by_key(|a| a.to_string());
+        expected.sort();
         expected.dedup();
         Self {
             source,
