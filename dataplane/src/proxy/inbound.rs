@@ -24,7 +24,9 @@ use tracing::{debug, info, warn};
 
 use super::relay::tcp_to_hbone;
 use super::socket::canonical;
-use super::tunnel::{self, CONNECTION_WINDOW, HboneStream, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::tunnel::{
+    self, CONNECTION_WINDOW, HboneStream, MAX_FRAME_SIZE, ReadAhead, STREAM_WINDOW,
+};
 use super::{ProxyContext, error_text};
 use crate::authz::{ConnectionInfo, authorize};
 use crate::identity::WorkloadCertificate;
@@ -97,24 +99,26 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
             return;
         }
     };
-    let tls =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
-            .await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(error)) => {
-                // Plaintext to 15008, an untrusted or expired certificate, a
-                // foreign trust domain: all end here.
-                warn!(src.addr = %peer, dst.addr = %local, %error, "inbound TLS handshake refused");
-                ctx.telemetry.refused(Direction::Inbound, "tls_handshake");
-                return;
-            }
-            Err(_) => {
-                debug!(src.addr = %peer, "inbound TLS handshake timed out");
-                ctx.telemetry.refused(Direction::Inbound, "tls_handshake");
-                return;
-            }
-        };
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(config).accept(ReadAhead::new(stream)),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            // Plaintext to 15008, an untrusted or expired certificate, a
+            // foreign trust domain: all end here.
+            warn!(src.addr = %peer, dst.addr = %local, %error, "inbound TLS handshake refused");
+            ctx.telemetry.refused(Direction::Inbound, "tls_handshake");
+            return;
+        }
+        Err(_) => {
+            debug!(src.addr = %peer, "inbound TLS handshake timed out");
+            ctx.telemetry.refused(Direction::Inbound, "tls_handshake");
+            return;
+        }
+    };
     let identity = tls
         .get_ref()
         .1

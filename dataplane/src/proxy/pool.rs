@@ -23,7 +23,9 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::socket::Sockets;
-use super::tunnel::{self, CONNECTION_WINDOW, HboneStream, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::tunnel::{
+    self, CONNECTION_WINDOW, HboneStream, MAX_FRAME_SIZE, ReadAhead, STREAM_WINDOW,
+};
 use crate::identity::WorkloadCertificate;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -307,7 +309,7 @@ impl Inner {
             .map_err(|error| PoolError::Connect { addr, error })?;
         // An IP server name: rustls sends no SNI, as HBONE peers expect.
         let tls = TlsConnector::from(Arc::new(config))
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .connect(ServerName::IpAddress(addr.ip().into()), ReadAhead::new(tcp))
             .await
             .map_err(|error| PoolError::Tls { addr, error })?;
         let (sender, mut connection) = h2::client::Builder::new()

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -175,5 +175,139 @@ pub async fn keepalive(mut ping_pong: Option<h2::PingPong>) {
             Ok(Ok(_pong)) => {}
             Ok(Err(_)) | Err(_) => return,
         }
+    }
+}
+
+/// How much [`ReadAhead`] asks the kernel for at once.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// Reads ahead under TLS. rustls asks its transport for at most 4 KiB at a
+/// time, so a bulk transfer would cost a system call per 4 KiB; this asks
+/// for up to [`READ_AHEAD`] and serves the small reads from memory. The
+/// buffer exists only while it holds unread bytes: an idle pooled
+/// connection keeps none.
+pub struct ReadAhead<T> {
+    inner: T,
+    ahead: BytesMut,
+}
+
+impl<T> ReadAhead<T> {
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            ahead: BytesMut::new(),
+        }
+    }
+
+    /// Bytes read from the transport and not yet taken (for tests).
+    #[cfg(test)]
+    fn buffered(&self) -> (usize, usize) {
+        (self.ahead.len(), self.ahead.capacity())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.ahead.is_empty() {
+            if buf.remaining() >= READ_AHEAD {
+                return Pin::new(&mut self.inner).poll_read(cx, buf);
+            }
+            let mut ahead = BytesMut::with_capacity(READ_AHEAD);
+            if ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.inner),
+                cx,
+                &mut ahead
+            ))? == 0
+            {
+                return Poll::Ready(Ok(()));
+            }
+            self.ahead = ahead;
+        }
+        let n = self.ahead.len().min(buf.remaining());
+        buf.put_slice(&self.ahead[..n]);
+        self.ahead.advance(n);
+        if self.ahead.is_empty() {
+            // Drained: give the memory back rather than keep it per
+            // connection.
+            self.ahead = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadAhead<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Small reads, as rustls makes them, get every byte in order; the
+    /// buffer is gone once drained and at end of stream.
+    #[tokio::test]
+    async fn read_ahead_serves_small_reads_and_keeps_nothing_when_drained() {
+        let (mut writer, reader) = tokio::io::duplex(1 << 20);
+        let data: Vec<u8> = (0..300_000).map(|i| (i % 249) as u8).collect();
+        writer.write_all(&data).await.unwrap();
+        drop(writer);
+        let mut reader = ReadAhead::new(reader);
+        let mut got = vec![];
+        let mut small = [0u8; 4096];
+        let mut saw_buffered = false;
+        loop {
+            let n = reader.read(&mut small).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&small[..n]);
+            let (len, cap) = reader.buffered();
+            saw_buffered |= len > 0;
+            if len == 0 {
+                assert_eq!(cap, 0, "a drained read-ahead buffer is freed");
+            }
+        }
+        assert!(saw_buffered, "small reads were served from a read-ahead");
+        assert!(got == data, "read-ahead changed the bytes");
+        assert_eq!(reader.buffered(), (0, 0));
+        // A large read goes straight through.
+        let (mut writer, reader) = tokio::io::duplex(1 << 20);
+        writer.write_all(&data[..100_000]).await.unwrap();
+        let mut reader = ReadAhead::new(reader);
+        let mut big = vec![0u8; READ_AHEAD];
+        let n = reader.read(&mut big).await.unwrap();
+        assert!(n > 0 && big[..n] == data[..n]);
+        assert_eq!(reader.buffered(), (0, 0));
     }
 }
