@@ -651,7 +651,9 @@ impl Compare {
              {RATE_CONNECTIONS} keep-alive connections, one GET of the 1 KiB page every 1/{} s); \
              each latency is measured from the request's intended send time, so a stall delays \
              the requests queued behind it and counts against them (no coordinated omission). \
-             The pacer issued its requests at most {} µs late (p99, worst run).",
+             The pacer issued its requests at most {} µs late (p99, worst run; on a busy \
+             machine it waits for a core like everything else, and that delay is part of the \
+             latencies of all three seats alike).",
             self.rate,
             num(late.iter().copied().fold(0.0, f64::max))
         ));
