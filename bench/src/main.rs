@@ -66,6 +66,9 @@ enum What {
     /// (internal) hold idle connections open, for `dataplane`.
     #[command(hide = true)]
     Hold(dataplane::HoldArgs),
+    /// (internal) open-loop HTTP/1.1 requests at a fixed rate, for `dataplane`.
+    #[command(hide = true)]
+    Rate(dataplane::RateArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +89,10 @@ struct AllArgs {
     /// Parts to leave out.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<Part>,
+    /// A stock Istio ztunnel binary for the dataplane part to measure side
+    /// by side with ours (`bench dataplane --ztunnel`).
+    #[arg(long)]
+    ztunnel: Option<PathBuf>,
 }
 
 /// A part's arguments as `bench PART [--quick]` would have them, so `all`
@@ -128,6 +135,7 @@ async fn run_parts(
     parts: &[Part],
     quick: bool,
     what: Option<What>,
+    ztunnel: Option<PathBuf>,
 ) -> anyhow::Result<Vec<Section>> {
     let mut what = what;
     let mut sections = vec![];
@@ -170,7 +178,11 @@ async fn run_parts(
             Part::Dataplane => {
                 let args = match what.take() {
                     Some(What::Dataplane(a)) => a,
-                    _ => part_args("dataplane", quick)?,
+                    _ => {
+                        let mut a: dataplane::DataplaneArgs = part_args("dataplane", quick)?;
+                        a.ztunnel = ztunnel.clone();
+                        a
+                    }
                 };
                 part(
                     "dataplane",
@@ -195,9 +207,11 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let mut ztunnel = None;
     let (parts, quick, what): (Vec<Part>, bool, Option<What>) = match cli.what {
         What::XdsClients(args) => return runtime.block_on(xds::run_clients(args)),
         What::Hold(args) => return runtime.block_on(dataplane::hold(args)),
+        What::Rate(args) => return runtime.block_on(dataplane::rate(args)),
         What::All(args) => {
             let parts = [
                 Part::Ca,
@@ -209,6 +223,7 @@ fn main() -> anyhow::Result<()> {
             .into_iter()
             .filter(|p| !args.skip.contains(p))
             .collect();
+            ztunnel = args.ztunnel;
             (parts, args.quick, None)
         }
         What::Ca(a) => (vec![Part::Ca], a.quick, Some(What::Ca(a))),
@@ -219,7 +234,7 @@ fn main() -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let mut meta = Meta::start(quick);
-    let sections = runtime.block_on(run_parts(&parts, quick, what))?;
+    let sections = runtime.block_on(run_parts(&parts, quick, what, ztunnel))?;
     meta.finish(started.elapsed());
     let checks = checks::evaluate(&sections);
     let report = Report {

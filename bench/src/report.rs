@@ -43,6 +43,107 @@ pub struct Table {
     pub rows: Vec<Vec<String>>,
 }
 
+/// One figure measured on the direct pair, through our dataplane and
+/// through a stock Istio ztunnel in the same seats and run, with the three
+/// ratios. `None`: not measured there (a proxy-only figure has no direct
+/// value; no ztunnel was given).
+#[derive(Debug, Clone, Serialize)]
+pub struct Versus {
+    pub id: String,
+    pub metric: String,
+    pub unit: String,
+    pub direct: Option<f64>,
+    pub ours: Option<f64>,
+    pub ztunnel: Option<f64>,
+    pub ours_direct: Option<f64>,
+    pub ztunnel_direct: Option<f64>,
+    pub ours_ztunnel: Option<f64>,
+}
+
+impl Versus {
+    pub fn new(
+        id: &str,
+        metric: &str,
+        unit: &str,
+        direct: Option<f64>,
+        ours: Option<f64>,
+        ztunnel: Option<f64>,
+    ) -> Self {
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b != 0.0 && a.is_finite() && b.is_finite() => Some(a / b),
+            _ => None,
+        };
+        Self {
+            id: id.into(),
+            metric: metric.into(),
+            unit: unit.into(),
+            direct,
+            ours,
+            ztunnel,
+            ours_direct: ratio(ours, direct),
+            ztunnel_direct: ratio(ztunnel, direct),
+            ours_ztunnel: ratio(ours, ztunnel),
+        }
+    }
+}
+
+/// A table of [`Versus`] figures, with what the reader needs to know about
+/// how they were measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub title: String,
+    /// Whether a ztunnel was measured (its column reads "not given" if not).
+    pub ztunnel_given: bool,
+    pub notes: Vec<String>,
+    pub rows: Vec<Versus>,
+}
+
+impl Comparison {
+    pub fn markdown(&self) -> String {
+        let mut out = format!(
+            "### {}
+
+",
+            self.title
+        );
+        for note in &self.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+        if !self.notes.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(
+            "| figure | direct | ours | ztunnel | ours/direct | ztunnel/direct | ours/ztunnel |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
+        );
+        let value = |v: Option<f64>, unit: &str| match v {
+            Some(v) => format!("{} {unit}", num(v)),
+            None => String::new(),
+        };
+        let ratio = |r: Option<f64>| r.map(|r| format!("{r:.2}")).unwrap_or_default();
+        for r in &self.rows {
+            let ztunnel = if self.ztunnel_given {
+                value(r.ztunnel, &r.unit)
+            } else {
+                "not given".into()
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                cell(&r.metric),
+                value(r.direct, &r.unit),
+                value(r.ours, &r.unit),
+                ztunnel,
+                ratio(r.ours_direct),
+                ratio(r.ztunnel_direct),
+                ratio(r.ours_ztunnel)
+            );
+        }
+        out.push('\n');
+        out
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Status {
@@ -62,6 +163,9 @@ pub struct Section {
     pub rows: Vec<Row>,
     pub tables: Vec<Table>,
     pub charts: Vec<Chart>,
+    /// Side-by-side figures (the dataplane part: direct, ours, ztunnel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<Comparison>,
 }
 
 impl Section {
@@ -75,6 +179,7 @@ impl Section {
             rows: vec![],
             tables: vec![],
             charts: vec![],
+            comparison: None,
         }
     }
 
@@ -362,6 +467,9 @@ pub fn markdown(report: &Report) -> String {
             }
             out.push('\n');
         }
+        if let Some(c) = &s.comparison {
+            out.push_str(&c.markdown());
+        }
         for c in &s.charts {
             let _ = writeln!(out, "![{}]({})\n", c.title, c.file);
         }
@@ -465,6 +573,33 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("skipped: needs root"), "{md}");
+        let mut c = Comparison {
+            title: "side by side".into(),
+            ztunnel_given: true,
+            notes: vec![],
+            rows: vec![Versus::new(
+                "a",
+                "bulk",
+                "Gbit/s",
+                Some(10.0),
+                Some(3.0),
+                Some(2.0),
+            )],
+        };
+        assert!(
+            c.markdown()
+                .contains("| bulk | 10 Gbit/s | 3 Gbit/s | 2 Gbit/s | 0.30 | 0.20 | 1.50 |"),
+            "{}",
+            c.markdown()
+        );
+        c.ztunnel_given = false;
+        c.rows = vec![Versus::new("b", "rss", "MiB", None, Some(9.0), None)];
+        assert!(
+            c.markdown()
+                .contains("| rss |  | 9 MiB | not given |  |  |  |"),
+            "{}",
+            c.markdown()
+        );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["sections"][0]["status"], "ok");
         assert_eq!(json["sections"][0]["rows"][0]["ratio"], 0.5);

@@ -27,6 +27,16 @@
 //! `meshbox_proxy_active_connections` on :15020): a capture that lets
 //! traffic bypass the proxies fails the run instead of reporting direct
 //! numbers as meshed.
+//!
+//! Then, side by side ([`dedicated`]): our dataplane and (with `--ztunnel
+//! PATH`) a stock Istio ztunnel, each in dedicated mode in pods of their
+//! own with Istio's in-pod rules, measured in interleaved rounds with the
+//! direct pair; the same cross-check applies to both.
+
+mod dedicated;
+mod load;
+
+pub use load::{RateArgs, rate};
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -58,9 +68,21 @@ pub struct DataplaneArgs {
     #[arg(long)]
     connections: Option<usize>,
     /// Rounds of each throughput and request-rate test (direct then meshed,
-    /// alternating); the report shows the median of each figure.
-    #[arg(long, default_value_t = 1)]
-    rounds: u32,
+    /// alternating); the report shows the median of each figure. Default 1,
+    /// and 3 for the side-by-side tests when --ztunnel is given.
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// A stock Istio ztunnel binary, measured side by side with our
+    /// dataplane in the same seats (dedicated mode, one per pod).
+    #[arg(long)]
+    pub ztunnel: Option<PathBuf>,
+    /// Requests per second of the fixed-rate latency test (side by side).
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
+    /// Idle tunneled connections for the side-by-side memory test (default
+    /// 2 000; --quick 200).
+    #[arg(long)]
+    dedicated_connections: Option<usize>,
     /// Keep the work directory (dataplane and control-plane logs, manifests,
     /// nginx config) instead of removing it.
     #[arg(long)]
@@ -101,9 +123,6 @@ const HOLD_STEPS: usize = 4;
 /// File descriptors wanted for the dataplanes and the connection holders
 /// (capped at this process's hard limit).
 const NOFILE: u64 = 65_536;
-/// Istio ztunnel on this machine, from issue 5 (for the notes).
-const ZTUNNEL: &str = "Istio ztunnel measured on this machine (issue 5): bulk 32% of direct, \
-    keep-alive requests 17%, new-connection requests 26%, 14.5 MB idle RSS";
 
 const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -168,14 +187,14 @@ impl MeshDelta {
         for (side, c) in [("client", &self.client), ("server", &self.server)] {
             ensure!(
                 c.opened >= connections,
-                "{what}: the {side} node's dataplane counted {} connections, expected at least {connections}: \
+                "{what}: the {side} side's proxy counted {} connections, expected at least {connections}: \
                  the traffic did not go through the mesh (is the capture broken?)",
                 c.opened
             );
             if let Some(bytes) = bytes {
                 ensure!(
                     c.received_bytes >= 0.9 * bytes,
-                    "{what}: the {side} node's dataplane carried {} bytes from the client, the test moved {bytes}: \
+                    "{what}: the {side} side's proxy carried {} bytes from the client, the test moved {bytes}: \
                      traffic bypassed the mesh",
                     c.received_bytes
                 );
@@ -183,7 +202,7 @@ impl MeshDelta {
         }
         let refused = self.client.refused + self.server.refused;
         Ok(format!(
-            "{what}: dataplanes counted {}/{} connections (client/server node){}{}",
+            "{what}: proxies counted {}/{} connections (client/server side){}{}",
             self.client.opened,
             self.server.opened,
             if refused > 0.0 {
@@ -204,6 +223,7 @@ impl MeshDelta {
 }
 
 struct Bench {
+    quick: bool,
     seconds: u64,
     rounds: u32,
     connections: usize,
@@ -222,6 +242,20 @@ struct Bench {
     peak_under_load: [u64; 2],
     /// RSS (KiB) per node after each step of the idle-connection test.
     held: Vec<(usize, [u64; 2])>,
+    /// The side-by-side part's seats and settings.
+    side_by_side: SideBySide,
+}
+
+/// What the side-by-side part needs from the lab (see [`dedicated`]).
+struct SideBySide {
+    ztunnel: Option<PathBuf>,
+    ours: [Pod; 2],
+    ztunnel_pods: Option<[Pod; 2]>,
+    state: PathBuf,
+    rounds: u32,
+    seconds: u64,
+    rate: u32,
+    connections: usize,
 }
 
 impl Bench {
@@ -231,6 +265,21 @@ impl Bench {
             .connections
             .unwrap_or(if args.quick { 1_000 } else { 10_000 });
         let bench_exe = std::env::current_exe()?;
+        if let Some(path) = &args.ztunnel {
+            ensure!(
+                path.is_file(),
+                "--ztunnel {}: no such file (build it as README.md's Benchmarks section says)",
+                path.display()
+            );
+        }
+        let ztunnel = args
+            .ztunnel
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()?;
+        let dedicated_connections =
+            args.dedicated_connections
+                .unwrap_or(if args.quick { 200 } else { 2_000 });
 
         let work =
             std::env::temp_dir().join(format!("meshbox-bench-dataplane-{}", std::process::id()));
@@ -244,8 +293,9 @@ impl Bench {
 
         let result = (|| {
             eprintln!(
-                "==> network lab: bridge {} ({BRIDGE_IP}/24), 7 namespaces",
-                lab.bridge_name().unwrap_or_default()
+                "==> network lab: bridge {} ({BRIDGE_IP}/24), {} namespaces",
+                lab.bridge_name().unwrap_or_default(),
+                if ztunnel.is_some() { 11 } else { 9 }
             );
             let control_plane = lab.add_pod("cp", CONTROL_PLANE_IP)?;
             let node_a = lab.add_pod("na", NODE_A_IP)?;
@@ -254,6 +304,17 @@ impl Bench {
             let mesh_server = lab.add_pod("msrv", MESH_SERVER_IP)?;
             let direct_client = lab.add_pod("dcli", DIRECT_CLIENT_IP)?;
             let direct_server = lab.add_pod("dsrv", DIRECT_SERVER_IP)?;
+            let ours = [
+                lab.add_pod("oc", dedicated::OURS_CLIENT_IP)?,
+                lab.add_pod("os", dedicated::OURS_SERVER_IP)?,
+            ];
+            let ztunnel_pods = match ztunnel {
+                Some(_) => Some([
+                    lab.add_pod("zc", dedicated::ZTUNNEL_CLIENT_IP)?,
+                    lab.add_pod("zs", dedicated::ZTUNNEL_SERVER_IP)?,
+                ]),
+                None => None,
+            };
 
             let config = work.join("config");
             std::fs::create_dir_all(&config)?;
@@ -306,8 +367,9 @@ impl Bench {
             }
 
             let mut bench = Bench {
+                quick: args.quick,
                 seconds,
-                rounds: args.rounds.max(1),
+                rounds: args.rounds.unwrap_or(1).max(1),
                 connections,
                 work: work.clone(),
                 mesh_client,
@@ -320,6 +382,20 @@ impl Bench {
                 cross_checks: vec![],
                 peak_under_load: [0, 0],
                 held: vec![],
+                side_by_side: SideBySide {
+                    rounds: args
+                        .rounds
+                        .unwrap_or(if ztunnel.is_some() { 3 } else { 1 })
+                        .max(1),
+                    ztunnel: ztunnel.clone(),
+                    ours,
+                    ztunnel_pods,
+                    state: state.clone(),
+                    // The quick run only checks that the seats work.
+                    seconds: if args.quick { 1 } else { seconds },
+                    rate: args.rate,
+                    connections: dedicated_connections,
+                },
             };
             bench.section.note(format!(
                 "Capture: each node's agent found its enrolled pod's namespace by the pod's IP and \
@@ -391,6 +467,24 @@ impl Bench {
         self.http("close", "new connection per request", 10, true)?;
         self.memory_table(idle);
         self.summarize();
+        let sbs = &self.side_by_side;
+        let setup = dedicated::CompareSetup {
+            ztunnel: sbs.ztunnel.clone(),
+            ours_pods: sbs.ours.clone(),
+            ztunnel_pods: sbs.ztunnel_pods.clone(),
+            direct: [self.direct_client.clone(), self.direct_server.clone()],
+            control_plane: dedicated::ControlPlane {
+                ip: CONTROL_PLANE_IP,
+                grpc: SocketAddr::from((CONTROL_PLANE_IP, 15012)),
+                state: sbs.state.clone(),
+            },
+            rounds: sbs.rounds,
+            seconds: sbs.seconds,
+            rate: sbs.rate,
+            connections: sbs.connections,
+        };
+        let comparison = self.compare(setup)?;
+        self.section.comparison = Some(comparison);
         Ok(std::mem::replace(&mut self.section, Section::new("", "")))
     }
 
@@ -454,8 +548,9 @@ impl Bench {
         ));
         let ratio = |id: &str| s.ratio(id).map(percent).unwrap_or_else(|| "?".into());
         let summary = format!(
-            "{ZTUNNEL}. Here: bulk {} of direct, keep-alive requests {} (10 connections), \
-             new-connection requests {}, {:.1} MB idle RSS.",
+            "Node mode: bulk {} of direct, keep-alive requests {} (10 connections), \
+             new-connection requests {}, {:.1} MB idle RSS. Stock ztunnel in the same seats as \
+             our dataplane: the side-by-side table below (measured in this run).",
             ratio("bulk_1_gbps"),
             ratio("http_ka10_rps"),
             ratio("http_close_rps"),
@@ -1057,6 +1152,7 @@ metadata:
         ds.ip,
         &server_ports,
     );
+    dedicated::manifests_yaml(&mut out, &server_ports);
     let _ = write!(
         out,
         "---
@@ -1322,6 +1418,7 @@ Transfer/sec:     48.07MB
 
     #[test]
     fn manifests_put_each_pair_on_both_nodes() {
+        // (and the dedicated pairs on a node of their own)
         let pod = |ip| Pod {
             netns: "x".into(),
             ip,
@@ -1334,6 +1431,11 @@ Transfer/sec:     48.07MB
         );
         assert_eq!(yaml.matches("nodeName: node-a").count(), 2);
         assert_eq!(yaml.matches("nodeName: node-b").count(), 2);
-        assert_eq!(yaml.matches("istio.io/dataplane-mode: ambient").count(), 1);
+        assert_eq!(yaml.matches("istio.io/dataplane-mode: ambient").count(), 3);
+        assert_eq!(
+            yaml.matches(&format!("nodeName: {}", dedicated::DEDICATED_NODE))
+                .count(),
+            4
+        );
     }
 }
