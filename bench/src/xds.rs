@@ -56,8 +56,9 @@ pub struct XdsArgs {
     /// services = workloads / 5, policies = workloads / 20.
     #[arg(long)]
     workloads: Option<usize>,
-    /// Workload counts of the size series (default 1000,10000,50000;
-    /// --quick 250,1000).
+    /// Workload counts of the size series (default 1000,10000,50000,100000,
+    /// the last being issue 13's target size: 100 000 workloads, 20 000
+    /// services, 5 000 policies; --quick 250,1000).
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<usize>,
     /// Clients in the size series (default 10; --quick 2).
@@ -364,7 +365,11 @@ pub async fn run(args: XdsArgs) -> anyhow::Result<Section> {
     };
     let client_counts = pick(&args.clients, &[2, 10], &[1, 10, 50, 100]);
     let workloads = args.workloads.unwrap_or(if q { 1_000 } else { 10_000 });
-    let sizes = pick(&args.sizes, &[250, 1_000], &[1_000, 10_000, 50_000]);
+    let sizes = pick(
+        &args.sizes,
+        &[250, 1_000],
+        &[1_000, 10_000, 50_000, 100_000],
+    );
     let size_clients = args.size_clients.unwrap_or(if q { 2 } else { 10 });
     let changes = args.changes.unwrap_or(if q { 10 } else { 50 });
     anyhow::ensure!(

@@ -275,10 +275,28 @@ impl Key {
     }
 }
 
+impl Key {
+    /// `{ns}/{name}`, as `to_string` writes it, without the formatting
+    /// machinery (names are built for every workload of a build).
+    fn slash_name(&self) -> String {
+        concat(&[&self.ns, "/", &self.name])
+    }
+}
+
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.ns, self.name)
     }
+}
+
+/// The parts joined into one string, allocated once: `format!` costs
+/// several times more, and the model builds a few names per workload.
+fn concat(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        out.push_str(part);
+    }
+    out
 }
 
 /// Something whose derived state depends on a waypoint Gateway.
@@ -298,13 +316,18 @@ struct Dirty {
     gateways: HashSet<Key>,
 }
 
-/// The value each resource had before the current operation touched it, so
-/// the operation reports net changes even when a resource is rebuilt twice.
+/// Each resource the current operation wrote: the value it had before (so
+/// the operation reports net changes even when a resource is rebuilt twice)
+/// and the value it has now (so reporting needs no second lookup in the
+/// served map, a search through long, shared-prefix names).
 #[derive(Default)]
 struct Touched {
-    addresses: HashMap<String, Option<Arc<Address>>>,
-    authorizations: HashMap<String, Option<Arc<Authorization>>>,
+    addresses: TouchedMap<Address>,
+    authorizations: TouchedMap<Authorization>,
 }
+
+/// name → (before, now).
+type TouchedMap<T> = HashMap<String, (Option<Arc<T>>, Option<Arc<T>>)>;
 
 /// The mesh model. See the module documentation.
 pub struct MeshIndex {
@@ -429,19 +452,52 @@ impl MeshIndex {
         in_scope: impl Fn(&ObjectKey) -> bool,
         objs: Vec<Object>,
     ) -> Changes {
-        let keep: HashSet<ObjectKey> = objs.iter().filter_map(Object::key).collect();
-        let stale: Vec<ObjectKey> = self
+        let existing: Vec<ObjectKey> = self
             .object_keys()
             .into_iter()
-            .filter(|k| in_scope(k) && !keep.contains(k))
+            .filter(|k| in_scope(k))
             .collect();
+        // Only what already exists can be stale: the first build (the
+        // largest relist) skips the set of every incoming key.
+        let stale: Vec<ObjectKey> = if existing.is_empty() {
+            Vec::new()
+        } else {
+            let keep: HashSet<ObjectKey> = objs.iter().filter_map(Object::key).collect();
+            existing.into_iter().filter(|k| !keep.contains(k)).collect()
+        };
         for key in &stale {
             self.ingest_delete(key);
         }
+        self.reserve_for(&objs);
         for obj in objs {
             self.ingest(obj);
         }
         self.flush()
+    }
+
+    /// Sizes the largest per-object maps for a relist of `objs` up front:
+    /// grown one doubling at a time, each would rehash (and so re-read
+    /// every key string, a cache miss apiece) about once more in total.
+    /// Capacity only: what they hold, and so every output, is unchanged.
+    fn reserve_for(&mut self, objs: &[Object]) {
+        let count = |kind: Kind| objs.iter().filter(|o| o.kind() == kind).count();
+        let (pods, services) = (count(Kind::Pod), count(Kind::Service));
+        let more = |have: usize, want: usize| want.saturating_sub(have);
+        self.pods.reserve(more(self.pods.len(), pods));
+        self.pod_derived.reserve(more(self.pod_derived.len(), pods));
+        self.pods_by_ip.reserve(more(self.pods_by_ip.len(), pods));
+        self.dirty.pods.reserve(pods);
+        self.services.reserve(more(self.services.len(), services));
+        self.service_members
+            .reserve(more(self.service_members.len(), services));
+        self.services_by_vip
+            .reserve(more(self.services_by_vip.len(), services));
+        self.dirty.services.reserve(services);
+        if self.addresses.is_empty() {
+            // The first build writes every address; a later relist may
+            // write none, and this map lives only until the flush.
+            self.touched.addresses.reserve(pods + services);
+        }
     }
 
     /// Every served `Address`, sorted by resource name.
@@ -534,7 +590,7 @@ impl MeshIndex {
         let nsname = key.nsname();
         match obj {
             Object::Namespace(o) => self.ingest_namespace(&key.name, &o),
-            Object::Pod(o) => self.ingest_pod(nsname, &o),
+            Object::Pod(o) => self.ingest_pod(nsname, o),
             Object::Service(o) => self.ingest_service(nsname, &o),
             Object::EndpointSlice(o) => self.ingest_slice(nsname, &o),
             Object::Gateway(o) => self.ingest_gateway(nsname, &o),
@@ -598,57 +654,28 @@ impl MeshIndex {
             "rebuilding must not mark more work"
         );
 
-        let mut changes = Changes::default();
-        for (name, before) in std::mem::take(&mut self.touched.addresses) {
-            let now = self.addresses.get(&name).cloned();
-            if now != before {
-                changes.addresses.insert(name, now);
-            }
+        Changes {
+            addresses: net_changes(std::mem::take(&mut self.touched.addresses)),
+            authorizations: net_changes(std::mem::take(&mut self.touched.authorizations)),
         }
-        for (name, before) in std::mem::take(&mut self.touched.authorizations) {
-            let now = self.authorizations.get(&name).cloned();
-            if now != before {
-                changes.authorizations.insert(name, now);
-            }
-        }
-        changes
     }
 
     fn put_address(&mut self, name: String, value: Option<Address>) {
-        let current = self.addresses.get(&name);
-        if current.map(|a| a.as_ref()) == value.as_ref() {
-            return;
-        }
-        let before = current.cloned();
-        self.touched.addresses.entry(name.clone()).or_insert(before);
-        match value {
-            Some(v) => {
-                self.addresses.insert(name, Arc::new(v));
-            }
-            None => {
-                self.addresses.remove(&name);
-            }
-        }
+        put(
+            &mut self.addresses,
+            &mut self.touched.addresses,
+            name,
+            value,
+        );
     }
 
     fn put_authorization(&mut self, name: String, value: Option<Authorization>) {
-        let current = self.authorizations.get(&name);
-        if current.map(|a| a.as_ref()) == value.as_ref() {
-            return;
-        }
-        let before = current.cloned();
-        self.touched
-            .authorizations
-            .entry(name.clone())
-            .or_insert(before);
-        match value {
-            Some(v) => {
-                self.authorizations.insert(name, Arc::new(v));
-            }
-            None => {
-                self.authorizations.remove(&name);
-            }
-        }
+        put(
+            &mut self.authorizations,
+            &mut self.touched.authorizations,
+            name,
+            value,
+        );
     }
 
     fn set_status(&mut self, key: ObjectKey, messages: Vec<String>) {
@@ -683,15 +710,29 @@ impl MeshIndex {
     }
 
     fn workload_uid(&self, key: &Key) -> String {
-        format!("{}//Pod/{}/{}", self.config.cluster_id, key.ns, key.name)
+        concat(&[&self.config.cluster_id, "//Pod/", &key.ns, "/", &key.name])
     }
 
     fn service_hostname(&self, key: &Key) -> String {
-        format!("{}.{}.svc.{}", key.name, key.ns, self.config.cluster_domain)
+        concat(&[
+            &key.name,
+            ".",
+            &key.ns,
+            ".svc.",
+            &self.config.cluster_domain,
+        ])
     }
 
     fn service_resource_name(&self, key: &Key) -> String {
-        format!("{}/{}", key.ns, self.service_hostname(key))
+        concat(&[
+            &key.ns,
+            "/",
+            &key.name,
+            ".",
+            &key.ns,
+            ".svc.",
+            &self.config.cluster_domain,
+        ])
     }
 
     fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
@@ -730,4 +771,56 @@ where
             map.remove(key);
         }
     }
+}
+
+/// Sets (`Some`) or removes (`None`) one served resource and records the
+/// write in `touched`. An unchanged value is not a write. One search of
+/// `served` per call: a full build writes every resource once.
+fn put<T: PartialEq>(
+    served: &mut BTreeMap<String, Arc<T>>,
+    touched: &mut TouchedMap<T>,
+    name: String,
+    value: Option<T>,
+) {
+    use std::collections::btree_map::Entry;
+    let (name, before, now) = match (served.entry(name), value) {
+        (Entry::Occupied(o), Some(v)) => {
+            if **o.get() == v {
+                return;
+            }
+            let name = o.key().clone();
+            let now = Arc::new(v);
+            let before = std::mem::replace(o.into_mut(), now.clone());
+            (name, Some(before), Some(now))
+        }
+        (Entry::Occupied(o), None) => {
+            let (name, before) = o.remove_entry();
+            (name, Some(before), None)
+        }
+        (Entry::Vacant(slot), Some(v)) => {
+            let name = slot.key().clone();
+            let now = Arc::new(v);
+            slot.insert(now.clone());
+            (name, None, Some(now))
+        }
+        (Entry::Vacant(_), None) => return,
+    };
+    touched
+        .entry(name)
+        .and_modify(|(_, n)| *n = now.clone())
+        .or_insert((before, now));
+}
+
+/// The resources whose value an operation really changed, from what it
+/// wrote.
+fn net_changes<T: PartialEq>(touched: TouchedMap<T>) -> BTreeMap<String, Option<Arc<T>>> {
+    let mut changed: Vec<(String, Option<Arc<T>>)> = touched
+        .into_iter()
+        .filter(|(_, (before, now))| before != now)
+        .map(|(name, (_, now))| (name, now))
+        .collect();
+    // Sorted, the map is built in one pass instead of one search per
+    // resource (a full build changes every one).
+    changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    changed.into_iter().collect()
 }

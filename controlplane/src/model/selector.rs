@@ -55,26 +55,13 @@ pub(super) struct PairIndex {
 impl PairIndex {
     pub(super) fn insert(&mut self, ns: &str, key: &str, value: &str, name: &str) {
         // Look up before allocating: almost every pair is already there.
-        if !self.by_ns.contains_key(ns) {
-            self.by_ns.insert(ns.to_string(), HashMap::new());
-        }
-        let Some(keys) = self.by_ns.get_mut(ns) else {
-            return;
-        };
-        if !keys.contains_key(key) {
-            keys.insert(key.to_string(), HashMap::new());
-        }
-        let Some(values) = keys.get_mut(key) else {
-            return;
-        };
-        match values.get_mut(value) {
-            Some(names) => {
-                if !names.contains(name) {
-                    names.insert(name.to_string());
-                }
-            }
+        // One hash per level when it is (no contains-then-get).
+        match self.by_ns.get_mut(ns) {
+            Some(keys) => insert_key(keys, key, value, name),
             None => {
-                values.insert(value.to_string(), BTreeSet::from([name.to_string()]));
+                let mut keys = HashMap::new();
+                insert_key(&mut keys, key, value, name);
+                self.by_ns.insert(ns.to_string(), keys);
             }
         }
     }
@@ -148,6 +135,35 @@ impl PairIndex {
                 .into_iter()
                 .flatten()
         })
+    }
+}
+
+fn insert_key(
+    keys: &mut HashMap<String, HashMap<String, BTreeSet<String>>>,
+    key: &str,
+    value: &str,
+    name: &str,
+) {
+    match keys.get_mut(key) {
+        Some(values) => insert_value(values, value, name),
+        None => {
+            let mut values = HashMap::new();
+            insert_value(&mut values, value, name);
+            keys.insert(key.to_string(), values);
+        }
+    }
+}
+
+fn insert_value(values: &mut HashMap<String, BTreeSet<String>>, value: &str, name: &str) {
+    match values.get_mut(value) {
+        Some(names) => {
+            if !names.contains(name) {
+                names.insert(name.to_string());
+            }
+        }
+        None => {
+            values.insert(value.to_string(), BTreeSet::from([name.to_string()]));
+        }
     }
 }
 

@@ -388,10 +388,7 @@ impl MeshIndex {
         let Some(key) = waypoint_key(labels, ns) else {
             return WaypointChoice::default();
         };
-        let mut choice = WaypointChoice {
-            dep: Some(key.clone()),
-            ..Default::default()
-        };
+        let mut choice = WaypointChoice::default();
         match self.usable_waypoint(&key, ns) {
             Ok((gw, address)) => {
                 if gw.traffic.serves(target) {
@@ -413,6 +410,9 @@ impl MeshIndex {
                 }
             }
         }
+        // Moved in last rather than cloned up front: this runs for every
+        // workload and service rebuilt.
+        choice.dep = Some(key);
         choice
     }
 

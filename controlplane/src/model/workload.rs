@@ -59,11 +59,12 @@ pub(super) struct PodState {
 }
 
 impl PodState {
-    fn from_pod(key: &Key, pod: &Pod, config: &MeshConfig) -> Self {
+    /// Takes the pod by value to move its labels rather than copy them.
+    fn from_pod(key: &Key, mut pod: Pod, config: &MeshConfig) -> Self {
+        let labels = pod.metadata.labels.take().unwrap_or_default();
         let meta = &pod.metadata;
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
-        let labels = meta.labels.clone().unwrap_or_default();
         let mut problems = Vec::new();
 
         let mut raw_ips: Vec<&str> = status
@@ -119,10 +120,14 @@ impl PodState {
             meta.owner_references.as_deref().unwrap_or_default(),
         );
         Self {
-            identity: format!(
-                "spiffe://{}/ns/{}/sa/{}",
-                config.trust_domain, key.ns, service_account
-            ),
+            identity: super::concat(&[
+                "spiffe://",
+                &config.trust_domain,
+                "/ns/",
+                &key.ns,
+                "/sa/",
+                &service_account,
+            ]),
             ips,
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             service_account,
@@ -180,7 +185,7 @@ pub(super) struct PodDerived {
 }
 
 impl MeshIndex {
-    pub(super) fn ingest_pod(&mut self, key: Key, pod: &Pod) {
+    pub(super) fn ingest_pod(&mut self, key: Key, pod: Pod) {
         let state = PodState::from_pod(&key, pod, &self.config);
         if self.pods.get(&key) == Some(&state) {
             return;
@@ -207,12 +212,20 @@ impl MeshIndex {
             index_insert(&mut self.pods_by_ip, ip, key.clone());
         }
         if pod.holds_identity() {
-            *self
-                .identities_by_node
-                .entry(pod.node.clone())
-                .or_default()
-                .entry(pod.identity.clone())
-                .or_default() += 1;
+            // Clone the node and identity only when they are new: many pods
+            // share both.
+            match self.identities_by_node.get_mut(&pod.node) {
+                Some(ids) => match ids.get_mut(&pod.identity) {
+                    Some(n) => *n += 1,
+                    None => {
+                        ids.insert(pod.identity.clone(), 1);
+                    }
+                },
+                None => {
+                    let ids = HashMap::from([(pod.identity.clone(), 1)]);
+                    self.identities_by_node.insert(pod.node.clone(), ids);
+                }
+            }
         }
     }
 
@@ -262,7 +275,8 @@ impl MeshIndex {
         let (canonical_name, canonical_revision) =
             canonical_service(&pod.labels, &pod.workload_name);
 
-        let mut authorization_policies: Vec<String> = policies.iter().map(Key::to_string).collect();
+        let mut authorization_policies: Vec<String> =
+            policies.iter().map(Key::slash_name).collect();
         authorization_policies.sort();
         let workload = Workload {
             uid: uid.clone(),
@@ -287,7 +301,7 @@ impl MeshIndex {
                 .iter()
                 .map(|(k, ports)| {
                     (
-                        format!("{}/{}", k.ns, self.service_hostname(k)),
+                        self.service_resource_name(k),
                         PortList {
                             ports: ports.clone(),
                         },
