@@ -126,6 +126,11 @@ impl Direction {
 pub struct TcpSide<'a> {
     stream: &'a mut TcpStream,
     next_chunk: usize,
+    /// The last chunk read, kept while data flows so its allocation can be
+    /// reused once the other side is done with it (no allocation and no
+    /// fresh pages per chunk in a bulk transfer); dropped as soon as the
+    /// socket has nothing more to read, so an idle side holds nothing.
+    last: Option<Bytes>,
 }
 
 impl<'a> TcpSide<'a> {
@@ -133,7 +138,20 @@ impl<'a> TcpSide<'a> {
         Self {
             stream,
             next_chunk: MIN_CHUNK,
+            last: None,
         }
+    }
+
+    /// A buffer for the next read: the last chunk's, when nothing else
+    /// holds it any more and it is big enough, else a new one.
+    fn next_buffer(&mut self) -> BytesMut {
+        if let Some(Ok(mut reused)) = self.last.take().map(Bytes::try_into_mut)
+            && reused.capacity() >= self.next_chunk
+        {
+            reused.clear();
+            return reused;
+        }
+        BytesMut::with_capacity(self.next_chunk)
     }
 }
 
@@ -152,13 +170,21 @@ impl Side for TcpSide<'_> {
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         loop {
             // Allocate only once there is something to read.
-            ready!(self.stream.poll_read_ready(cx))?;
-            let mut chunk = BytesMut::with_capacity(self.next_chunk);
+            if self.stream.poll_read_ready(cx)?.is_pending() {
+                self.last = None;
+                return Poll::Pending;
+            }
+            let mut chunk = self.next_buffer();
             match self.stream.try_read_buf(&mut chunk) {
-                Ok(0) => return Poll::Ready(Ok(None)),
+                Ok(0) => {
+                    self.last = None;
+                    return Poll::Ready(Ok(None));
+                }
                 Ok(n) => {
                     self.next_chunk = next_chunk_size(self.next_chunk, n);
-                    return Poll::Ready(Ok(Some(chunk.freeze())));
+                    let chunk = chunk.freeze();
+                    self.last = Some(chunk.clone());
+                    return Poll::Ready(Ok(Some(chunk)));
                 }
                 // The readiness was stale; `try_read_buf` cleared it.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -288,6 +314,59 @@ mod tests {
         assert_eq!(relayed.forward, up.len() as u64);
         assert_eq!(relayed.backward, down.len() as u64);
         assert!(relayed.error.is_none(), "{:?}", relayed.error);
+    }
+
+    /// While data flows a side reuses the buffer of a chunk the other side
+    /// is done with (not one still held); once the socket has nothing to
+    /// read it keeps no buffer at all.
+    #[tokio::test]
+    async fn a_side_reuses_a_released_chunk_and_keeps_nothing_when_idle() {
+        let (mut client, mut server) = pair().await;
+        let mut side = TcpSide::new(&mut server);
+        /// The chunk a single poll gives, `None` for Pending.
+        async fn next(side: &mut TcpSide<'_>) -> Option<Bytes> {
+            poll_fn(|cx| match side.poll_chunk(cx) {
+                Poll::Pending => Poll::Ready(None),
+                Poll::Ready(chunk) => Poll::Ready(Some(chunk.unwrap().unwrap())),
+            })
+            .await
+        }
+        async fn wait_readable(side: &TcpSide<'_>) {
+            side.stream.readable().await.unwrap();
+        }
+
+        client.write_all(&[1u8; 1000]).await.unwrap();
+        wait_readable(&side).await;
+        let first = next(&mut side).await.expect("data to read");
+        let first_ptr = first.as_ptr();
+        // Still held by "the other side": the next read needs a new buffer.
+        client.write_all(&[2u8; 1000]).await.unwrap();
+        wait_readable(&side).await;
+        let second = next(&mut side).await.expect("data to read");
+        assert_ne!(second.as_ptr(), first_ptr);
+        assert!(second.iter().all(|b| *b == 2));
+        drop(first);
+        // Released: the next read reuses it.
+        drop(second);
+        client.write_all(&[3u8; 1000]).await.unwrap();
+        wait_readable(&side).await;
+        let second_ptr = {
+            let third = next(&mut side).await.expect("data to read");
+            assert!(
+                third.iter().all(|b| *b == 3),
+                "a reused buffer holds only new bytes"
+            );
+            third.as_ptr()
+        };
+        client.write_all(&[4u8; 10]).await.unwrap();
+        wait_readable(&side).await;
+        let fourth = next(&mut side).await.expect("data to read");
+        assert_eq!(fourth.as_ptr(), second_ptr, "a released buffer is reused");
+        assert_eq!(&fourth[..], &[4u8; 10]);
+        drop(fourth);
+        // Nothing to read: the side lets go of its buffer.
+        assert!(next(&mut side).await.is_none());
+        assert!(side.last.is_none(), "an idle side holds no buffer");
     }
 
     /// An echo application: sends back what it reads, and closes its
