@@ -133,6 +133,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
     ("curl", "curl"),
     ("prlimit", "util-linux"),
+    ("sysctl", "procps"),
 ];
 
 /// Why this part cannot run here, if it cannot.
