@@ -281,7 +281,7 @@ impl Dataplane {
 
     /// Waits for a line after `mark` containing every one of `needles`.
     pub async fn wait_for_log_after(&self, mark: usize, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(line) = self
                 .logs()
@@ -660,7 +660,7 @@ pub async fn eventually(
     target: SocketAddr,
     want_ok: bool,
 ) -> Result<String, u8> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = ask(socks, target).await;
         if r.is_ok() == want_ok || Instant::now() > deadline {
