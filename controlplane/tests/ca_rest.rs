@@ -278,7 +278,24 @@ fn bad_requests_get_clear_errors_and_nothing_is_issued() {
     let (status, body) = post_csr(&cp, Some(&forged), &good, "");
     assert_eq!(status, 401, "{body}");
     let expired = support::token(&cp.state, &["--identity", WEB, "--ttl", "0s"]);
-    std::thread::sleep(std::time::Duration::from_secs(7));
+    // Wait until the server itself calls it expired (past its leeway),
+    // probing with a CSR it could never sign, so nothing is issued while
+    // the token is still accepted; then the real request.
+    let garbage = dir.path().join("garbage.csr");
+    std::fs::write(&garbage, "not a CSR").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, body) = post_csr(&cp, Some(&expired), &garbage, "");
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 400, "before expiry only the CSR is wrong: {body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the 0 s token never expired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let (status, body) = post_csr(&cp, Some(&expired), &good, "");
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("expired"), "{body}");
