@@ -594,8 +594,20 @@ mod tests {
         let issued = ca
             .sign_for_key(&id, &key, Some(Duration::from_secs(365 * 24 * 3600)))
             .unwrap();
-        let lifetime = issued.not_after - OffsetDateTime::now_utc();
-        assert!(lifetime <= time::Duration::hours(24));
+        // Exact, not just an upper bound: a cap that cut the lifetime to
+        // one hour would pass `<= 24h`. The leaf is backdated by the skew
+        // allowance and expires exactly max_ttl after issuance; both ends
+        // are truncated to whole seconds from the same instant, so the
+        // encoded validity span is exact too.
+        let max_ttl = time::Duration::try_from(policy().max_ttl).unwrap();
+        let skew = time::Duration::try_from(CLOCK_SKEW_ALLOWANCE).unwrap();
+        assert_eq!(issued.not_after - issued.not_before, max_ttl + skew);
+        let validity = leaf(&issued).validity().clone();
+        assert_eq!(
+            validity.not_after.to_datetime() - validity.not_before.to_datetime(),
+            max_ttl + skew
+        );
+        assert_eq!(max_ttl, time::Duration::hours(24));
     }
 
     #[test]

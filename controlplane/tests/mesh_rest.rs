@@ -15,8 +15,9 @@ fn get(cp: &ControlPlane, path: &str) -> Value {
 }
 
 /// Polls `path` until `check` holds (the folder is re-read within a second).
+/// The deadline only ends a hang: a loaded machine may take several seconds.
 fn eventually(cp: &ControlPlane, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let v = get(cp, path);
         if check(&v) {

@@ -18,6 +18,11 @@ use prost::Message;
 use tonic::Code;
 use tonic::transport::Endpoint;
 
+/// How long a silence check listens. The tests that check for silence run
+/// on tokio's paused clock: virtual time only moves when the server and the
+/// client are both idle, so "nothing in 250 ms" means "nothing the server
+/// would ever send on its own", however slow the machine, not "nothing
+/// that happened to be fast enough".
 const SHORT: Duration = Duration::from_millis(250);
 
 fn tag_of(a: &Address) -> String {
@@ -69,7 +74,7 @@ async fn initial_wildcard_sync_of_both_types() {
     wait_state(&client, "empty sync", |s| s.is_synced()).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn add_update_remove_are_sent_as_deltas() {
     let h = Harness::start().await;
     h.put_workloads([
@@ -114,7 +119,7 @@ async fn add_update_remove_are_sent_as_deltas() {
     s.expect_silence(SHORT).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn nacked_version_is_not_resent_until_it_changes() {
     let h = Harness::start().await;
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
@@ -192,7 +197,7 @@ async fn client_nacks_what_its_validator_rejects() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn reconnect_with_initial_versions_gets_only_changes() {
     let h = Harness::start().await;
     h.put_workloads([
@@ -346,21 +351,28 @@ async fn on_demand_by_name_and_ip_with_not_found_and_unsubscribe() {
             && !s.addresses.contains_key(&uid("b2"))
     })
     .await;
-    let pushes = h.metric(
-        "meshbox_xds_pushes_total",
-        &format!("type_url=\"{ADDRESS}\""),
-    );
+    let sent = h.metric("meshbox_xds_resources_sent_total", "");
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v3"))]);
-    tokio::time::sleep(SHORT).await;
+    // A barrier instead of a pause: then change the service the client is
+    // still subscribed to, and wait until it has that. The server handles
+    // changes in order, so had it sent `a`, it would have done so by now.
+    let (_, svc) = service("reviews", [10, 96, 0, 1]);
+    let mut changed = (*svc).clone();
+    if let Some(address::Type::Service(s)) = changed.r#type.as_mut() {
+        s.subject_alt_names = vec!["spiffe://cluster.local/ns/default/sa/barrier".into()];
+    }
+    h.put_workloads([(svc_name.clone(), Arc::new(changed))]);
+    wait_state(&client, "the service change arrived", |s| {
+        s.addresses.get(&svc_name).is_some_and(|r| {
+            matches!(&r.resource.r#type, Some(address::Type::Service(s)) if !s.subject_alt_names.is_empty())
+        })
+    })
+    .await;
     assert_eq!(
-        h.metric(
-            "meshbox_xds_pushes_total",
-            &format!("type_url=\"{ADDRESS}\"")
-        ),
-        pushes,
-        "nothing sent for an unsubscribed name"
+        h.metric("meshbox_xds_resources_sent_total", "") - sent,
+        1.0,
+        "only the service was sent, nothing for the unsubscribed name"
     );
-    assert!(client.state().borrow().addresses.contains_key(&svc_name));
 }
 
 #[tokio::test]
@@ -396,7 +408,7 @@ async fn ztunnel_style_ip_lookup_on_a_raw_stream() {
 /// without asking for it, and it finds a service's endpoints through the
 /// workloads that list the service. Found with a real ztunnel
 /// (`XDS_ON_DEMAND=true`), which otherwise timed out "waiting for workload".
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn on_demand_gets_node_local_workloads_and_service_endpoints() {
     let h = Harness::start().await;
     let (svc_name, svc) = service("ratings", [10, 96, 0, 13]);
@@ -448,7 +460,7 @@ async fn on_demand_gets_node_local_workloads_and_service_endpoints() {
     s.expect_silence(SHORT).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unknown_type_url_is_ignored() {
     let h = Harness::start().await;
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
@@ -470,7 +482,7 @@ async fn unknown_type_url_is_ignored() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn request_with_unknown_nonce_is_ignored() {
     let h = Harness::start().await;
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
@@ -752,21 +764,18 @@ async fn slow_client_neither_blocks_others_nor_accumulates_updates() {
 
     let fast = h.client();
     wait_state(&fast, "fast initial sync", |s| s.addresses.len() == N).await;
-    let mut slowest_round = Duration::ZERO;
+    // The fast client follows every round while the slow ones read
+    // nothing at all: were it held back by them, it would never get there
+    // and wait_state would fail. How fast it follows is not under test (a
+    // loaded machine is slower, not wrong).
     for r in 1..=ROUNDS {
         h.put_workloads(round(r));
-        let started = Instant::now();
         let want = format!("r{r}");
         wait_state(&fast, "fast client follows", |s| {
             s.addresses.len() == N && s.addresses.values().all(|a| tag_of(&a.resource) == want)
         })
         .await;
-        slowest_round = slowest_round.max(started.elapsed());
     }
-    assert!(
-        slowest_round < Duration::from_secs(2),
-        "the fast client waited {slowest_round:?}"
-    );
 
     // What the slow streams have pending is a set of names, not a list
     // of updates.
@@ -851,14 +860,17 @@ async fn slow_client_neither_blocks_others_nor_accumulates_updates() {
 }
 
 async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-#[tokio::test]
+// On the paused clock the 5 ms gaps and the 100 ms debounce are exact:
+// virtual time does not move while the test or the server is busy, so a
+// stall cannot split the burst.
+#[tokio::test(start_paused = true)]
 async fn a_burst_of_updates_becomes_one_push() {
     let options = XdsOptions {
         debounce: Duration::from_millis(100),

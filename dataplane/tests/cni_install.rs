@@ -157,18 +157,43 @@ fn bad_json_fails_the_install_with_the_reason_and_leaves_the_file() {
 fn the_watching_installer_repairs_the_conflist_and_uninstalls_on_sigterm() {
     let node = Node::new("watch");
     // Started before the cluster's CNI has written anything: it waits.
-    let child = node
+    let mut child = node
         .command("install")
         .args(["--watch", "100ms"])
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Its log, read as it comes, so "it waits" is seen rather than assumed
+    // from it still running after a guessed pause.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stderr = child.stderr.take().unwrap();
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            lines.lock().unwrap().push(line);
+        }
+    });
     let mut child = Running(child);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(
+        "the installer to say it waits",
+        Duration::from_secs(10),
+        || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("waiting for the cluster's CNI to write its configuration"))
+        },
+    );
     assert!(
         child.0.try_wait().unwrap().is_none(),
-        "it waits for a config"
+        "it waits for a config instead of exiting: {:?}",
+        log.lock().unwrap()
     );
+    assert!(!node.conflist().exists(), "it wrote nothing meanwhile");
     std::fs::write(node.conflist(), KINDNET).unwrap();
     wait_for(
         "the plugin in the conflist",

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meshbox_dataplane::cni::{self, CaptureCommand, CaptureRequest, CaptureResponse};
 use serde_json::{Value, json};
@@ -348,11 +348,13 @@ async fn add_gives_up_on_a_silent_agent_within_its_timeout() {
         }
     });
     let stdin = conf(&dir.socket(), Some(PREV_RESULT)).replace("\"3s\"", "\"300ms\"");
-    let started = Instant::now();
     let run = cni("ADD", &[], stdin.as_bytes()).await;
     assert_eq!(run.code(), 11);
-    assert!(run.error()["details"].as_str().unwrap().contains("within"));
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // It gave up after the configured 300 ms, not the 3 s default: the
+    // error names the timeout it used. No bound on the elapsed time: a
+    // loaded machine makes it slower, not wrong.
+    let details = run.error()["details"].as_str().unwrap().to_owned();
+    assert!(details.contains("within 300ms"), "{details}");
     hold.abort();
 }
 
@@ -644,8 +646,9 @@ impl Drop for Namespaces {
 #[tokio::test]
 async fn chained_after_bridge_and_host_local() {
     if !is_root() {
-        println!("skipping the chained CNI test: needs root (network namespaces)");
-        return;
+        // Through skip(): under CI a non-root run fails instead of passing
+        // without having tested anything.
+        return skip("needs root (network namespaces)");
     }
     for plugin in ["bridge", "host-local"] {
         if !Path::new(CNI_DIR).join(plugin).exists() {

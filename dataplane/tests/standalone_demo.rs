@@ -140,6 +140,8 @@ fn free_base_port() -> u16 {
 struct Demo {
     child: Child,
     output: Arc<Mutex<Vec<String>>>,
+    /// The threads reading stdout and stderr; they end at end of file.
+    readers: Vec<std::thread::JoinHandle<()>>,
     started: Instant,
 }
 
@@ -165,17 +167,19 @@ impl Demo {
             child.stdout.take().map(|p| Box::new(p) as _),
             child.stderr.take().map(|p| Box::new(p) as _),
         ];
+        let mut readers = Vec::new();
         for pipe in pipes.into_iter().flatten() {
             let output = output.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     output.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
         Self {
             child,
             output,
+            readers,
             started: Instant::now(),
         }
     }
@@ -220,8 +224,10 @@ impl Demo {
     }
 
     /// Waits for the script to exit (SIGTERM, then SIGKILL, if it hangs);
-    /// its status and the whole output.
-    fn finish(&mut self) -> (ExitStatus, String, Duration) {
+    /// its status and the whole output. `survivors`: processes the script
+    /// started may outlive it (it was killed), so its output may never
+    /// reach end of file; take what has arrived.
+    fn finish(&mut self, survivors: bool) -> (ExitStatus, String, Duration) {
         let deadline = Instant::now() + Duration::from_secs(120);
         let status = loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -236,8 +242,18 @@ impl Demo {
             std::thread::sleep(Duration::from_millis(100));
         };
         let elapsed = self.started.elapsed();
-        // Let the reader threads drain what is left in the pipes.
-        std::thread::sleep(Duration::from_millis(200));
+        // The output is complete once both readers reached end of file,
+        // i.e. every process the demo started has closed its end. One
+        // still holding it after the demo exited is a leftover: fail.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !survivors && !self.readers.iter().all(|r| r.is_finished()) {
+            assert!(
+                Instant::now() < deadline,
+                "something the demo started still holds its output open:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         (status, self.text(), elapsed)
     }
 }
@@ -337,7 +353,7 @@ fn the_demo_tells_its_story_and_leaves_nothing_behind() {
     let _one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
 
     let mut demo = Demo::start(&bin_dir, false);
-    let (status, out, elapsed) = demo.finish();
+    let (status, out, elapsed) = demo.finish(false);
     eprintln!("{out}");
     eprintln!("the demo took {:.1} s", elapsed.as_secs_f64());
     assert!(status.success(), "the demo failed ({status}):\n{out}");
@@ -431,10 +447,8 @@ fn the_demo_tells_its_story_and_leaves_nothing_behind() {
     let work = work_dir(&out);
     assert!(work.is_some(), "no work directory in the output");
     assert_eq!(leftovers(work.as_deref()), Vec::<String>::new());
-    assert!(
-        elapsed < Duration::from_secs(45),
-        "the demo took {elapsed:?} (it should take well under 30 s)"
-    );
+    // No bound on `elapsed`: on a loaded machine the demo is slower, not
+    // wrong. `finish` fails on a real hang (120 s).
 }
 
 #[test]
@@ -448,7 +462,7 @@ fn after_a_killed_run_and_after_ctrl_c_nothing_is_left() {
     let mut killed = Demo::start(&bin_dir, true);
     killed.wait_for("Ctrl-C to stop");
     killed.signal("KILL");
-    let (_, out, _) = killed.finish();
+    let (_, out, _) = killed.finish(true);
     let first_work = work_dir(&out);
     assert!(
         !processes_of(first_work.as_deref().unwrap_or("?")).is_empty(),
@@ -489,7 +503,7 @@ fn after_a_killed_run_and_after_ctrl_c_nothing_is_left() {
 
     // Ctrl-C: the script cleans up and says so.
     interrupted.signal("INT");
-    let (status, out, _) = interrupted.finish();
+    let (status, out, _) = interrupted.finish(false);
     assert_eq!(status.code(), Some(130), "{out}");
     assert!(out.contains("nothing left"), "{out}");
     assert_eq!(leftovers(work_dir(&out).as_deref()), Vec::<String>::new());

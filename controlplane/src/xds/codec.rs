@@ -232,12 +232,29 @@ mod tests {
         assert_eq!(decoded.resources[1], resource);
     }
 
+    /// Fixed encodings from the protobuf spec (300 is its worked example),
+    /// so a bug shared by `put_varint` and `varint_len` cannot pass.
     #[test]
-    fn varint_lengths() {
-        for v in [0u64, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, u64::MAX] {
+    fn varint_encodings_and_lengths() {
+        let cases: [(u64, &[u8]); 9] = [
+            (0, &[0x00]),
+            (1, &[0x01]),
+            (127, &[0x7f]),
+            (128, &[0x80, 0x01]),
+            (300, &[0xac, 0x02]),
+            (16_383, &[0xff, 0x7f]),
+            (16_384, &[0x80, 0x80, 0x01]),
+            (u32::MAX as u64, &[0xff, 0xff, 0xff, 0xff, 0x0f]),
+            (
+                u64::MAX,
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+            ),
+        ];
+        for (v, expected) in cases {
             let mut buf = Vec::new();
             put_varint(&mut buf, v);
-            assert_eq!(buf.len(), varint_len(v), "{v}");
+            assert_eq!(buf, expected, "encoding of {v}");
+            assert_eq!(varint_len(v), expected.len(), "length of {v}");
         }
     }
 }

@@ -350,22 +350,33 @@ mod tests {
         assert!(manager.current(&id("db")).is_none());
     }
 
-    #[tokio::test]
+    // Tokio's clock is paused: the renewal timer and the test's polling run
+    // on virtual time, so "renewed once, near half-life" is exact however
+    // slow the machine is. Certificate validity still reads the wall clock,
+    // which hardly moves while virtual seconds pass, so the 4 s certificate
+    // stays valid throughout.
+    #[tokio::test(start_paused = true)]
     async fn renews_at_half_life_and_keeps_the_old_one_while_the_ca_is_down() {
         let ca = fake(Duration::from_secs(4));
         let manager = CertificateManager::new(ca.clone());
         let web = id("web");
         let first = manager.get(&web).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let received = tokio::time::Instant::now();
+        let deadline = received + Duration::from_secs(10);
         while manager.current(&web).unwrap().serial == first.serial {
             assert!(tokio::time::Instant::now() < deadline, "never renewed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert_eq!(
-            ca.calls.load(Ordering::SeqCst),
-            2,
-            "renewed once, near half-life"
+        // Half the lifetime, less up to 10% jitter, plus the fake CA's 20 ms.
+        // not_after is whole seconds, so the lifetime is in (3 s, 4 s] and
+        // the renewal comes in (1.37 s, 2.02 s] of virtual time.
+        let renewed_after = received.elapsed();
+        assert!(
+            renewed_after > Duration::from_millis(1350)
+                && renewed_after <= Duration::from_millis(2050),
+            "renewed after {renewed_after:?}, not near half-life"
         );
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 2, "renewed exactly once");
 
         // The CA goes down: the next renewal fails and is retried, and the
         // still-valid certificate keeps being served meanwhile.
@@ -373,7 +384,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while ca.calls.load(Ordering::SeqCst) < 4 {
             assert!(tokio::time::Instant::now() < deadline, "no retries");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert!(
             manager.current(&web).is_some(),

@@ -269,11 +269,24 @@ impl Dataplane {
 
     /// Waits for a log line containing every one of `needles`.
     pub async fn wait_for_log(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        self.wait_for_log_after(0, needles).await
+    }
+
+    /// A mark in the log: take it before an action, then
+    /// [`wait_for_log_after`](Self::wait_for_log_after) finds only lines the
+    /// action caused, never an earlier look-alike.
+    pub fn log_mark(&self) -> usize {
+        self.logs.lock().unwrap().len()
+    }
+
+    /// Waits for a line after `mark` containing every one of `needles`.
+    pub async fn wait_for_log_after(&self, mark: usize, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(line) = self
                 .logs()
                 .into_iter()
+                .skip(mark)
                 .find(|l| needles.iter().all(|n| l.contains(n)))
             {
                 return line;
@@ -428,6 +441,34 @@ impl Mesh {
             .tokens()
             .mint_for_identity(&id, Duration::from_secs(3600));
         self.write_token(id.service_account(), token.unwrap())
+    }
+
+    /// Whether the control plane knows pod `namespace/name` on `node`, as
+    /// the node agent asks it (`EnrollmentService/Lookup`, over TLS with the
+    /// node's token): `Some(enrolled)`, or `None` while it does not know
+    /// the pod. What tests wait for instead of guessing how long loading a
+    /// manifest takes.
+    pub async fn enrollment(&self, node: &str, namespace: &str, name: &str) -> Option<bool> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+        let pem = std::fs::read(self.root_cert()).unwrap();
+        let channel = Endpoint::from_shared(self.cp_url())
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(pem))
+                    .domain_name(self.cp.grpc.ip().to_string()),
+            )
+            .unwrap()
+            .connect_lazy();
+        // A file of its own: the running agent re-reads node-a.token.
+        let token = self.tokens().mint_for_node(node, Duration::from_secs(3600));
+        let token = self.write_token(&format!("{node}-lookup"), token.unwrap());
+        meshbox_dataplane::inpod::EnrollmentLookup::new(
+            channel,
+            meshbox_dataplane::identity::TokenSource::File(token),
+        )
+        .ask(namespace, name)
+        .await
     }
 
     /// A node token (node mode).
@@ -619,7 +660,7 @@ pub async fn eventually(
     target: SocketAddr,
     want_ok: bool,
 ) -> Result<String, u8> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = ask(socks, target).await;
         if r.is_ok() == want_ok || Instant::now() > deadline {
