@@ -22,12 +22,12 @@ use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 
 use super::load::RateResult;
-use super::{Bench, Counters, HOLD_STEPS, MeshDelta, NGINX_PORT, iperf, nofile, wrk};
+use super::{Bench, Counters, HOLD_STEPS, MeshDelta, NGINX_PORT, iperf, nofile, settled, wrk};
 use crate::host::{cpu_seconds, rss_kib};
 use crate::lab::{self, Pod};
 use crate::report::{Comparison, Versus, num};
@@ -326,15 +326,7 @@ impl Seat {
         };
         let before = [c.scrape()?, s.scrape()?];
         let value = test(&self.client, &self.server)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let after = loop {
-            let after = [c.scrape()?, s.scrape()?];
-            let settled = after.iter().zip(&before).all(|(a, b)| a.active <= b.active);
-            if settled || Instant::now() > deadline {
-                break after;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let after = settled(&before, || Ok([c.scrape()?, s.scrape()?]))?;
         Ok((
             value,
             Some(MeshDelta {

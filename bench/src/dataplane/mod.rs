@@ -169,6 +169,23 @@ impl std::ops::Sub for Counters {
     }
 }
 
+/// Both proxies' counters once the connections a test opened have closed
+/// (bytes are counted when a connection closes), or after 10 s.
+fn settled(
+    before: &[Counters; 2],
+    scrape: impl Fn() -> anyhow::Result<[Counters; 2]>,
+) -> anyhow::Result<[Counters; 2]> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let after = scrape()?;
+        let closed = after.iter().zip(before).all(|(a, b)| a.active <= b.active);
+        if closed || Instant::now() > deadline {
+            return Ok(after);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// What the dataplanes did during one meshed test.
 struct MeshDelta {
     client: Counters,
@@ -652,16 +669,9 @@ impl Bench {
         stop.store(true, Ordering::Relaxed);
         let _ = sampler.join();
         let value = result?;
-        // Bytes are counted when a connection closes: wait for them.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let after = loop {
-            let after = [self.scrape(&self.nodes[0])?, self.scrape(&self.nodes[1])?];
-            let settled = after.iter().zip(&before).all(|(a, b)| a.active <= b.active);
-            if settled || Instant::now() > deadline {
-                break after;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let after = settled(&before, || {
+            Ok([self.scrape(&self.nodes[0])?, self.scrape(&self.nodes[1])?])
+        })?;
         Ok((
             value,
             MeshDelta {

@@ -24,9 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::relay::tcp_to_hbone;
 use super::socket::canonical;
-use super::tunnel::{
-    self, CONNECTION_WINDOW, HboneStream, MAX_FRAME_SIZE, ReadAhead, STREAM_WINDOW,
-};
+use super::tunnel::{self, HboneStream, ReadAhead};
 use super::{ProxyContext, error_text};
 use crate::authz::{ConnectionInfo, authorize};
 use crate::identity::WorkloadCertificate;
@@ -135,10 +133,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
         identity,
         served,
     });
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
+    let handshake = tunnel::server()
         .max_concurrent_streams(MAX_STREAMS)
         .handshake::<_, Bytes>(tls);
     let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -197,7 +192,7 @@ async fn serve_connect(
     ctx: Arc<ProxyContext>,
     peer: Arc<Peer>,
     req: Request<RecvStream>,
-    respond: SendResponse<Bytes>,
+    mut respond: SendResponse<Bytes>,
 ) {
     if req.method() != Method::CONNECT {
         warn!(src.addr = %peer.addr, src.identity = %peer.identity, method = %req.method(), "inbound HBONE request is not CONNECT; refusing");
@@ -276,12 +271,10 @@ async fn serve_connect(
         dst_addr: peer.local,
         hbone_addr: Some(target),
         dst_service: None,
-        dst_workload: Some(dst.clone()),
         dst_identity: Some(dst.identity.clone()),
+        dst_workload: Some(dst),
         security: Security::MutualTls,
     });
-    drop(dst);
-    let mut respond = respond;
     let send = match respond.send_response(status(StatusCode::OK), false) {
         Ok(send) => send,
         Err(error) => {

@@ -23,9 +23,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::socket::Sockets;
-use super::tunnel::{
-    self, CONNECTION_WINDOW, HboneStream, MAX_FRAME_SIZE, ReadAhead, STREAM_WINDOW,
-};
+use super::tunnel::{self, HboneStream, ReadAhead};
 use crate::identity::WorkloadCertificate;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -312,10 +310,7 @@ impl Inner {
             .connect(ServerName::IpAddress(addr.ip().into()), ReadAhead::new(tcp))
             .await
             .map_err(|error| PoolError::Tls { addr, error })?;
-        let (sender, mut connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
+        let (sender, mut connection) = tunnel::client()
             .handshake::<_, Bytes>(tls)
             .await
             .map_err(|error| PoolError::Http2 { addr, error })?;

@@ -395,7 +395,7 @@ mod tests {
     /// half-closes and must get all of its bytes back, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_streams_on_one_h2_connection_carry_large_transfers_and_half_closes() {
-        use crate::proxy::tunnel::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+        use crate::proxy::tunnel::{CONNECTION_WINDOW, STREAM_WINDOW};
         const STREAMS: usize = 24;
         const SIZE: usize = 6 << 20;
         assert!(SIZE > STREAM_WINDOW as usize);
@@ -405,10 +405,7 @@ mod tests {
         let (client_io, server_io) = pair().await;
         // The inbound side: every CONNECT is relayed to the app.
         tokio::spawn(async move {
-            let mut conn = h2::server::Builder::new()
-                .initial_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .max_frame_size(MAX_FRAME_SIZE)
+            let mut conn = crate::proxy::tunnel::server()
                 .handshake::<_, Bytes>(server_io)
                 .await
                 .unwrap();
@@ -425,10 +422,7 @@ mod tests {
                 });
             }
         });
-        let (sender, conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
+        let (sender, conn) = crate::proxy::tunnel::client()
             .handshake::<_, Bytes>(client_io)
             .await
             .unwrap();

@@ -29,6 +29,26 @@ pub const MAX_FRAME_SIZE: u32 = super::relay::MAX_CHUNK as u32;
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The HTTP/2 settings of an HBONE client connection.
+pub fn client() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE);
+    builder
+}
+
+/// The HTTP/2 settings of an HBONE server connection.
+pub fn server() -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE);
+    builder
+}
+
 /// One CONNECT stream, either end.
 pub struct HboneStream {
     send: SendStream<Bytes>,
