@@ -21,7 +21,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::chart::{Bar, Chart};
 use crate::host::sibling_binary;
-use crate::report::Section;
+use crate::section::Section;
 use crate::stats::{ms, percentile};
 
 pub const NAME: &str = "Control plane: CA issuance";
@@ -394,7 +394,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<Section> {
         "rss_after_issuances_mib",
         &format!(
             "control plane RSS after {} issuances",
-            crate::report::num(total as f64)
+            crate::numbers::num(total as f64)
         ),
         loaded_rss as f64 / 1024.0,
         idle_rss as f64 / 1024.0,

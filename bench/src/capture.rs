@@ -43,7 +43,8 @@ use serde_json::{Value, json};
 use crate::chart::{Chart, Series};
 use crate::host::{rss_kib, sibling_binary};
 use crate::lab::{self, Lab, NodeDataplane};
-use crate::report::{Section, Table, num};
+use crate::numbers::num;
+use crate::section::{Section, Table};
 use crate::stats::{ms, percentile};
 
 pub const NAME: &str = "Dataplane: capture latency (CNI ADD to captured)";

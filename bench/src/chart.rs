@@ -8,7 +8,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::report::num;
+use crate::numbers::num;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Chart {

@@ -14,7 +14,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::report::{Section, Status, num};
+use crate::numbers::num;
+use crate::section::{Section, Status};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Bound {

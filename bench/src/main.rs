@@ -17,7 +17,9 @@ mod dataplane;
 mod host;
 mod lab;
 mod model;
+mod numbers;
 mod report;
+mod section;
 mod stats;
 mod xds;
 
@@ -27,7 +29,8 @@ use std::time::Instant;
 
 use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use crate::report::{Meta, Report, Section};
+use crate::report::{Meta, Report};
+use crate::section::{Section, Status};
 
 #[global_allocator]
 static ALLOCATOR: alloc::Counting = alloc::Counting;
@@ -247,8 +250,8 @@ fn main() -> anyhow::Result<()> {
     let failed: Vec<&str> = report
         .sections
         .iter()
-        .filter(|s| !matches!(s.status, report::Status::Ok))
-        .filter(|s| parts.len() == 1 || matches!(s.status, report::Status::Failed { .. }))
+        .filter(|s| !matches!(s.status, Status::Ok))
+        .filter(|s| parts.len() == 1 || matches!(s.status, Status::Failed { .. }))
         .map(|s| s.name.as_str())
         .collect();
     let failed_checks = checks::failures(&report.checks);

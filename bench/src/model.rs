@@ -9,7 +9,8 @@ use meshbox_controlplane::model::{MeshConfig, MeshIndex, Object};
 use serde_json::{Value, json};
 
 use crate::chart::{Chart, Series};
-use crate::report::{Section, Table, num};
+use crate::numbers::num;
+use crate::section::{Section, Table};
 use crate::stats::{percentile, us};
 
 pub const NAME: &str = "Control plane: mesh model";

@@ -38,7 +38,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::chart::{Chart, Series};
-use crate::report::{Section, Table, num};
+use crate::numbers::num;
+use crate::section::{Section, Table};
 use crate::stats::percentile;
 
 pub const NAME: &str = "Control plane: xDS server";

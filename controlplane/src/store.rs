@@ -9,11 +9,23 @@ use std::sync::{Arc, RwLock};
 use meshbox_certs::SpiffeId;
 use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::Address;
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::ca::NodeRoster;
 use crate::model::{Changes, Kind, MeshConfig, MeshIndex, Object, ObjectKey};
-use crate::source::manifests::ManifestError;
+
+/// A manifest file a source could not use, with where and why (standalone
+/// mode; shown by `GET /api/v1/status`). Kept here, with the store that
+/// holds it, so sources depend on the store and never the other way round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestError {
+    pub file: String,
+    /// 0-based index of the YAML document in the file.
+    pub document: usize,
+    pub reason: String,
+}
 
 pub struct MeshStore {
     index: RwLock<MeshIndex>,

@@ -30,7 +30,8 @@ use super::load::RateResult;
 use super::{Bench, Counters, HOLD_STEPS, MeshDelta, NGINX_PORT, iperf, nofile, settled, wrk};
 use crate::host::{cpu_seconds, rss_kib};
 use crate::lab::{self, Pod};
-use crate::report::{Comparison, Versus, num};
+use crate::numbers::num;
+use crate::section::{Comparison, Versus};
 use crate::stats::{Samples, metric_sum, slope};
 
 /// Namespaces (Kubernetes) of the dedicated pairs.

@@ -50,7 +50,8 @@ use anyhow::{Context, bail, ensure};
 use crate::chart::{Bar, Chart, Series};
 use crate::host::{cpu_seconds, rss_kib};
 use crate::lab::{self, Lab, NodeDataplane, Pod};
-use crate::report::{Section, Table, num, percent};
+use crate::numbers::{num, percent};
+use crate::section::{Section, Table};
 use crate::stats::{Samples, metric_sum, slope};
 
 pub const NAME: &str = "Dataplane: meshed (in-pod capture, two node dataplanes, HBONE) vs direct";

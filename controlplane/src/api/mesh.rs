@@ -393,7 +393,7 @@ pub struct StatusView {
     objects: Vec<crate::model::ObjectStatus>,
     /// Manifest files that failed to parse (standalone mode); their last good
     /// version is still served.
-    files: Vec<crate::source::manifests::ManifestError>,
+    files: Vec<crate::store::ManifestError>,
 }
 
 pub async fn status(State(state): State<ApiState>) -> Json<StatusView> {

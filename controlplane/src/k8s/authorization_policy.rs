@@ -1,7 +1,8 @@
 //! Istio's `AuthorizationPolicy` (`security.istio.io/v1`), as users write it.
 //!
 //! Only the shape lives here; what each field means for a node proxy is
-//! decided by `crate::model::policy`.
+//! decided by the mesh model's policy translation (this module depends on
+//! nothing in the model).
 
 use std::collections::BTreeMap;
 

@@ -299,6 +299,14 @@ fn concat(parts: &[&str]) -> String {
     out
 }
 
+/// 4 or 16 bytes, as the workload API wants addresses.
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
 /// Something whose derived state depends on a waypoint Gateway.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Dependent {

@@ -557,7 +557,7 @@ impl Cidr {
 
     fn to_proto(self) -> CidrAddress {
         CidrAddress {
-            address: super::workload::ip_bytes(self.ip),
+            address: super::ip_bytes(self.ip),
             length: self.len,
         }
     }

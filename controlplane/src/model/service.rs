@@ -27,8 +27,8 @@ use meshbox_proto::workload::{Address, AppProtocol, IpFamilies, NetworkAddress, 
 
 use super::selector::Labels;
 use super::waypoint::{Target, WaypointChoice};
-use super::workload::{PodState, ip_bytes};
-use super::{Dependent, Key, MeshIndex, ObjectKey, index_insert, index_remove};
+use super::workload::PodState;
+use super::{Dependent, Key, MeshIndex, ObjectKey, index_insert, index_remove, ip_bytes};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const INGRESS_USE_WAYPOINT: &str = "istio.io/ingress-use-waypoint";

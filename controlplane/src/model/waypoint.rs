@@ -288,7 +288,7 @@ impl MeshIndex {
                     "IPAddress" => match value.parse::<std::net::IpAddr>() {
                         Ok(ip) => Some(gateway_address::Destination::Address(NetworkAddress {
                             network: self.config.network.clone(),
-                            address: super::workload::ip_bytes(ip),
+                            address: super::ip_bytes(ip),
                             length: None,
                         })),
                         Err(_) => {

@@ -31,7 +31,9 @@ use meshbox_proto::workload::{
 
 use super::selector::{Labels, selects};
 use super::waypoint::Target;
-use super::{Dependent, Key, MeshConfig, MeshIndex, ObjectKey, index_insert, index_remove};
+use super::{
+    Dependent, Key, MeshConfig, MeshIndex, ObjectKey, index_insert, index_remove, ip_bytes,
+};
 
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
@@ -442,14 +444,6 @@ impl MeshIndex {
         if new != PodDerived::default() {
             self.pod_derived.insert(key.clone(), new);
         }
-    }
-}
-
-/// 4 or 16 bytes, as the workload API wants addresses.
-pub(super) fn ip_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
     }
 }
 

@@ -13,24 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
-use serde::Serialize;
 
 use crate::model::Object;
+use crate::store::ManifestError;
 
 /// How often the folder is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Largest manifest file read, so a stray file cannot exhaust memory.
 const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
-
-/// A file that could not be used, with where and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ManifestError {
-    pub file: String,
-    /// 0-based index of the YAML document in the file.
-    pub document: usize,
-    pub reason: String,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint {

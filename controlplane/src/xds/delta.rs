@@ -29,6 +29,7 @@ use tonic::Status;
 use super::cache::Cache;
 use super::codec::{OutResource, Outbound};
 use super::resource::{Encoded, Kind, NetIp};
+use super::shorten;
 use super::status::{NackInfo, TypeInfo};
 
 /// The name that turns a wildcard subscription on or off.
@@ -105,18 +106,6 @@ fn check_name(name: &str, limits: &Limits) -> Result<(), Status> {
             limits.max_name_len
         ))),
     }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary.
-pub(crate) fn shorten(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// A de-duplicated FIFO of names.

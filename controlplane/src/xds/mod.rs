@@ -19,6 +19,7 @@
 //! - [`delta`]: per-stream, per-type protocol state (pure);
 //! - [`stream`]: the task serving one stream;
 //! - [`codec`]: the wire codec that splices shared encodings into responses;
+//! - [`shared`]: the state the server and every stream share;
 //! - [`server`]: [`XdsServer`] and its gRPC service;
 //! - [`status`]: what `GET /api/v1/dataplanes` shows;
 //! - [`metrics`]: Prometheus metrics.
@@ -29,15 +30,27 @@ mod delta;
 mod metrics;
 mod resource;
 mod server;
+mod shared;
 mod status;
 mod stream;
 
 use std::time::Duration;
 
-/// Bounds client-supplied text before it is stored or shown.
-pub(crate) use delta::shorten;
 pub use server::{XdsServer, XdsService};
 pub use status::{ConnectionInfo, NackInfo, TypeInfo};
+
+/// At most `max` bytes of `s`, cut at a character boundary. Bounds
+/// client-supplied text before it is stored or shown.
+pub(crate) fn shorten(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 /// Who is on the other end of a stream, as the caller's authentication
 /// decided.

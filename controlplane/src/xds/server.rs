@@ -8,57 +8,30 @@
 //! each stream before anything is sent and then hands it to its own task
 //! ([`super::stream`]).
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::Address;
 use meshbox_proto::xds::DeltaDiscoveryRequest;
 use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{Grpc, NamedService};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, warn};
 
-use super::cache::Cache;
 use super::codec::{AdsCodec, Outbound};
-use super::delta::Limits;
-use super::metrics::XdsMetrics;
 use super::resource::{Encoded, Kind};
+use super::shared::Shared;
 use super::status::{ConnectionInfo, StreamStatus};
 use super::{StreamAuthenticator, XdsOptions, stream};
 
 const SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
-
-/// State shared by the server handle, the gRPC service and every stream.
-pub(crate) struct Shared {
-    cache: RwLock<Cache>,
-    /// The cache generation after the latest change; streams watch it.
-    pub published: watch::Sender<u64>,
-    pub metrics: XdsMetrics,
-    pub options: XdsOptions,
-    pub limits: Limits,
-    auth: Arc<dyn StreamAuthenticator>,
-    streams: Mutex<BTreeMap<u64, Arc<StreamStatus>>>,
-    next_stream: AtomicU64,
-}
-
-impl Shared {
-    /// Read access to the cache. Keep it short: never across an await.
-    pub(crate) fn read_cache(&self) -> RwLockReadGuard<'_, Cache> {
-        self.cache.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn streams(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<StreamStatus>>> {
-        self.streams.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// The Delta ADS server: a cache of encoded resources and the streams that
 /// serve it. Cheap to clone (all clones share one state).
@@ -82,22 +55,8 @@ impl XdsServer {
         registry: &mut Registry,
         options: XdsOptions,
     ) -> Self {
-        let limits = Limits {
-            max_names_per_request: options.max_names_per_request,
-            max_name_len: options.max_name_len,
-            max_subscriptions: options.max_subscriptions,
-        };
         Self {
-            shared: Arc::new(Shared {
-                cache: RwLock::new(Cache::new(options.change_log_capacity)),
-                published: watch::channel(0).0,
-                metrics: XdsMetrics::register(registry),
-                options,
-                limits,
-                auth,
-                streams: Mutex::new(BTreeMap::new()),
-                next_stream: AtomicU64::new(1),
-            }),
+            shared: Arc::new(Shared::new(auth, registry, options)),
         }
     }
 
@@ -132,7 +91,7 @@ impl XdsServer {
         }
         self.shared.metrics.encoded(encodings);
         let generation = {
-            let mut cache = self.shared.cache.write().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.shared.write_cache();
             let mut changed = false;
             for (kind, name, encoded) in changes {
                 changed |= cache.apply(kind, name, encoded);

@@ -12,8 +12,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::Peer;
-use super::delta::shorten;
 use super::resource::Kind;
+use super::shorten;
 
 const MAX_CLIENT_TEXT: usize = 256;
 

@@ -35,9 +35,10 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::codec::Outbound;
-use super::delta::{self, Ack, Handled, TypeState, shorten};
+use super::delta::{self, Ack, Handled, TypeState};
 use super::resource::Kind;
-use super::server::Shared;
+use super::shared::Shared;
+use super::shorten;
 use super::status::StreamStatus;
 
 /// How long we try to deliver a terminal error status to a client that is

@@ -1,0 +1,70 @@
+//! The state the server handle, the gRPC service and every stream task
+//! share. It sits below both `server` (which creates it and opens streams)
+//! and `stream` (which serves one), so the two do not import each other for
+//! it: `server` starts `stream`, and `stream` knows nothing of `server`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use super::cache::Cache;
+use super::delta::Limits;
+use super::metrics::XdsMetrics;
+use super::status::StreamStatus;
+use super::{StreamAuthenticator, XdsOptions};
+
+/// State shared by the server handle, the gRPC service and every stream.
+pub(crate) struct Shared {
+    cache: RwLock<Cache>,
+    /// The cache generation after the latest change; streams watch it.
+    pub published: watch::Sender<u64>,
+    pub metrics: XdsMetrics,
+    pub options: XdsOptions,
+    pub limits: Limits,
+    pub auth: Arc<dyn StreamAuthenticator>,
+    streams: Mutex<BTreeMap<u64, Arc<StreamStatus>>>,
+    pub next_stream: AtomicU64,
+}
+
+impl Shared {
+    /// Registers the server's metrics in `registry`.
+    pub(crate) fn new(
+        auth: Arc<dyn StreamAuthenticator>,
+        registry: &mut Registry,
+        options: XdsOptions,
+    ) -> Self {
+        let limits = Limits {
+            max_names_per_request: options.max_names_per_request,
+            max_name_len: options.max_name_len,
+            max_subscriptions: options.max_subscriptions,
+        };
+        Self {
+            cache: RwLock::new(Cache::new(options.change_log_capacity)),
+            published: watch::channel(0).0,
+            metrics: XdsMetrics::register(registry),
+            options,
+            limits,
+            auth,
+            streams: Mutex::new(BTreeMap::new()),
+            next_stream: AtomicU64::new(1),
+        }
+    }
+
+    /// Read access to the cache. Keep it short: never across an await.
+    pub(crate) fn read_cache(&self) -> RwLockReadGuard<'_, Cache> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Write access to the cache, for `XdsServer::update` only.
+    pub(crate) fn write_cache(&self) -> RwLockWriteGuard<'_, Cache> {
+        self.cache.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open streams, by id.
+    pub(crate) fn streams(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<StreamStatus>>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
