@@ -18,11 +18,11 @@ use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use parking_lot::{Mutex, MutexGuard};
 
 /// What exists and must be removed, in the order it is removed.
 struct Registry {
@@ -65,8 +65,8 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-fn registry() -> std::sync::MutexGuard<'static, Registry> {
-    REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
+fn registry() -> MutexGuard<'static, Registry> {
+    REGISTRY.lock()
 }
 
 /// Removes everything the lab created when dropped.
@@ -104,7 +104,7 @@ pub async fn cleanup_on_signal() {
 /// Stops every child and removes every namespace, link and directory
 /// recorded. Idempotent.
 pub fn cleanup() {
-    let _cleaning = CLEANING.lock().unwrap_or_else(|p| p.into_inner());
+    let _cleaning = CLEANING.lock();
     CLOSING.store(true, Ordering::SeqCst);
     let mut taken = std::mem::replace(&mut *registry(), Registry::new());
     for pid in &taken.running {

@@ -13,7 +13,7 @@
 //! anyway from its spec and labels.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use meshbox_proto::capture::capture_status_service_server::{
     CaptureStatusService, CaptureStatusServiceServer,
@@ -25,6 +25,7 @@ use meshbox_proto::capture::{
     CaptureReport, CaptureReportResponse, EnrollmentRequest, EnrollmentResponse,
 };
 use meshbox_proto::istio::workload::address;
+use parking_lot::Mutex;
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -72,11 +73,7 @@ pub struct CaptureReports {
 
 impl CaptureReports {
     pub fn get(&self, node: &str) -> Option<NodeCaptureView> {
-        self.by_node
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node)
-            .cloned()
+        self.by_node.lock().get(node).cloned()
     }
 
     /// Keeps `report` as `node`'s state, minus pods the model does not
@@ -128,10 +125,7 @@ impl CaptureReports {
             pending: pods.iter().filter(|p| p.state == "pending").count(),
             pods,
         };
-        self.by_node
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_owned(), view);
+        self.by_node.lock().insert(node.to_owned(), view);
         Ok((accepted as u32, (total - accepted) as u32))
     }
 }

@@ -4,11 +4,12 @@
 //! node check, the xDS server) take a short read lock and copy out what they
 //! need. No lock is ever held across I/O.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use meshbox_certs::SpiffeId;
 use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::Address;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -32,7 +33,7 @@ pub struct MeshStore {
     source_errors: RwLock<Vec<ManifestError>>,
     /// Every non-empty change, in order, to each subscriber (the xDS
     /// server). Sent under the write lock, so order matches the model's.
-    subscribers: std::sync::Mutex<Vec<mpsc::UnboundedSender<Arc<Changes>>>>,
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<Arc<Changes>>>>,
 }
 
 /// Every served resource at one instant.
@@ -46,7 +47,7 @@ impl MeshStore {
         Arc::new(Self {
             index: RwLock::new(MeshIndex::new(config)),
             source_errors: RwLock::new(Vec::new()),
-            subscribers: std::sync::Mutex::new(Vec::new()),
+            subscribers: Mutex::new(Vec::new()),
         })
     }
 
@@ -68,10 +69,10 @@ impl MeshStore {
     }
 
     fn write(&self, f: impl FnOnce(&mut MeshIndex) -> Changes) -> Arc<Changes> {
-        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut index = self.index.write();
         let changes = Arc::new(f(&mut index));
         if !changes.is_empty() {
-            let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut subscribers = self.subscribers.lock();
             subscribers.retain(|tx| tx.send(changes.clone()).is_ok());
         }
         changes
@@ -79,7 +80,7 @@ impl MeshStore {
 
     /// Runs `f` under a read lock; keep it short and free of I/O.
     pub fn read<R>(&self, f: impl FnOnce(&MeshIndex) -> R) -> R {
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let index = self.index.read();
         f(&index)
     }
 
@@ -87,7 +88,7 @@ impl MeshStore {
     /// missed or repeated in between.
     pub fn snapshot_and_subscribe(&self) -> (Snapshot, mpsc::UnboundedReceiver<Arc<Changes>>) {
         // The write lock keeps writers out between the copy and the subscription.
-        let index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let index = self.index.write();
         let snapshot = Snapshot {
             addresses: index
                 .addresses()
@@ -99,26 +100,17 @@ impl MeshStore {
                 .collect(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(tx);
+        self.subscribers.lock().push(tx);
         drop(index);
         (snapshot, rx)
     }
 
     pub fn set_source_errors(&self, errors: Vec<ManifestError>) {
-        *self
-            .source_errors
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = errors;
+        *self.source_errors.write() = errors;
     }
 
     pub fn source_errors(&self) -> Vec<ManifestError> {
-        self.source_errors
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.source_errors.read().clone()
     }
 }
 

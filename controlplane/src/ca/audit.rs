@@ -1,7 +1,7 @@
 //! A bounded, in-memory record of recent issuances for `GET /api/v1/certificates`.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -39,7 +39,7 @@ impl AuditLog {
     }
 
     pub fn record(&self, entry: AuditEntry) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.entries.lock();
         if entries.len() == self.capacity {
             entries.pop_front();
         }
@@ -48,12 +48,12 @@ impl AuditLog {
 
     /// Newest first.
     pub fn recent(&self, limit: usize) -> Vec<AuditEntry> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = self.entries.lock();
         entries.iter().rev().take(limit).cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.entries.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -4,9 +4,10 @@
 //! it: `server` starts `stream`, and `stream` knows nothing of `server`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -55,16 +56,16 @@ impl Shared {
 
     /// Read access to the cache. Keep it short: never across an await.
     pub(crate) fn read_cache(&self) -> RwLockReadGuard<'_, Cache> {
-        self.cache.read().unwrap_or_else(|p| p.into_inner())
+        self.cache.read()
     }
 
     /// Write access to the cache, for `XdsServer::update` only.
     pub(crate) fn write_cache(&self) -> RwLockWriteGuard<'_, Cache> {
-        self.cache.write().unwrap_or_else(|p| p.into_inner())
+        self.cache.write()
     }
 
     /// The open streams, by id.
     pub(crate) fn streams(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<StreamStatus>>> {
-        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+        self.streams.lock()
     }
 }

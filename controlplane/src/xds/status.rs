@@ -5,8 +5,7 @@
 //! summaries without ever waiting on a stream. Client-supplied text (node
 //! id, NODE_NAME, NACK messages) is length-limited before it is stored.
 
-use std::sync::Mutex;
-
+use parking_lot::{Mutex, MutexGuard};
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -90,8 +89,8 @@ impl StreamStatus {
         }
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    fn live(&self) -> MutexGuard<'_, Live> {
+        self.live.lock()
     }
 
     pub(crate) fn record_node(&self, node_id: &str, node_name: Option<&str>) {
