@@ -6,8 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshbox_controlplane::auth::local::LocalTokens;
-use meshbox_controlplane::ca::parse_ttl;
-use meshbox_controlplane::run::{RunConfig, run};
+use meshbox_controlplane::run::{LogFormat, RunConfig, run};
 
 #[derive(Parser)]
 #[command(name = "controlplane", version, about = "The meshbox control plane")]
@@ -37,8 +36,8 @@ struct TokenArgs {
     /// A token for a node proxy: it may get certificates for pods on this node.
     #[arg(long, group = "subject")]
     node: Option<String>,
-    /// How long the token is valid (s, m, h or d).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    /// How long the token is valid (e.g. 90m, 24h, 7d).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     ttl: Duration,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
@@ -49,15 +48,11 @@ struct TokenArgs {
     out: Option<PathBuf>,
 }
 
-fn parse_duration(raw: &str) -> Result<Duration, String> {
-    parse_ttl(raw)
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(config) => {
-            init_tracing(&config.log_format);
+            init_tracing(config.log_format);
             meshbox_certs::install_crypto_provider();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -106,16 +101,15 @@ fn write_secret(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn init_tracing(format: &str) {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
 }

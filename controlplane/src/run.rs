@@ -17,7 +17,7 @@ use crate::auth::Caller;
 use crate::auth::local::LocalTokens;
 use crate::auth::token_review::TokenReviewer;
 use crate::ca::grpc::CaGrpc;
-use crate::ca::{CertificateIssuer, NodeRoster, RateLimit, parse_ttl};
+use crate::ca::{CertificateIssuer, NodeRoster, RateLimit};
 use crate::capture::{CaptureGrpc, CaptureReports, EnrollmentGrpc};
 use crate::cluster;
 use crate::metrics::Metrics;
@@ -27,8 +27,14 @@ use crate::source::{self, manifests::ManifestFolder};
 use crate::store::MeshStore;
 use crate::xds::{Peer, StreamAuthenticator, XdsOptions, XdsServer};
 
-fn duration(raw: &str) -> Result<Duration, String> {
-    parse_ttl(raw)
+/// How log lines are written (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -59,13 +65,13 @@ pub struct RunConfig {
     #[arg(long = "server-san")]
     pub server_sans: Vec<String>,
     /// Lifetime of a workload certificate when the request names none.
-    #[arg(long, default_value = "24h", value_parser = duration)]
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub default_cert_ttl: Duration,
     /// Longest workload certificate lifetime; longer requests are capped.
-    #[arg(long, default_value = "24h", value_parser = duration)]
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_cert_ttl: Duration,
     /// Lifetime of the control plane's own serving certificate (renewed at half).
-    #[arg(long, default_value = "24h", value_parser = duration)]
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub serving_cert_ttl: Duration,
     /// Certificate requests per second allowed to one caller.
     #[arg(long, default_value_t = 100)]
@@ -101,9 +107,17 @@ pub struct RunConfig {
     /// Namespace whose selector-less AuthorizationPolicies apply mesh-wide.
     #[arg(long, default_value = "istio-system")]
     pub root_namespace: String,
-    /// `text` or `json` logs.
-    #[arg(long, default_value = "text")]
-    pub log_format: String,
+    /// How log lines are written.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Where the mesh model's input comes from, decided once at start-up.
+enum Source {
+    /// Standalone: a folder of Kubernetes YAML (`--config-dir`).
+    Folder(PathBuf),
+    /// A Kubernetes API server, reachable.
+    Kubernetes(kube::Client),
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -112,14 +126,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         bail!("--max-cert-ttl and --default-cert-ttl must be positive");
     }
 
-    let kube_client = match &config.config_dir {
+    let source = match &config.config_dir {
         Some(dir) => {
             if !dir.is_dir() {
                 bail!("--config-dir {}: not a directory", dir.display());
             }
-            None
+            Source::Folder(dir.clone())
         }
-        None => Some(connect_to_cluster().await?),
+        None => Source::Kubernetes(connect_to_cluster().await?),
     };
 
     let policy = CaPolicy {
@@ -131,21 +145,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .cacerts_dir
         .clone()
         .unwrap_or_else(|| config.state_dir.join("cacerts"));
-    let ca = Arc::new(match &kube_client {
-        None => CertificateAuthority::load_or_create(&config.state_dir, Some(&cacerts), policy)
-            .context("loading the CA")?,
-        Some(client) => cluster::load_or_create_ca(client.clone(), &config.namespace, policy)
-            .await
-            .context("loading the CA from the cluster")?,
+    let ca = Arc::new(match &source {
+        Source::Folder(_) => {
+            CertificateAuthority::load_or_create(&config.state_dir, Some(&cacerts), policy)
+                .context("loading the CA")?
+        }
+        Source::Kubernetes(client) => {
+            cluster::load_or_create_ca(client.clone(), &config.namespace, policy)
+                .await
+                .context("loading the CA from the cluster")?
+        }
     });
     tracing::info!(source = ?ca.source(), trust_domain = %config.trust_domain, "CA ready");
 
-    let auth = Arc::new(match &kube_client {
-        None => Authenticator::Local(
+    let auth = Arc::new(match &source {
+        Source::Folder(_) => Authenticator::Local(
             LocalTokens::load_or_create(&config.state_dir, &config.trust_domain)
                 .context("loading the token signing key")?,
         ),
-        Some(client) => Authenticator::Kubernetes(Box::new(TokenReviewer::new(
+        Source::Kubernetes(client) => Authenticator::Kubernetes(Box::new(TokenReviewer::new(
             client.clone(),
             &config.trust_domain,
             config.token_audiences.clone(),
@@ -158,14 +176,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         trust_domain: config.trust_domain.clone(),
         cluster_domain: config.cluster_domain.clone(),
         root_namespace: config.root_namespace.clone(),
-        network: String::new(),
     });
     let ready = Arc::new(AtomicBool::new(false));
-    match (&config.config_dir, &kube_client) {
-        (Some(dir), _) => {
+    match &source {
+        Source::Folder(dir) => {
             source::run_manifests(ManifestFolder::new(dir), store.clone(), ready.clone()).await?;
         }
-        (None, Some(client)) => {
+        Source::Kubernetes(client) => {
             let sync = source::kubernetes::start(client.clone(), store.clone());
             let ready = ready.clone();
             tokio::spawn(async move {
@@ -179,7 +196,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 config.namespace.clone(),
             );
         }
-        (None, None) => unreachable!("Kubernetes mode always has a client"),
     }
     let roster: Arc<dyn NodeRoster> = store.clone();
     let mut xds = None;
@@ -361,4 +377,74 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        config: RunConfig,
+    }
+
+    fn parse(extra: &[&str]) -> Result<RunConfig, clap::Error> {
+        let mut args = vec!["controlplane", "--state-dir", "/nonexistent"];
+        args.extend(extra);
+        Args::try_parse_from(args).map(|a| a.config)
+    }
+
+    /// Every duration flag takes humantime's syntax, like the dataplane's.
+    #[test]
+    fn duration_flags_parse_with_humantime() {
+        for (raw, secs) in [
+            ("3600s", 3600),
+            ("90m", 5400),
+            ("24h", 86400),
+            ("7d", 7 * 86400),
+            ("0s", 0),
+        ] {
+            let config = parse(&[
+                "--default-cert-ttl",
+                raw,
+                "--max-cert-ttl",
+                raw,
+                "--serving-cert-ttl",
+                raw,
+            ])
+            .unwrap();
+            let want = Duration::from_secs(secs);
+            assert_eq!(
+                (
+                    config.default_cert_ttl,
+                    config.max_cert_ttl,
+                    config.serving_cert_ttl
+                ),
+                (want, want, want),
+                "{raw}"
+            );
+        }
+        // A bare number has no unit (ca::parse_ttl read it as seconds).
+        for bad in ["-1s", "", "10x", "s", "3600", "99999999999999999999d"] {
+            assert!(parse(&["--max-cert-ttl", bad]).is_err(), "{bad}");
+        }
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.max_cert_ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(parse(&[]).unwrap().log_format, LogFormat::Text);
+        assert_eq!(
+            parse(&["--log-format", "json"]).unwrap().log_format,
+            LogFormat::Json
+        );
+        assert_eq!(
+            parse(&["--log-format", "text"]).unwrap().log_format,
+            LogFormat::Text
+        );
+        assert!(parse(&["--log-format", "jsno"]).is_err());
+    }
 }

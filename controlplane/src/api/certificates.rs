@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState};
-use crate::ca::{IssueRequest, MAX_CSR_BYTES, parse_ttl};
+use crate::ca::{IssueRequest, MAX_CSR_BYTES};
 
 const PEM_CONTENT_TYPE: &str = "application/x-pem-file";
 /// Most audit entries one response returns.
@@ -63,7 +63,10 @@ pub async fn issue(
     let ttl = params
         .ttl
         .as_deref()
-        .map(parse_ttl)
+        .map(|raw| {
+            humantime::parse_duration(raw.trim())
+                .map_err(|e| format!("invalid ttl {raw:?}: {e}; e.g. ?ttl=3600s"))
+        })
         .transpose()
         .map_err(ApiError::bad_request)?;
     if ttl.is_some_and(|t| t.is_zero()) {

@@ -59,8 +59,6 @@ pub struct MeshConfig {
     pub cluster_domain: String,
     /// Namespace whose selector-less policies apply to the whole mesh.
     pub root_namespace: String,
-    /// Network name stamped on workloads and addresses.
-    pub network: String,
 }
 
 impl Default for MeshConfig {
@@ -70,7 +68,6 @@ impl Default for MeshConfig {
             trust_domain: "cluster.local".to_string(),
             cluster_domain: "cluster.local".to_string(),
             root_namespace: "istio-system".to_string(),
-            network: String::new(),
         }
     }
 }

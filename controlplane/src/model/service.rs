@@ -391,7 +391,7 @@ impl MeshIndex {
                 .vips
                 .iter()
                 .map(|ip| NetworkAddress {
-                    network: self.config.network.clone(),
+                    network: String::new(),
                     address: ip_bytes(*ip),
                     length: None,
                 })

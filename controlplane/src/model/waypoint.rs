@@ -287,7 +287,7 @@ impl MeshIndex {
                     }
                     "IPAddress" => match value.parse::<std::net::IpAddr>() {
                         Ok(ip) => Some(gateway_address::Destination::Address(NetworkAddress {
-                            network: self.config.network.clone(),
+                            network: String::new(),
                             address: super::ip_bytes(ip),
                             length: None,
                         })),

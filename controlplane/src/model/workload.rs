@@ -285,7 +285,6 @@ impl MeshIndex {
             name: key.name.clone(),
             namespace: key.ns.clone(),
             addresses: pod.ips.iter().map(|ip| ip_bytes(*ip)).collect(),
-            network: self.config.network.clone(),
             tunnel_protocol: if pod.enrolled(ns_labels) {
                 TunnelProtocol::Hbone
             } else {

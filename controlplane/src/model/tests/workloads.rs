@@ -59,13 +59,12 @@ fn enrolled_pod_has_every_field() {
 }
 
 #[test]
-fn mesh_config_shapes_uid_identity_and_network() {
+fn mesh_config_shapes_uid_and_identity() {
     let mut idx = MeshIndex::new(MeshConfig {
         cluster_id: "east".into(),
         trust_domain: "example.org".into(),
         cluster_domain: "corp.local".into(),
         root_namespace: "mesh-root".into(),
-        network: "net1".into(),
     });
     idx.apply(service("ns", "svc", "10.96.0.1", json!({"app": "a"})));
     idx.apply(pod("ns", "p", "10.0.0.1", json!({"app": "a"})));
@@ -79,7 +78,8 @@ fn mesh_config_shapes_uid_identity_and_network() {
             w.trust_domain.as_str(),
             w.network.as_str()
         ),
-        ("east", "example.org", "net1")
+        // The default network: meshbox serves one network only.
+        ("east", "example.org", "")
     );
     assert_eq!(
         w.services.keys().collect::<Vec<_>>(),
