@@ -55,7 +55,7 @@ impl SpiffeId {
         validate_trust_domain(trust_domain)?;
         validate_segment("namespace", namespace)?;
         validate_segment("service account", service_account)?;
-        let uri = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
+        let uri = uri(trust_domain, namespace, service_account);
         let trust_domain_end = TRUST_DOMAIN_START + trust_domain.len();
         let namespace_end = trust_domain_end + "/ns/".len() + namespace.len();
         // The validated lengths (at most 255 + 253 + 253 and the separators)
@@ -180,6 +180,27 @@ fn validate_segment(what: &'static str, value: &str) -> Result<(), SpiffeIdError
     }
 }
 
+/// `spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}`, not
+/// validated: the one place the URI's shape is written. For showing parts
+/// that may not make a valid identity (the REST API shows what a manifest
+/// says); anything held or compared is a [`SpiffeId`]. Built in one
+/// allocation: the control plane makes one per pod.
+pub fn uri(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    let parts = [
+        "spiffe://",
+        trust_domain,
+        "/ns/",
+        namespace,
+        "/sa/",
+        service_account,
+    ];
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        out.push_str(part);
+    }
+    out
+}
+
 /// Validates a trust domain name given on its own (flags, config).
 pub fn check_trust_domain(td: &str) -> Result<(), SpiffeIdError> {
     validate_trust_domain(td)
@@ -225,6 +246,16 @@ mod tests {
             SpiffeId::new("td", "ns", "sa").unwrap(),
             SpiffeId::new("td", "ns", "sb").unwrap()
         );
+    }
+
+    #[test]
+    fn uri_is_the_display_form() {
+        assert_eq!(
+            uri("td", "ns", "sa"),
+            SpiffeId::new("td", "ns", "sa").unwrap().to_string()
+        );
+        // Unvalidated: what it is given, in the URI's shape.
+        assert_eq!(uri("td", "a b", ""), "spiffe://td/ns/a b/sa/");
     }
 
     #[test]

@@ -116,7 +116,6 @@ impl MeshStore {
 
 impl NodeRoster for MeshStore {
     fn has_identity_on_node(&self, node: &str, identity: &SpiffeId) -> bool {
-        let identity = identity.to_string();
-        self.read(|index| index.has_identity_on_node(node, &identity))
+        self.read(|index| index.has_identity_on_node(node, identity))
     }
 }

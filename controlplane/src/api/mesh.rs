@@ -144,10 +144,9 @@ fn workload_view(w: &workload::Workload) -> WorkloadView {
         name: w.name.clone(),
         namespace: w.namespace.clone(),
         addresses: w.addresses.iter().map(|a| ip_of(a)).collect(),
-        identity: format!(
-            "spiffe://{}/ns/{}/sa/{}",
-            w.trust_domain, w.namespace, w.service_account
-        ),
+        // Shown as the workload's parts say, valid or not: the REST API
+        // reports, it does not judge.
+        identity: meshbox_certs::spiffe::uri(&w.trust_domain, &w.namespace, &w.service_account),
         service_account: w.service_account.clone(),
         node: w.node.clone(),
         protocol: workload::TunnelProtocol::try_from(w.tunnel_protocol)

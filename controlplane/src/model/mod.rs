@@ -34,6 +34,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use meshbox_certs::SpiffeId;
 use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::Address;
 use serde::Serialize;
@@ -360,8 +361,8 @@ pub struct MeshIndex {
     namespace_policies: HashMap<String, BTreeSet<String>>,
     pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
     services_by_vip: HashMap<IpAddr, BTreeSet<Key>>,
-    /// node → SPIFFE id → number of pods holding it there.
-    identities_by_node: HashMap<String, HashMap<String, usize>>,
+    /// node → identity → number of pods holding it there.
+    identities_by_node: HashMap<String, HashMap<SpiffeId, usize>>,
     slices_by_service: HashMap<Key, BTreeSet<Key>>,
     slices_by_pod: HashMap<Key, BTreeSet<Key>>,
     slices_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
@@ -546,14 +547,14 @@ impl MeshIndex {
         out.into_iter().collect()
     }
 
-    /// Whether a pod scheduled on `node` runs as `spiffe_id`. Every pod with
+    /// Whether a pod scheduled on `node` runs as `identity`. Every pod with
     /// a node counts, enrolled or not, until it has finished (phase
     /// Succeeded/Failed): a node proxy asks for a pod's certificate while
     /// the pod is still starting.
-    pub fn has_identity_on_node(&self, node: &str, spiffe_id: &str) -> bool {
+    pub fn has_identity_on_node(&self, node: &str, identity: &SpiffeId) -> bool {
         self.identities_by_node
             .get(node)
-            .is_some_and(|ids| ids.contains_key(spiffe_id))
+            .is_some_and(|ids| ids.contains_key(identity))
     }
 
     /// A pod's node and whether it is enrolled, known as soon as the pod is

@@ -24,6 +24,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use meshbox_certs::SpiffeId;
 use meshbox_proto::workload::{
     Address, NetworkMode, Port, PortList, TunnelProtocol, Workload, WorkloadStatus, WorkloadType,
     address,
@@ -55,8 +56,10 @@ pub(super) struct PodState {
     workload_type: WorkloadType,
     /// Container port names → numbers, to resolve named target ports.
     pub(super) named_ports: BTreeMap<String, u32>,
-    /// SPIFFE id the pod runs as.
-    identity: String,
+    /// The identity the pod runs as; `None` when its namespace or service
+    /// account cannot be part of a SPIFFE ID (only a hand-written manifest
+    /// can say so), and then no certificate can be asked for it either.
+    identity: Option<SpiffeId>,
     problems: Vec<String>,
 }
 
@@ -122,14 +125,7 @@ impl PodState {
             meta.owner_references.as_deref().unwrap_or_default(),
         );
         Self {
-            identity: super::concat(&[
-                "spiffe://",
-                &config.trust_domain,
-                "/ns/",
-                &key.ns,
-                "/sa/",
-                &service_account,
-            ]),
+            identity: SpiffeId::new(&config.trust_domain, &key.ns, &service_account).ok(),
             ips,
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             service_account,
@@ -158,10 +154,12 @@ impl PodState {
         self.running() && !self.ips.is_empty()
     }
 
-    /// Whether a node proxy on the pod's node may fetch its certificate.
-    fn holds_identity(&self) -> bool {
-        !self.node.is_empty()
-            && !matches!(self.phase.as_deref(), Some("Succeeded") | Some("Failed"))
+    /// The identity a node proxy on the pod's node may fetch a certificate
+    /// for, if any.
+    fn held_identity(&self) -> Option<&SpiffeId> {
+        let live = !self.node.is_empty()
+            && !matches!(self.phase.as_deref(), Some("Succeeded") | Some("Failed"));
+        self.identity.as_ref().filter(|_| live)
     }
 
     pub(super) fn enrolled(&self, ns_labels: Option<&Labels>) -> bool {
@@ -213,18 +211,12 @@ impl MeshIndex {
         for ip in &pod.ips {
             index_insert(&mut self.pods_by_ip, ip, key.clone());
         }
-        if pod.holds_identity() {
-            // Clone the node and identity only when they are new: many pods
-            // share both.
+        if let Some(identity) = pod.held_identity() {
+            // Clone the node only when it is new: many pods share it.
             match self.identities_by_node.get_mut(&pod.node) {
-                Some(ids) => match ids.get_mut(&pod.identity) {
-                    Some(n) => *n += 1,
-                    None => {
-                        ids.insert(pod.identity.clone(), 1);
-                    }
-                },
+                Some(ids) => *ids.entry(identity.clone()).or_insert(0) += 1,
                 None => {
-                    let ids = HashMap::from([(pod.identity.clone(), 1)]);
+                    let ids = HashMap::from([(identity.clone(), 1)]);
                     self.identities_by_node.insert(pod.node.clone(), ids);
                 }
             }
@@ -237,13 +229,13 @@ impl MeshIndex {
         for ip in &pod.ips {
             index_remove(&mut self.pods_by_ip, ip, key);
         }
-        if pod.holds_identity()
+        if let Some(identity) = pod.held_identity()
             && let Some(ids) = self.identities_by_node.get_mut(&pod.node)
         {
-            if let Some(n) = ids.get_mut(&pod.identity) {
+            if let Some(n) = ids.get_mut(identity) {
                 *n -= 1;
                 if *n == 0 {
-                    ids.remove(&pod.identity);
+                    ids.remove(identity);
                 }
             }
             if ids.is_empty() {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use meshbox_certs::SpiffeId;
 use serde_json::{Value, json};
 
 use super::*;
@@ -220,7 +221,7 @@ fn assert_same_as_fresh(idx: &MeshIndex, world: &BTreeMap<ObjectKey, Object>, co
     for node in NODES {
         for ns in NAMESPACES {
             for sa in ["sa0", "sa1"] {
-                let id = format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+                let id = SpiffeId::new("cluster.local", ns, sa).expect("identity");
                 assert_eq!(
                     idx.has_identity_on_node(node, &id),
                     fresh.has_identity_on_node(node, &id),

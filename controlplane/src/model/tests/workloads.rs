@@ -1,6 +1,7 @@
 //! Workloads: enrollment, fields, presence, ownership, and how pod and
 //! namespace changes reach exactly the affected workloads.
 
+use meshbox_certs::SpiffeId;
 use meshbox_proto::workload::{
     NetworkMode, TunnelProtocol, Workload, WorkloadStatus, WorkloadType,
 };
@@ -86,7 +87,10 @@ fn mesh_config_shapes_uid_and_identity() {
         vec!["ns/svc.ns.svc.corp.local"]
     );
     assert!(idx.address("ns/svc.ns.svc.corp.local").is_some());
-    assert!(idx.has_identity_on_node("node-a", "spiffe://example.org/ns/ns/sa/default"));
+    assert!(idx.has_identity_on_node(
+        "node-a",
+        &"spiffe://example.org/ns/ns/sa/default".parse().unwrap()
+    ));
 }
 
 #[test]
@@ -404,7 +408,9 @@ fn pod_ip_change_updates_only_that_workload_and_ip_lookup() {
 fn pod_moving_nodes_updates_node_and_identity() {
     let mut idx = index();
     idx.apply(pod("ns", "p", "10.0.0.1", json!({})));
-    let id = "spiffe://cluster.local/ns/ns/sa/default";
+    let id = &"spiffe://cluster.local/ns/ns/sa/default"
+        .parse::<SpiffeId>()
+        .unwrap();
     assert!(idx.has_identity_on_node("node-a", id));
 
     let moved = set(
@@ -522,7 +528,7 @@ fn identity_on_node_counts_every_live_scheduled_pod() {
             with("plain", "node-e", "plain", "Running", Some("10.0.0.6")),
         ],
     );
-    let id = |sa: &str| format!("spiffe://cluster.local/ns/ns/sa/{sa}");
+    let id = |sa: &str| SpiffeId::new("cluster.local", "ns", sa).unwrap();
     let cases = [
         ("node-a", "web", true),
         ("node-b", "web", false),
@@ -540,7 +546,10 @@ fn identity_on_node_counts_every_live_scheduled_pod() {
     idx.delete(ObjectKey::pod("ns", "twin-2"));
     assert!(!idx.has_identity_on_node("node-d", &id("twin")));
     // Another trust domain is another identity.
-    assert!(!idx.has_identity_on_node("node-a", "spiffe://other.domain/ns/ns/sa/web"));
+    assert!(!idx.has_identity_on_node(
+        "node-a",
+        &"spiffe://other.domain/ns/ns/sa/web".parse().unwrap()
+    ));
 }
 
 #[test]
