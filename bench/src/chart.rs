@@ -291,16 +291,8 @@ mod tests {
 
     #[test]
     fn renders_lines_and_bars_to_svg() {
-        struct Dir(std::path::PathBuf);
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let guard =
-            Dir(std::env::temp_dir().join(format!("meshbox-chart-test-{}", std::process::id())));
-        let dir = guard.0.clone();
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let line = Chart::lines(
             "l.svg",
             "cost vs pods",
@@ -328,8 +320,8 @@ mod tests {
             ],
             Some(100.0),
         );
-        render(&dir, &line).unwrap();
-        render(&dir, &bar).unwrap();
+        render(dir, &line).unwrap();
+        render(dir, &bar).unwrap();
         let svg = std::fs::read_to_string(dir.join("l.svg")).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("cost vs pods"));
         let svg = std::fs::read_to_string(dir.join("b.svg")).unwrap();

@@ -11,7 +11,6 @@
 //! binary: `cargo test --workspace` builds them; alone, run
 //! `cargo build --workspace` first.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -39,29 +38,24 @@ const EXPECTED_CHECKS: &[&str] = &[
 /// Parts that run anywhere; the others need root and tools.
 const EVERYWHERE: &[&str] = &["model", "xds"];
 
-struct OutDir(PathBuf);
-
-impl Drop for OutDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn quick_mode_holds_every_regression_check() {
-    let out =
-        OutDir(std::env::temp_dir().join(format!("meshbox-bench-quick-{}", std::process::id())));
+    let tmp = tempfile::Builder::new()
+        .prefix("meshbox-bench-quick-")
+        .tempdir()
+        .expect("a temporary directory");
+    let out = tmp.path();
     let started = Instant::now();
     let run = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(["all", "--quick", "--out"])
-        .arg(&out.0)
+        .arg(out)
         .env("RUST_BACKTRACE", "1")
         .output()
         .expect("bench runs");
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&run.stderr);
     let report: Value = serde_json::from_slice(
-        &std::fs::read(out.0.join("report.json"))
+        &std::fs::read(out.join("report.json"))
             .unwrap_or_else(|e| panic!("no report.json ({e}); bench said:\n{stderr}")),
     )
     .expect("report.json is JSON");
@@ -83,7 +77,7 @@ fn quick_mode_holds_every_regression_check() {
                 );
                 for chart in s["charts"].as_array().into_iter().flatten() {
                     let file = chart["file"].as_str().unwrap_or_default();
-                    let svg = std::fs::read_to_string(out.0.join(file)).unwrap_or_default();
+                    let svg = std::fs::read_to_string(out.join(file)).unwrap_or_default();
                     assert!(svg.starts_with("<svg"), "{id}: chart {file} missing");
                 }
             }

@@ -612,8 +612,8 @@ mod tests {
 
     #[test]
     fn root_persists_across_restarts() {
-        let dir = std::env::temp_dir().join(format!("meshbox-ca-test-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
         let first = CertificateAuthority::load_or_create(&dir, None, policy()).unwrap();
         let second = CertificateAuthority::load_or_create(&dir, None, policy()).unwrap();
         assert_eq!(first.roots(), second.roots());
@@ -626,7 +626,6 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o077, 0, "root key must not be readable by others");
         }
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Writes an Istio-style cacerts folder: root -> intermediate.
@@ -654,8 +653,8 @@ mod tests {
 
     #[test]
     fn plugged_cacerts_sign_through_the_intermediate() {
-        let dir = std::env::temp_dir().join(format!("meshbox-cacerts-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cacerts");
         write_cacerts(&dir);
         let ca = CertificateAuthority::from_cacerts(&dir, policy()).unwrap();
         assert_eq!(ca.source(), CaSource::Plugged);
@@ -680,6 +679,5 @@ mod tests {
         fs::write(dir.join(CA_KEY_FILE), other.serialize_pem()).unwrap();
         let err = CertificateAuthority::from_cacerts(&dir, policy()).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -31,7 +31,7 @@ fn curl_and_openssl_get_a_valid_spiffe_certificate() {
         return;
     }
     let cp = ControlPlane::start(&[], &[]);
-    let dir = TempDir::new("curl");
+    let dir = temp_dir("curl");
     let token = cp.token_for_identity(WEB);
     let csr = openssl_csr(dir.path(), "web", EC, &format!("URI:{WEB}"));
 
@@ -103,7 +103,7 @@ fn bad_requests_get_clear_errors_and_nothing_is_issued() {
         return;
     }
     let cp = ControlPlane::start(&[], &["--ca-rate-limit", "1000", "--ca-rate-burst", "1000"]);
-    let dir = TempDir::new("bad");
+    let dir = temp_dir("bad");
     let token = cp.token_for_identity(WEB);
     let write = |name: &str, body: &[u8]| {
         let path = dir.path().join(name);
@@ -273,7 +273,7 @@ fn bad_requests_get_clear_errors_and_nothing_is_issued() {
     assert_eq!(status, 401, "{body}");
     let (status, _) = post_csr(&cp, Some("not-a-jwt"), &good, "");
     assert_eq!(status, 401);
-    let other = TempDir::new("other-state");
+    let other = temp_dir("other-state");
     let forged = support::token(other.path(), &["--identity", WEB]);
     let (status, body) = post_csr(&cp, Some(&forged), &good, "");
     assert_eq!(status, 401, "{body}");
@@ -321,7 +321,7 @@ fn one_caller_is_rate_limited_without_starving_others() {
         return;
     }
     let cp = ControlPlane::start(&[], &["--ca-rate-limit", "1", "--ca-rate-burst", "3"]);
-    let dir = TempDir::new("rate");
+    let dir = temp_dir("rate");
     let token = cp.token_for_identity(WEB);
     let csr = openssl_csr(dir.path(), "web", EC, &format!("URI:{WEB}"));
     // Send until refused instead of betting that six requests fit in one
@@ -365,7 +365,7 @@ fn the_root_survives_a_restart() {
     let (_, served) = curl(&cp, &[], "/api/v1/ca/root");
     assert_eq!(served, before);
     // Tokens minted before the restart still work.
-    let dir = TempDir::new("restart");
+    let dir = temp_dir("restart");
     let csr = openssl_csr(dir.path(), "web", EC, &format!("URI:{WEB}"));
     assert_eq!(post_csr(&cp, Some(&token), &csr, "").0, 200);
 }

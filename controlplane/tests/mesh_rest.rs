@@ -186,7 +186,7 @@ fn edits_to_the_folder_are_served_and_broken_files_keep_the_last_good_state() {
 
 #[test]
 fn run_without_a_cluster_or_folder_says_how_to_run_standalone() {
-    let state = TempDir::new("nocluster");
+    let state = temp_dir("nocluster");
     let out = std::process::Command::new(BIN)
         .args(["run", "--state-dir"])
         .arg(state.path())

@@ -161,16 +161,17 @@ mod tests {
         LocalTokens::load_or_create(dir, "cluster.local").unwrap()
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("meshbox-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+    fn temp_dir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("meshbox-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn minted_tokens_verify_to_their_caller() {
         let dir = temp_dir("tokens-ok");
-        let t = tokens(&dir);
+        let t = tokens(dir.path());
         let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let tok = t.mint_for_identity(&id, Duration::from_secs(60)).unwrap();
         assert_eq!(t.verify(&tok).unwrap(), Caller::Workload(id));
@@ -184,14 +185,13 @@ mod tests {
             }
         );
         // The key survives a restart: a token from before still verifies.
-        assert!(tokens(&dir).verify(&tok).is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(tokens(dir.path()).verify(&tok).is_ok());
     }
 
     #[test]
     fn refuses_expired_forged_and_garbage_tokens() {
         let dir = temp_dir("tokens-bad");
-        let t = tokens(&dir);
+        let t = tokens(dir.path());
         let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let expired = t
             .mint(id.to_string(), Duration::ZERO)
@@ -210,7 +210,7 @@ mod tests {
         assert!(matches!(t.verify(&expired), Err(AuthError::Expired)));
 
         let other_dir = temp_dir("tokens-other");
-        let forged = tokens(&other_dir)
+        let forged = tokens(other_dir.path())
             .mint_for_identity(&id, Duration::from_secs(60))
             .unwrap();
         assert!(matches!(t.verify(&forged), Err(AuthError::Invalid)));
@@ -221,7 +221,5 @@ mod tests {
             "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0" // {"alg":"none","typ":"JWT"}
         );
         assert!(t.verify(&unsigned).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
-        std::fs::remove_dir_all(&other_dir).unwrap();
     }
 }

@@ -300,9 +300,11 @@ items:
 
     #[test]
     fn a_broken_file_keeps_its_last_good_objects() {
-        let dir = std::env::temp_dir().join(format!("meshbox-manifests-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("meshbox-manifests-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_owned();
         let file = dir.join("ns.yaml");
         std::fs::write(
             &file,

@@ -12,29 +12,14 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_controlplane");
 
-/// A fresh temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("meshbox-test-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh temporary directory, removed on drop; `name` shows in its path.
+pub fn temp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("meshbox-test-{name}-"))
+        .tempdir()
+        .expect("a temporary directory")
 }
 
 /// Whether a command-line tool the tests need is installed. In CI a missing
@@ -73,7 +58,7 @@ impl ControlPlane {
     /// Starts with the manifest folder `config` (written from `manifests`) and
     /// the extra flags `args`.
     pub fn start(manifests: &[(&str, &str)], args: &[&str]) -> Self {
-        let dir = Arc::new(TempDir::new("cp"));
+        let dir = Arc::new(temp_dir("cp"));
         let config = dir.path().join("config");
         std::fs::create_dir_all(&config).unwrap();
         for (name, body) in manifests {
