@@ -426,7 +426,7 @@ mod tests {
                 "{raw}"
             );
         }
-        // A bare number has no unit (ca::parse_ttl read it as seconds).
+        // A number needs its unit (a bare one used to mean seconds).
         for bad in ["-1s", "", "10x", "s", "3600", "99999999999999999999d"] {
             assert!(parse(&["--max-cert-ttl", bad]).is_err(), "{bad}");
         }
