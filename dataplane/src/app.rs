@@ -215,11 +215,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
     }
     if let (Some(agent), Some(path)) = (&agent, &config.cni_socket) {
-        let listener = crate::cni::listen(path)
+        let listener = meshbox_cni::listen(path)
             .with_context(|| format!("opening the CNI socket {}", path.display()))?;
         info!(socket = %path.display(), "serving the CNI plugin");
         let agent = agent.clone();
-        tokio::spawn(crate::cni::serve(listener, move |req| {
+        tokio::spawn(meshbox_cni::serve(listener, move |req| {
             let agent = agent.clone();
             async move { agent.handle_cni(req).await }
         }));

@@ -26,7 +26,6 @@
 pub mod admin;
 pub mod app;
 pub mod authz;
-pub mod cni;
 pub mod config;
 pub mod identity;
 pub mod inpod;

@@ -28,9 +28,9 @@ use tracing::{info, warn};
 pub use enrollment::EnrollmentLookup;
 pub use netns::Netns;
 
-use crate::cni::{CaptureCommand, CaptureRequest, CaptureResponse};
 use crate::proxy::{Listeners, ProxyContext};
 use crate::state::Protocol;
+use meshbox_cni::{CaptureCommand, CaptureRequest, CaptureResponse};
 
 /// The listener addresses opened inside each pod.
 #[derive(Clone, Copy, Debug)]

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meshbox_dataplane::cni::{self, CaptureCommand, CaptureRequest, CaptureResponse};
+use meshbox_cni::{self as cni, CaptureCommand, CaptureRequest, CaptureResponse};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 

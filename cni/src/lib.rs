@@ -28,6 +28,12 @@
 //! [`serve`] is the agent's side of the socket, [`request`] the plugin's,
 //! [`plugin`] the CNI spec side (environment, stdin, results, errors), and
 //! [`install`] puts the plugin into a node's CNI configuration.
+//!
+//! A crate of its own, as Istio keeps istio-cni apart from ztunnel: the
+//! plugin binary is copied onto every node and linked statically, so it
+//! links nothing of the dataplane (no global allocator, no proxy). The
+//! dataplane depends on this library for the contract only: the types
+//! above and [`listen`]/[`serve`].
 
 pub mod install;
 pub mod plugin;

@@ -33,8 +33,8 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tracing::{info, warn};
 
-use super::DEFAULT_SOCKET;
-use super::plugin::SUPPORTED_VERSIONS;
+use crate::DEFAULT_SOCKET;
+use crate::plugin::SUPPORTED_VERSIONS;
 
 /// The plugin's `type`: the binary's name in the CNI bin directory.
 pub const PLUGIN_TYPE: &str = "meshbox-cni";
