@@ -20,6 +20,8 @@
 //!   listeners, the HBONE connection pool and socket options;
 //! - [`inpod`]: node mode's capture — rules and listeners inside each
 //!   enrolled pod's network namespace;
+//! - [`netns`]: network namespaces (open, run code inside, find by IP),
+//!   used by [`proxy`]'s sockets and by [`inpod`];
 //! - [`telemetry`]: access logs and Istio's `istio_tcp_*` metrics;
 //! - [`admin`]: `/config_dump`, `/metrics`, `/healthz/ready`.
 
@@ -30,6 +32,7 @@ pub mod config;
 pub mod identity;
 pub mod inpod;
 pub mod mesh;
+pub mod netns;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;

@@ -4,7 +4,7 @@
 //!
 //! The [`Agent`] keeps the set of captured pods equal to what the control
 //! plane says runs here enrolled (a local workload speaking HBONE): a pod's
-//! namespace is found by the IP it holds ([`netns::scan`]), or handed over
+//! namespace is found by the IP it holds ([`crate::netns::scan`]), or handed over
 //! by the CNI plugin. Rules first, then listeners; a pod counts as captured
 //! only when both are in place. When a pod leaves, its listeners close and
 //! its rules are removed; when the dataplane stops, the rules stay, so
@@ -12,7 +12,6 @@
 //! next start re-adopts the pods.
 
 pub mod enrollment;
-pub mod netns;
 pub mod report;
 pub mod rules;
 
@@ -26,11 +25,12 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 pub use enrollment::EnrollmentLookup;
-pub use netns::Netns;
 
 use crate::proxy::{Listeners, ProxyContext};
 use crate::state::Protocol;
 use meshbox_cni::{CaptureCommand, CaptureRequest, CaptureResponse};
+
+use crate::netns::Netns;
 
 /// The listener addresses opened inside each pod.
 #[derive(Clone, Copy, Debug)]
@@ -178,7 +178,7 @@ impl Agent {
             }
             *last = Some(Instant::now());
         }
-        let by_ip = tokio::task::spawn_blocking(netns::scan)
+        let by_ip = tokio::task::spawn_blocking(crate::netns::scan)
             .await
             .unwrap_or_default();
         for (uid, ips) in missing {

@@ -26,8 +26,9 @@ use super::relay::tcp_to_hbone;
 use super::socket::canonical;
 use super::tunnel::{self, HboneStream, ReadAhead};
 use super::{ProxyContext, error_text};
-use crate::authz::{ConnectionInfo, authorize};
+use crate::authz::authorize;
 use crate::identity::WorkloadCertificate;
+use crate::state::ConnectionInfo;
 use crate::telemetry::{Connection, Direction, Security};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -16,7 +16,8 @@ use tracing::{info, warn};
 use super::relay::tcp_to_tcp;
 use super::socket::canonical;
 use super::{ProxyContext, error_text};
-use crate::authz::{ConnectionInfo, authorize};
+use crate::authz::authorize;
+use crate::state::ConnectionInfo;
 use crate::telemetry::{Connection, Direction, Security};
 
 pub async fn handle(
