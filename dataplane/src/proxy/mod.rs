@@ -102,7 +102,7 @@ impl ProxyContext {
     /// workload it is dedicated to.
     pub fn is_local(&self, w: &Workload) -> bool {
         match &self.scope {
-            Scope::Node { node } => w.node == *node,
+            Scope::Node { node, .. } => w.node == *node,
             Scope::Workload {
                 namespace, name, ..
             } => w.namespace == *namespace && w.name == *name,
@@ -113,7 +113,7 @@ impl ProxyContext {
     pub fn local_workload(&self, state: &ProxyState, ip: IpAddr) -> Option<Arc<Workload>> {
         let network = self.mesh.network();
         match &self.scope {
-            Scope::Node { node } => state.local_workload(network, ip, node).cloned(),
+            Scope::Node { node, .. } => state.local_workload(network, ip, node).cloned(),
             Scope::Workload { .. } => state
                 .workload_by_ip(network, ip)
                 .filter(|w| self.is_local(w))
