@@ -359,26 +359,19 @@ mod tests {
         assert_eq!(resp, CaptureResponse::not_captured());
     }
 
-    struct TempSocket(std::path::PathBuf);
+    /// A socket path in a directory of its own, removed on drop.
+    struct TempSocket(tempfile::TempDir);
 
     impl TempSocket {
         fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "meshbox-cni-unit-{}-{tag}-{}",
-                std::process::id(),
-                rand::random::<u32>()
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("meshbox-cni-unit-{tag}-"))
+                .tempdir()
+                .unwrap();
             Self(dir)
         }
         fn path(&self) -> std::path::PathBuf {
-            self.0.join("cni.sock")
-        }
-    }
-
-    impl Drop for TempSocket {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            self.0.path().join("cni.sock")
         }
     }
 

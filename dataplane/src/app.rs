@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::{Capture, Config, Endpoint, Scope};
-use crate::identity::{CaClient, CertificateManager, TokenSource};
+use crate::identity::{CaClient, CertificateManager};
 use crate::inpod::{Agent, PodListeners};
 use crate::mesh::Mesh;
 use crate::proxy::pool::{Pool, PoolSettings};
@@ -81,10 +81,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("setting up the CA connection")?
     };
 
-    let credentials = match &config.auth_token {
-        Some(path) => Credentials::BearerFile(path.clone()),
-        None => Credentials::None,
-    };
     let mut metadata = vec![("CLUSTER_ID", config.cluster_id.clone())];
     if let Some(node) = config.node_name() {
         metadata.push(("NODE_NAME", node.to_owned()));
@@ -99,14 +95,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             format!("meshbox-dataplane~{namespace}/{name}")
         }
     };
+    let credentials = config
+        .auth_token
+        .clone()
+        .map_or(Credentials::None, Credentials::BearerFile);
     let mut options = ClientOptions::new(credentials, crate::xds::node(node_id, metadata));
     options.validator = Some(crate::state::validator());
     let xds = XdsClient::start(xds_channel.clone(), options);
 
-    let token = match &config.auth_token {
-        Some(path) => TokenSource::File(path.clone()),
-        None => TokenSource::None,
-    };
+    let token = config.auth_token.clone();
     let impersonate = matches!(config.scope, Scope::Node { .. });
     let certs = CertificateManager::new(Arc::new(CaClient::new(
         ca_channel,

@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use meshbox_certs::SpiffeId;
 
+use crate::token::TokenFile;
+
 /// How the proxy finds the workloads it serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProxyMode {
@@ -180,7 +182,7 @@ pub enum Capture {
 pub struct Config {
     pub xds: Endpoint,
     pub ca: Endpoint,
-    pub auth_token: Option<PathBuf>,
+    pub auth_token: Option<TokenFile>,
     pub scope: Scope,
     pub cluster_id: String,
     pub trust_domain: String,
@@ -343,7 +345,7 @@ impl Config {
         Ok(Self {
             xds,
             ca,
-            auth_token: s.auth_token,
+            auth_token: s.auth_token.map(TokenFile::new),
             scope,
             cluster_id: s.cluster_id,
             trust_domain: s.trust_domain,

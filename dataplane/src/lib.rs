@@ -23,6 +23,7 @@
 //! - [`netns`]: network namespaces (open, run code inside, find by IP),
 //!   used by [`proxy`]'s sockets and by [`inpod`];
 //! - [`telemetry`]: access logs and Istio's `istio_tcp_*` metrics;
+//! - [`token`]: the bearer-token file shown to the control plane;
 //! - [`admin`]: `/config_dump`, `/metrics`, `/healthz/ready`.
 
 pub mod admin;
@@ -36,4 +37,5 @@ pub mod netns;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;
+pub mod token;
 pub mod xds;

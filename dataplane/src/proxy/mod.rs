@@ -44,7 +44,7 @@ use crate::config::Scope;
 use crate::identity::{CertificateManager, WorkloadCertificate};
 use crate::mesh::Mesh;
 use crate::state::{ProxyState, Workload};
-use crate::telemetry::{Direction, Telemetry};
+use crate::telemetry::{Direction, RefusalReason, Telemetry};
 use pool::Pool;
 use socket::Sockets;
 
@@ -196,7 +196,8 @@ impl ProxyContext {
             Ok(Err(error)) => warn!(%identity, %error, "no certificate; refusing"),
             Err(_) => warn!(%identity, "timed out waiting for a certificate; refusing"),
         }
-        self.telemetry.refused(direction, "no_certificate");
+        self.telemetry
+            .refused(direction, RefusalReason::NoCertificate);
         None
     }
 }

@@ -62,25 +62,12 @@ fn newest_file(path: &Path) -> Option<std::time::SystemTime> {
         .max()
 }
 
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("meshbox-dp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory, removed on drop.
+pub fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("meshbox-dp-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 #[derive(Parser)]
@@ -413,14 +400,14 @@ impl Drop for Dataplane {
 
 /// The control plane plus its manifest folder.
 pub struct Mesh {
-    pub dir: TempDir,
+    pub dir: tempfile::TempDir,
     pub cp: ControlPlane,
 }
 
 impl Mesh {
     /// A control plane on `127.{net}.0.1` serving `manifests`.
     pub fn start(name: &str, net: u8, manifests: &str, cp_args: &[&str]) -> Self {
-        let dir = TempDir::new(name);
+        let dir = temp_dir(name);
         std::fs::create_dir_all(dir.path().join("config")).unwrap();
         std::fs::write(dir.path().join("config/mesh.yaml"), manifests).unwrap();
         let cp = ControlPlane::start(
@@ -502,7 +489,7 @@ impl Mesh {
         let token = self.write_token(&format!("{node}-lookup"), token.unwrap());
         meshbox_dataplane::inpod::EnrollmentLookup::new(
             channel,
-            meshbox_dataplane::identity::TokenSource::File(token),
+            Some(meshbox_dataplane::token::TokenFile::new(token)),
         )
         .ask(namespace, name)
         .await
