@@ -360,7 +360,7 @@ async fn config_dump(State(admin): State<Admin>) -> Response {
         (workloads, services, policies)
     };
     let (mode, node, workload) = match &ctx.scope {
-        Scope::Node { node } => ("shared", Some(node.clone()), None),
+        Scope::Node { node, .. } => ("shared", Some(node.clone()), None),
         Scope::Workload {
             namespace,
             name,

@@ -17,8 +17,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicE
 use tracing::{info, warn};
 
 use crate::admin::{self, Admin};
-use crate::config::{Config, Endpoint, Scope};
-use crate::identity::{CaClient, CertificateManager, TokenSource};
+use crate::config::{Capture, Config, Endpoint, Scope};
+use crate::identity::{CaClient, CertificateManager};
 use crate::inpod::{Agent, PodListeners};
 use crate::mesh::Mesh;
 use crate::proxy::pool::{Pool, PoolSettings};
@@ -81,16 +81,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("setting up the CA connection")?
     };
 
-    let credentials = match &config.auth_token {
-        Some(path) => Credentials::BearerFile(path.clone()),
-        None => Credentials::None,
-    };
     let mut metadata = vec![("CLUSTER_ID", config.cluster_id.clone())];
     if let Some(node) = config.node_name() {
         metadata.push(("NODE_NAME", node.to_owned()));
     }
     let node_id = match &config.scope {
-        Scope::Node { node } => format!("meshbox-dataplane~{node}"),
+        Scope::Node { node, .. } => format!("meshbox-dataplane~{node}"),
         Scope::Workload {
             namespace, name, ..
         } => {
@@ -99,14 +95,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             format!("meshbox-dataplane~{namespace}/{name}")
         }
     };
+    let credentials = config
+        .auth_token
+        .clone()
+        .map_or(Credentials::None, Credentials::BearerFile);
     let mut options = ClientOptions::new(credentials, crate::xds::node(node_id, metadata));
     options.validator = Some(crate::state::validator());
     let xds = XdsClient::start(xds_channel.clone(), options);
 
-    let token = match &config.auth_token {
-        Some(path) => TokenSource::File(path.clone()),
-        None => TokenSource::None,
-    };
+    let token = config.auth_token.clone();
     let impersonate = matches!(config.scope, Scope::Node { .. });
     let certs = CertificateManager::new(Arc::new(CaClient::new(
         ca_channel,
@@ -124,7 +121,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut registry = Registry::default();
     let telemetry = Telemetry::register(&mut registry);
 
-    let listeners = if config.inpod {
+    // In-pod capture: each pod gets its listeners in its own namespace.
+    let in_pod = match &config.scope {
+        Scope::Node {
+            node,
+            capture:
+                Capture::InPod {
+                    cni_socket,
+                    probe_snat,
+                },
+        } => Some((node, cni_socket.as_deref(), *probe_snat)),
+        _ => None,
+    };
+    let listeners = if in_pod.is_some() {
         None
     } else {
         Some(Listeners::bind(
@@ -171,8 +180,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Scope::Workload { identity, .. } = &config.scope {
         certs.prefetch(identity);
     }
-    let agent = match (&config.scope, config.inpod) {
-        (Scope::Node { node }, true) => Some(Agent::new(
+    let agent = in_pod.map(|(node, _, probe_snat)| {
+        Agent::new(
             ctx.clone(),
             node.clone(),
             PodListeners {
@@ -180,14 +189,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 inbound: config.inbound_addr,
                 plaintext: config.inbound_plaintext_addr,
             },
-            config.probe_snat,
+            probe_snat,
             Some(crate::inpod::EnrollmentLookup::new(
                 xds_channel.clone(),
                 token.clone(),
             )),
-        )),
-        _ => None,
-    };
+        )
+    });
     // The agent follows the mesh: on every change, and every few seconds
     // for pods whose namespace appeared after their workload did.
     let reconcile = Arc::new(tokio::sync::Notify::new());
@@ -214,12 +222,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ctx.shutdown.clone(),
         );
     }
-    if let (Some(agent), Some(path)) = (&agent, &config.cni_socket) {
-        let listener = crate::cni::listen(path)
+    if let (Some(agent), Some((_, Some(path), _))) = (&agent, in_pod) {
+        let listener = meshbox_cni::listen(path)
             .with_context(|| format!("opening the CNI socket {}", path.display()))?;
         info!(socket = %path.display(), "serving the CNI plugin");
         let agent = agent.clone();
-        tokio::spawn(crate::cni::serve(listener, move |req| {
+        tokio::spawn(meshbox_cni::serve(listener, move |req| {
             let agent = agent.clone();
             async move { agent.handle_cni(req).await }
         }));

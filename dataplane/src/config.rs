@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use meshbox_certs::SpiffeId;
 
+use crate::token::TokenFile;
+
 /// How the proxy finds the workloads it serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProxyMode {
@@ -146,7 +148,7 @@ pub struct Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     /// Every workload on this node.
-    Node { node: String },
+    Node { node: String, capture: Capture },
     /// One workload.
     Workload {
         namespace: String,
@@ -157,12 +159,30 @@ pub enum Scope {
     },
 }
 
+/// How node mode gets its pods' traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Capture {
+    /// The listeners are served in the dataplane's own network namespace;
+    /// whatever redirects traffic to them is not the dataplane's doing.
+    None,
+    /// In-pod (`INPOD_ENABLED`): rules and listeners inside each enrolled
+    /// pod's network namespace.
+    InPod {
+        /// Where the CNI plugin reaches the agent (`CNI_SOCKET`); `None`:
+        /// new pods are found by the namespace scan only.
+        cni_socket: Option<PathBuf>,
+        /// Rewrite the node's own connections to captured pods (kubelet's
+        /// probes) to Istio's probe address (`PROBE_SNAT`).
+        probe_snat: bool,
+    },
+}
+
 /// Checked settings.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub xds: Endpoint,
     pub ca: Endpoint,
-    pub auth_token: Option<PathBuf>,
+    pub auth_token: Option<TokenFile>,
     pub scope: Scope,
     pub cluster_id: String,
     pub trust_domain: String,
@@ -170,9 +190,6 @@ pub struct Config {
     /// `None`: sockets are not marked.
     pub packet_mark: Option<u32>,
     pub original_source: bool,
-    pub inpod: bool,
-    pub cni_socket: Option<PathBuf>,
-    pub probe_snat: bool,
     pub outbound_addr: SocketAddr,
     pub inbound_plaintext_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
@@ -181,6 +198,7 @@ pub struct Config {
     pub readiness_addr: SocketAddr,
     pub socks5_addr: Option<SocketAddr>,
     pub cert_ttl: Duration,
+    /// On SIGTERM: how long open connections may finish (`--drain-timeout`).
     pub drain_timeout: Duration,
     pub pool_max_streams: usize,
     pub pool_idle_timeout: Duration,
@@ -252,7 +270,7 @@ impl Config {
         if meshbox_certs::spiffe::check_trust_domain(&s.trust_domain).is_err() {
             return Err(ConfigError::BadTrustDomain(s.trust_domain));
         }
-        let scope = match s.proxy_mode {
+        let mut scope = match s.proxy_mode {
             ProxyMode::Shared => {
                 if s.proxy_workload_info.is_some() {
                     return Err(ConfigError::WorkloadInfoInSharedMode);
@@ -262,7 +280,10 @@ impl Config {
                     .clone()
                     .filter(|n| !n.is_empty())
                     .ok_or(ConfigError::MissingNodeName)?;
-                Scope::Node { node }
+                Scope::Node {
+                    node,
+                    capture: Capture::None,
+                }
             }
             ProxyMode::Dedicated => {
                 let info = s
@@ -295,6 +316,14 @@ impl Config {
         if s.probe_snat && !s.inpod {
             return Err(ConfigError::ProbeSnatWithoutInpod);
         }
+        if let Scope::Node { capture, .. } = &mut scope
+            && s.inpod
+        {
+            *capture = Capture::InPod {
+                cni_socket: s.cni_socket,
+                probe_snat: s.probe_snat,
+            };
+        }
         if s.pool_max_streams == 0 {
             return Err(ConfigError::ZeroStreams);
         }
@@ -316,7 +345,7 @@ impl Config {
         Ok(Self {
             xds,
             ca,
-            auth_token: s.auth_token,
+            auth_token: s.auth_token.map(TokenFile::new),
             scope,
             cluster_id: s.cluster_id,
             trust_domain: s.trust_domain,
@@ -325,9 +354,6 @@ impl Config {
             original_source: s
                 .enable_orig_src
                 .unwrap_or(s.proxy_mode == ProxyMode::Shared),
-            inpod: s.inpod,
-            cni_socket: s.cni_socket,
-            probe_snat: s.probe_snat,
             outbound_addr: s.outbound_addr,
             inbound_plaintext_addr: s.inbound_plaintext_addr,
             inbound_addr: s.inbound_addr,
@@ -346,7 +372,7 @@ impl Config {
     /// The node name sent to the control plane.
     pub fn node_name(&self) -> Option<&str> {
         match &self.scope {
-            Scope::Node { node } => Some(node),
+            Scope::Node { node, .. } => Some(node),
             Scope::Workload { node, .. } => node.as_deref(),
         }
     }
@@ -404,7 +430,13 @@ mod tests {
             ConfigError::MissingNodeName
         );
         let c = parse(&["--xds-address", "http://cp:15010", "--node-name", "n1"]).unwrap();
-        assert_eq!(c.scope, Scope::Node { node: "n1".into() });
+        assert_eq!(
+            c.scope,
+            Scope::Node {
+                node: "n1".into(),
+                capture: Capture::None
+            }
+        );
         assert_eq!(
             c.ca.uri, "http://cp:15010",
             "CA defaults to the xDS address"
@@ -488,6 +520,57 @@ mod tests {
             "spiffe://cluster.local/ns/default/sa/web"
         );
         assert_eq!(name, "web-0");
+    }
+
+    #[test]
+    fn in_pod_capture_is_part_of_the_node_scope() {
+        let base = ["--xds-address", "http://cp:15010", "--node-name", "n"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args)
+        };
+        assert_eq!(
+            with(&[
+                "--inpod",
+                "true",
+                "--cni-socket",
+                "/run/cni.sock",
+                "--probe-snat",
+                "true"
+            ])
+            .unwrap()
+            .scope,
+            Scope::Node {
+                node: "n".into(),
+                capture: Capture::InPod {
+                    cni_socket: Some("/run/cni.sock".into()),
+                    probe_snat: true
+                }
+            }
+        );
+        assert_eq!(
+            with(&["--cni-socket", "/run/cni.sock"]).unwrap_err(),
+            ConfigError::CniWithoutInpod
+        );
+        assert_eq!(
+            with(&["--probe-snat", "true"]).unwrap_err(),
+            ConfigError::ProbeSnatWithoutInpod
+        );
+        assert_eq!(
+            parse(&[
+                "--xds-address",
+                "http://cp:15010",
+                "--proxy-mode",
+                "dedicated",
+                "--proxy-workload-info",
+                "a/b/c",
+                "--inpod",
+                "true"
+            ])
+            .unwrap_err(),
+            ConfigError::InpodInDedicatedMode
+        );
     }
 
     #[test]

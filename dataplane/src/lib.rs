@@ -20,18 +20,22 @@
 //!   listeners, the HBONE connection pool and socket options;
 //! - [`inpod`]: node mode's capture — rules and listeners inside each
 //!   enrolled pod's network namespace;
+//! - [`netns`]: network namespaces (open, run code inside, find by IP),
+//!   used by [`proxy`]'s sockets and by [`inpod`];
 //! - [`telemetry`]: access logs and Istio's `istio_tcp_*` metrics;
+//! - [`token`]: the bearer-token file shown to the control plane;
 //! - [`admin`]: `/config_dump`, `/metrics`, `/healthz/ready`.
 
 pub mod admin;
 pub mod app;
 pub mod authz;
-pub mod cni;
 pub mod config;
 pub mod identity;
 pub mod inpod;
 pub mod mesh;
+pub mod netns;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;
+pub mod token;
 pub mod xds;

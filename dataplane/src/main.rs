@@ -37,8 +37,8 @@ fn main() -> anyhow::Result<()> {
         Command::Run(settings) => {
             let log_format = settings.log_format;
             init_logging(log_format);
-            let drain_timeout = settings.drain_timeout;
             let config = Config::from_settings(settings)?;
+            let drain_timeout = config.drain_timeout;
             raise_open_files_limit();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::watch;
 use tracing::debug;
 
@@ -55,8 +56,8 @@ impl Mesh {
         // Diffed in place: copying the client's whole resource map on every
         // change would cost more than the change.
         let xds = self.xds.borrow();
-        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut applied = self.applied.lock();
+        let mut state = self.state.write();
         applied.sync(&xds, &mut state)
     }
 
@@ -78,7 +79,7 @@ impl Mesh {
     }
 
     pub fn read(&self) -> RwLockReadGuard<'_, ProxyState> {
-        self.state.read().unwrap_or_else(|p| p.into_inner())
+        self.state.read()
     }
 
     /// Reads the xDS client's state without copying it.
@@ -108,7 +109,7 @@ impl Mesh {
             }
         }
         {
-            let mut not_found = self.not_found.lock().unwrap_or_else(|p| p.into_inner());
+            let mut not_found = self.not_found.lock();
             if let Some(at) = not_found.get(&ip) {
                 if at.elapsed() < NEGATIVE_TTL {
                     return;
@@ -129,7 +130,7 @@ impl Mesh {
     }
 
     fn remember_not_found(&self, ip: IpAddr) {
-        let mut not_found = self.not_found.lock().unwrap_or_else(|p| p.into_inner());
+        let mut not_found = self.not_found.lock();
         if not_found.len() >= MAX_NEGATIVE_ENTRIES {
             not_found.retain(|_, at| at.elapsed() < NEGATIVE_TTL);
             if not_found.len() >= MAX_NEGATIVE_ENTRIES {

@@ -173,6 +173,63 @@ impl TcpLabels {
     }
 }
 
+/// Why a connection was refused before any byte reached the other side:
+/// the `reason` label of `meshbox_proxy_connections_refused`. The caller
+/// logs the details.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// A connection that reached a capture listener without being redirected to it (no original destination, or addressed to the proxy itself).
+    NotRedirected,
+    /// Outbound from an address that is no local workload.
+    UnknownSource,
+    /// Outbound with no route to its destination.
+    NoRoute,
+    /// Outbound whose destination (or its HBONE tunnel) could not be reached.
+    UpstreamUnreachable,
+    /// No certificate for the local identity (the CA refused, or timed out).
+    NoCertificate,
+    /// Inbound HBONE to an address that is no local workload.
+    UnknownDestination,
+    /// Inbound HBONE whose TLS handshake failed or timed out.
+    TlsHandshake,
+    /// An inbound HBONE request that is not CONNECT.
+    NotConnect,
+    /// An inbound CONNECT without an `ip:port` authority.
+    BadAuthority,
+    /// Inbound (CONNECT or plaintext) to an address that is no local workload.
+    NotLocal,
+    /// A CONNECT to a workload other than the one the connection was opened to.
+    IdentityMismatch,
+    /// A CONNECT to the proxy's own port (it would loop).
+    ProxyPort,
+    /// Denied by authorization policy.
+    PolicyDenied,
+    /// The destination application refused the connection.
+    AppUnreachable,
+}
+
+impl RefusalReason {
+    /// The label value (what the metric has always said).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::NotRedirected => "not_redirected",
+            RefusalReason::UnknownSource => "unknown_source",
+            RefusalReason::NoRoute => "no_route",
+            RefusalReason::UpstreamUnreachable => "upstream_unreachable",
+            RefusalReason::NoCertificate => "no_certificate",
+            RefusalReason::UnknownDestination => "unknown_destination",
+            RefusalReason::TlsHandshake => "tls_handshake",
+            RefusalReason::NotConnect => "not_connect",
+            RefusalReason::BadAuthority => "bad_authority",
+            RefusalReason::NotLocal => "not_local",
+            RefusalReason::IdentityMismatch => "identity_mismatch",
+            RefusalReason::ProxyPort => "proxy_port",
+            RefusalReason::PolicyDenied => "policy_denied",
+            RefusalReason::AppUnreachable => "app_unreachable",
+        }
+    }
+}
+
 /// The connection metrics, registered once.
 #[derive(Clone)]
 pub struct Telemetry {
@@ -255,11 +312,11 @@ impl Telemetry {
 
     /// Counts a connection refused (policy, routing, protocol errors). The
     /// caller logs why, with the details.
-    pub fn refused(&self, direction: Direction, reason: &'static str) {
+    pub fn refused(&self, direction: Direction, reason: RefusalReason) {
         self.refused
             .get_or_create(&RefusedLabels {
                 direction: direction.as_str(),
-                reason,
+                reason: reason.as_str(),
             })
             .inc();
     }
@@ -325,6 +382,36 @@ impl Drop for ConnectionRecord {
     fn drop(&mut self) {
         if !self.finished {
             self.close(0, 0, Some("connection abandoned"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The label values are what dashboards and alerts match on: they
+    /// must not change with the enum.
+    #[test]
+    fn refusal_reasons_keep_their_label_values() {
+        let expected = [
+            (RefusalReason::NotRedirected, "not_redirected"),
+            (RefusalReason::UnknownSource, "unknown_source"),
+            (RefusalReason::NoRoute, "no_route"),
+            (RefusalReason::UpstreamUnreachable, "upstream_unreachable"),
+            (RefusalReason::NoCertificate, "no_certificate"),
+            (RefusalReason::UnknownDestination, "unknown_destination"),
+            (RefusalReason::TlsHandshake, "tls_handshake"),
+            (RefusalReason::NotConnect, "not_connect"),
+            (RefusalReason::BadAuthority, "bad_authority"),
+            (RefusalReason::NotLocal, "not_local"),
+            (RefusalReason::IdentityMismatch, "identity_mismatch"),
+            (RefusalReason::ProxyPort, "proxy_port"),
+            (RefusalReason::PolicyDenied, "policy_denied"),
+            (RefusalReason::AppUnreachable, "app_unreachable"),
+        ];
+        for (reason, label) in expected {
+            assert_eq!(reason.as_str(), label);
         }
     }
 }

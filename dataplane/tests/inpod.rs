@@ -8,7 +8,7 @@
 
 mod support;
 
-#[path = "support/cni_chain.rs"]
+#[path = "../../cni/tests/support/cni_chain.rs"]
 mod cni_chain;
 
 use std::net::SocketAddr;
@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshbox_dataplane::inpod::Netns;
+use meshbox_dataplane::netns::Netns;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -488,7 +488,7 @@ async fn pods_are_captured_in_their_namespace_and_stay_closed_while_the_dataplan
         r#"{{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"meshbox-cni","socket":"{}","prevResult":{prev_result}}}"#,
         cni_socket.display()
     );
-    let mut cni = Command::new(env!("CARGO_BIN_EXE_meshbox-cni"))
+    let mut cni = Command::new(cni_plugin())
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", "late-sandbox")
         .env("CNI_NETNS", "/var/run/netns/mbt17-late")
@@ -995,10 +995,7 @@ async fn cni_chain_captures_a_new_pod(
     });
     let cni_path = vec![
         PathBuf::from("/usr/lib/cni"),
-        Path::new(env!("CARGO_BIN_EXE_meshbox-cni"))
-            .parent()
-            .unwrap()
-            .to_path_buf(),
+        cni_plugin().parent().unwrap().to_path_buf(),
     ];
     let env = [
         ("CNI_CONTAINERID", "late-sandbox-0"),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// One demo at a time: they share the `mbd-` names (the script refuses a
 /// second one).
-static ONE_DEMO: Mutex<()> = Mutex::new(());
+static ONE_DEMO: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 const TOOLS: [&str; 8] = [
     "ip",
@@ -350,7 +350,7 @@ fn the_demo_tells_its_story_and_leaves_nothing_behind() {
     let Some(bin_dir) = bin_dir_or_skip() else {
         return;
     };
-    let _one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = ONE_DEMO.lock();
 
     let mut demo = Demo::start(&bin_dir, false);
     let (status, out, elapsed) = demo.finish(false);
@@ -456,7 +456,7 @@ fn after_a_killed_run_and_after_ctrl_c_nothing_is_left() {
     let Some(bin_dir) = bin_dir_or_skip() else {
         return;
     };
-    let _one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = ONE_DEMO.lock();
 
     // A run killed outright (no trap runs) leaves its mesh behind...
     let mut killed = Demo::start(&bin_dir, true);

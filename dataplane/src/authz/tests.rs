@@ -8,6 +8,7 @@ use meshbox_proto::workload as wpb;
 use pb::string_match::MatchType;
 
 use super::*;
+use crate::state::{PolicyError, PolicyStore};
 
 // ----- builders -----
 

@@ -2,7 +2,6 @@
 //! read fresh from its file on every request (tokens rotate), and Istio's
 //! `ImpersonatedIdentity` when a node proxy asks on a pod's behalf.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use meshbox_certs::{SpiffeId, WorkloadKey};
@@ -12,54 +11,24 @@ use prost_types::{Struct, Value, value::Kind};
 use tonic::transport::Channel;
 
 use super::{CertificateProvider, IdentityError, WorkloadCertificate};
-
-/// Where the bearer token comes from.
-#[derive(Debug, Clone)]
-pub enum TokenSource {
-    /// No token (a development CA on the plaintext port).
-    None,
-    /// A file holding the token, re-read on each request (Istio's `AUTH_TOKEN`).
-    File(PathBuf),
-}
-
-impl TokenSource {
-    /// Puts `authorization: Bearer <token>` on `request` (nothing for
-    /// [`TokenSource::None`]).
-    pub(crate) fn authorize<T>(
-        &self,
-        request: &mut tonic::Request<T>,
-    ) -> Result<(), IdentityError> {
-        if let Some(token) = self.read()? {
-            let value = format!("Bearer {token}").parse().map_err(|_| {
-                IdentityError::Unavailable("the token is not a valid header".into())
-            })?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(())
-    }
-
-    fn read(&self) -> Result<Option<String>, IdentityError> {
-        match self {
-            TokenSource::None => Ok(None),
-            TokenSource::File(path) => std::fs::read_to_string(path)
-                .map(|t| Some(t.trim().to_owned()))
-                .map_err(|e| {
-                    IdentityError::Unavailable(format!("reading the token {}: {e}", path.display()))
-                }),
-        }
-    }
-}
+use crate::token::TokenFile;
 
 pub struct CaClient {
     client: IstioCertificateServiceClient<Channel>,
-    token: TokenSource,
+    /// `None`: requests go without a token (a development CA).
+    token: Option<TokenFile>,
     /// Node mode: ask for pods' identities with `ImpersonatedIdentity`.
     impersonate: bool,
     ttl: Duration,
 }
 
 impl CaClient {
-    pub fn new(channel: Channel, token: TokenSource, impersonate: bool, ttl: Duration) -> Self {
+    pub fn new(
+        channel: Channel,
+        token: Option<TokenFile>,
+        impersonate: bool,
+        ttl: Duration,
+    ) -> Self {
         Self {
             client: IstioCertificateServiceClient::new(channel),
             token,
@@ -90,7 +59,12 @@ impl CertificateProvider for CaClient {
             validity_duration: self.ttl.as_secs() as i64,
             metadata,
         });
-        self.token.authorize(&mut request)?;
+        if let Some(token) = &self.token {
+            token
+                .authorize(&mut request)
+                .await
+                .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        }
         let response = self
             .client
             .clone()
@@ -101,7 +75,7 @@ impl CertificateProvider for CaClient {
                     IdentityError::Unavailable(status.message().to_owned())
                 }
                 _ => IdentityError::Refused {
-                    identity: identity.to_string(),
+                    identity: identity.clone(),
                     message: format!("{:?}: {}", status.code(), status.message()),
                 },
             })?;

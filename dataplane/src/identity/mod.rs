@@ -11,19 +11,20 @@
 mod ca_client;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshbox_certs::{SpiffeId, WorkloadKey};
+use parking_lot::Mutex;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 
-pub use ca_client::{CaClient, TokenSource};
+pub use ca_client::CaClient;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IdentityError {
     #[error("the CA refused {identity}: {message}")]
-    Refused { identity: String, message: String },
+    Refused { identity: SpiffeId, message: String },
     #[error("the CA is unreachable: {0}")]
     Unavailable(String),
     #[error("the CA answered with an unusable certificate: {0}")]
@@ -31,7 +32,7 @@ pub enum IdentityError {
     #[error("making a key or CSR failed: {0}")]
     Key(String),
     #[error("no certificate for {0} yet")]
-    Pending(String),
+    Pending(SpiffeId),
 }
 
 /// A certificate and its key for one identity.
@@ -164,14 +165,14 @@ impl CertificateManager {
                 }
             }
             if rx.changed().await.is_err() {
-                return Err(IdentityError::Pending(identity.to_string()));
+                return Err(IdentityError::Pending(identity.clone()));
             }
         }
     }
 
     /// The current certificate without waiting, if there is a valid one.
     pub fn current(&self, identity: &SpiffeId) -> Option<Arc<WorkloadCertificate>> {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = self.slots.lock();
         let value = slots.get(identity)?.borrow().clone();
         match value {
             Some(Ok(cert)) if !cert.is_expired() => Some(cert),
@@ -181,16 +182,13 @@ impl CertificateManager {
 
     /// Stops renewing `identity` and drops its certificate.
     pub fn forget(&self, identity: &SpiffeId) {
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(identity);
+        self.slots.lock().remove(identity);
     }
 
     /// Every identity with its certificate's serial and expiry (no keys), for
     /// `/config_dump` and `/certs`.
     pub fn snapshot(&self) -> Vec<(SpiffeId, Option<(String, SystemTime)>)> {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = self.slots.lock();
         let mut out: Vec<_> = slots
             .iter()
             .map(|(id, slot)| {
@@ -206,7 +204,7 @@ impl CertificateManager {
     }
 
     fn slot(self: &Arc<Self>, identity: &SpiffeId) -> Slot {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.slots.lock();
         if let Some(slot) = slots.get(identity) {
             return slot.clone();
         }
@@ -232,7 +230,6 @@ impl CertificateManager {
             let still_wanted = this
                 .slots
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .get(&identity)
                 .is_some_and(|s| s.same_channel(&slot));
             if !still_wanted {

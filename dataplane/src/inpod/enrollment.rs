@@ -14,15 +14,15 @@ use meshbox_proto::capture::enrollment_service_client::EnrollmentServiceClient;
 use tonic::transport::Channel;
 use tracing::debug;
 
-use crate::identity::TokenSource;
+use crate::token::TokenFile;
 
 pub struct EnrollmentLookup {
     client: EnrollmentServiceClient<Channel>,
-    token: TokenSource,
+    token: Option<TokenFile>,
 }
 
 impl EnrollmentLookup {
-    pub fn new(channel: Channel, token: TokenSource) -> Self {
+    pub fn new(channel: Channel, token: Option<TokenFile>) -> Self {
         Self {
             client: EnrollmentServiceClient::new(channel),
             token,
@@ -37,7 +37,9 @@ impl EnrollmentLookup {
             name: name.to_owned(),
         });
         request.set_timeout(Duration::from_secs(2));
-        if let Err(error) = self.token.authorize(&mut request) {
+        if let Some(token) = &self.token
+            && let Err(error) = token.authorize(&mut request).await
+        {
             debug!(%error, "no usable token; cannot ask about enrollment");
             return None;
         }

@@ -4,7 +4,7 @@
 //!
 //! The [`Agent`] keeps the set of captured pods equal to what the control
 //! plane says runs here enrolled (a local workload speaking HBONE): a pod's
-//! namespace is found by the IP it holds ([`netns::scan`]), or handed over
+//! namespace is found by the IP it holds ([`crate::netns::scan`]), or handed over
 //! by the CNI plugin. Rules first, then listeners; a pod counts as captured
 //! only when both are in place. When a pod leaves, its listeners close and
 //! its rules are removed; when the dataplane stops, the rules stay, so
@@ -12,25 +12,26 @@
 //! next start re-adopts the pods.
 
 pub mod enrollment;
-pub mod netns;
 pub mod report;
 pub mod rules;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use serde::Serialize;
 use tracing::{info, warn};
 
 pub use enrollment::EnrollmentLookup;
-pub use netns::Netns;
 
-use crate::cni::{CaptureCommand, CaptureRequest, CaptureResponse};
 use crate::proxy::{Listeners, ProxyContext};
 use crate::state::Protocol;
+use meshbox_cni::{CaptureCommand, CaptureRequest, CaptureResponse};
+
+use crate::netns::Netns;
 
 /// The listener addresses opened inside each pod.
 #[derive(Clone, Copy, Debug)]
@@ -138,7 +139,7 @@ impl Agent {
         let wanted = self.wanted();
         let gone: Vec<String> = {
             let state = self.base.mesh.read();
-            let mut captured = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+            let mut captured = self.captured.lock();
             for (uid, pod) in captured.iter_mut() {
                 // Captured before the control plane listed it: once it
                 // does, the pod is judged like any other (an opted-out pod
@@ -158,27 +159,27 @@ impl Agent {
             self.release(&uid, true).await;
         }
         let missing: BTreeMap<String, Vec<IpAddr>> = {
-            let captured = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+            let captured = self.captured.lock();
             wanted
                 .into_iter()
                 .filter(|(uid, _)| !captured.contains_key(uid))
                 .collect()
         };
         {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = self.pending.lock();
             pending.retain(|uid, _| missing.contains_key(uid));
         }
         if missing.is_empty() {
             return;
         }
         {
-            let mut last = self.last_scan.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self.last_scan.lock();
             if last.is_some_and(|t| t.elapsed() < SCAN_INTERVAL) {
                 return;
             }
             *last = Some(Instant::now());
         }
-        let by_ip = tokio::task::spawn_blocking(netns::scan)
+        let by_ip = tokio::task::spawn_blocking(crate::netns::scan)
             .await
             .unwrap_or_default();
         for (uid, ips) in missing {
@@ -205,7 +206,7 @@ impl Agent {
     }
 
     fn note_pending(&self, uid: &str, ips: &[IpAddr], why: String) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.pending.lock();
         pending.insert(uid.to_owned(), (ips.to_vec(), why));
     }
 
@@ -225,7 +226,6 @@ impl Agent {
         if self
             .captured
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .get(uid)
             .is_some_and(|c| c.netns.same_as(&netns))
         {
@@ -276,26 +276,19 @@ impl Agent {
         listeners.serve(ctx.clone());
         info!(pod = uid, netns = %netns.path().display(), ips = ?ips, "pod captured");
         self.captures.inc();
-        let previous = self
-            .captured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                uid.to_owned(),
-                Captured {
-                    netns,
-                    ctx,
-                    ips,
-                    awaiting_state,
-                },
-            );
+        let previous = self.captured.lock().insert(
+            uid.to_owned(),
+            Captured {
+                netns,
+                ctx,
+                ips,
+                awaiting_state,
+            },
+        );
         if let Some(old) = previous {
             old.ctx.shutdown.cancel();
         }
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(uid);
+        self.pending.lock().remove(uid);
         self.sync_probe_snat().await;
         Ok(())
     }
@@ -308,7 +301,6 @@ impl Agent {
         let ips: Vec<IpAddr> = self
             .captured
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .values()
             .flat_map(|c| c.ips.iter().copied())
             .collect();
@@ -324,12 +316,7 @@ impl Agent {
     /// the dataplane stops).
     pub async fn release(&self, uid: &str, remove_rules: bool) {
         let _one_at_a_time = self.capturing.lock().await;
-        let Some(pod) = self
-            .captured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(uid)
-        else {
+        let Some(pod) = self.captured.lock().remove(uid) else {
             return;
         };
         pod.ctx.shutdown.cancel();
@@ -443,17 +430,13 @@ impl Agent {
 
     /// Whether `uid` is captured now.
     pub fn is_captured(&self, uid: &str) -> bool {
-        self.captured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(uid)
+        self.captured.lock().contains_key(uid)
     }
 
     pub fn status(&self) -> Vec<PodStatus> {
         let mut out: Vec<PodStatus> = self
             .captured
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(uid, c)| PodStatus {
                 uid: uid.clone(),
@@ -466,7 +449,6 @@ impl Agent {
         out.extend(
             self.pending
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .map(|(uid, (ips, why))| PodStatus {
                     uid: uid.clone(),

@@ -18,12 +18,17 @@ use tonic::transport::Channel;
 use tracing::{debug, info};
 
 use super::{Agent, PodStatus};
-use crate::identity::TokenSource;
+use crate::token::TokenFile;
 
 const REFRESH: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(500);
 
-pub fn spawn(agent: Arc<Agent>, channel: Channel, token: TokenSource, shutdown: CancellationToken) {
+pub fn spawn(
+    agent: Arc<Agent>,
+    channel: Channel,
+    token: Option<TokenFile>,
+    shutdown: CancellationToken,
+) {
     tokio::spawn(async move {
         let mut client = CaptureStatusServiceClient::new(channel);
         let mut sent: Option<(Vec<PodStatus>, Instant)> = None;
@@ -44,7 +49,9 @@ pub fn spawn(agent: Arc<Agent>, channel: Channel, token: TokenSource, shutdown: 
                 pods: now.iter().map(to_wire).collect(),
             });
             request.set_timeout(Duration::from_secs(5));
-            if let Err(error) = token.authorize(&mut request) {
+            if let Some(token) = &token
+                && let Err(error) = token.authorize(&mut request).await
+            {
                 debug!(%error, "no usable token; not reporting capture state");
                 continue;
             }

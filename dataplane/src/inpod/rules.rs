@@ -14,7 +14,7 @@ use std::io;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use super::netns::Netns;
+use crate::netns::Netns;
 
 pub const PROXY_MARK: u32 = 0x539;
 pub const CONNECTION_MARK: u32 = 0x111;

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use meshbox_certs::SpiffeId;
+use parking_lot::Mutex;
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -26,9 +27,10 @@ use super::relay::tcp_to_hbone;
 use super::socket::canonical;
 use super::tunnel::{self, HboneStream, ReadAhead};
 use super::{ProxyContext, error_text};
-use crate::authz::{ConnectionInfo, authorize};
+use crate::authz::authorize;
 use crate::identity::WorkloadCertificate;
-use crate::telemetry::{Connection, Direction, Security};
+use crate::state::ConnectionInfo;
+use crate::telemetry::{Connection, Direction, RefusalReason, Security};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// CONNECT streams per connection; matches the client pool's default.
@@ -46,7 +48,7 @@ impl ServerConfigs {
         cert: &WorkloadCertificate,
         trust_domain: &str,
     ) -> Result<Arc<ServerConfig>, rustls::Error> {
-        let mut map = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.by_identity.lock();
         if let Some((serial, config)) = map.get(&cert.identity)
             && *serial == cert.serial
         {
@@ -84,7 +86,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
     let Some(served) = served else {
         warn!(src.addr = %peer, dst.addr = %local, "inbound HBONE connection to an address that is no local workload; closing");
         ctx.telemetry
-            .refused(Direction::Inbound, "unknown_destination");
+            .refused(Direction::Inbound, RefusalReason::UnknownDestination);
         return;
     };
     let Some(cert) = ctx.certificate(&served, Direction::Inbound).await else {
@@ -108,12 +110,14 @@ pub async fn handle(ctx: Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr)
             // Plaintext to 15008, an untrusted or expired certificate, a
             // foreign trust domain: all end here.
             warn!(src.addr = %peer, dst.addr = %local, %error, "inbound TLS handshake refused");
-            ctx.telemetry.refused(Direction::Inbound, "tls_handshake");
+            ctx.telemetry
+                .refused(Direction::Inbound, RefusalReason::TlsHandshake);
             return;
         }
         Err(_) => {
             debug!(src.addr = %peer, "inbound TLS handshake timed out");
-            ctx.telemetry.refused(Direction::Inbound, "tls_handshake");
+            ctx.telemetry
+                .refused(Direction::Inbound, RefusalReason::TlsHandshake);
             return;
         }
     };
@@ -196,7 +200,8 @@ async fn serve_connect(
 ) {
     if req.method() != Method::CONNECT {
         warn!(src.addr = %peer.addr, src.identity = %peer.identity, method = %req.method(), "inbound HBONE request is not CONNECT; refusing");
-        ctx.telemetry.refused(Direction::Inbound, "not_connect");
+        ctx.telemetry
+            .refused(Direction::Inbound, RefusalReason::NotConnect);
         return refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
     }
     let target = req
@@ -206,26 +211,29 @@ async fn serve_connect(
         .map(canonical);
     let Some(target) = target else {
         warn!(src.addr = %peer.addr, src.identity = %peer.identity, uri = %req.uri(), "inbound CONNECT without an ip:port authority; refusing");
-        ctx.telemetry.refused(Direction::Inbound, "bad_authority");
+        ctx.telemetry
+            .refused(Direction::Inbound, RefusalReason::BadAuthority);
         return refuse(respond, StatusCode::BAD_REQUEST);
     };
     let (dst, decision) = {
         let state = ctx.mesh.read();
         let Some(dst) = ctx.local_workload(&state, target.ip()) else {
             warn!(src.addr = %peer.addr, src.identity = %peer.identity, authority = %target, "possible attack: CONNECT to an address that is no local workload; refusing");
-            ctx.telemetry.refused(Direction::Inbound, "not_local");
+            ctx.telemetry
+                .refused(Direction::Inbound, RefusalReason::NotLocal);
             return refuse(respond, StatusCode::FORBIDDEN);
         };
         if dst.identity != peer.served {
             warn!(src.addr = %peer.addr, src.identity = %peer.identity, authority = %target, served = %peer.served, dst.identity = %dst.identity,
                 "possible attack: CONNECT to a workload other than the one this connection was opened to; refusing");
             ctx.telemetry
-                .refused(Direction::Inbound, "identity_mismatch");
+                .refused(Direction::Inbound, RefusalReason::IdentityMismatch);
             return refuse(respond, StatusCode::FORBIDDEN);
         }
         if target.ip() == peer.local.ip() && ctx.own_ports.contains(&target.port()) {
             warn!(src.addr = %peer.addr, authority = %target, "CONNECT to the proxy's own port; refusing");
-            ctx.telemetry.refused(Direction::Inbound, "proxy_port");
+            ctx.telemetry
+                .refused(Direction::Inbound, RefusalReason::ProxyPort);
             return refuse(respond, StatusCode::BAD_REQUEST);
         }
         let info = ConnectionInfo {
@@ -246,14 +254,16 @@ async fn serve_connect(
             reason = ?decision.outcome.reason,
             "connection denied by authorization policy"
         );
-        ctx.telemetry.refused(Direction::Inbound, "policy_denied");
+        ctx.telemetry
+            .refused(Direction::Inbound, RefusalReason::PolicyDenied);
         return refuse(respond, StatusCode::UNAUTHORIZED);
     }
     let mut app = match ctx.connect_app(target, peer.addr.ip()).await {
         Ok(app) => app,
         Err(error) => {
             info!(src.identity = %peer.identity, dst.addr = %target, %error, "the application refused the connection");
-            ctx.telemetry.refused(Direction::Inbound, "app_unreachable");
+            ctx.telemetry
+                .refused(Direction::Inbound, RefusalReason::AppUnreachable);
             return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };

@@ -44,7 +44,7 @@ use crate::config::Scope;
 use crate::identity::{CertificateManager, WorkloadCertificate};
 use crate::mesh::Mesh;
 use crate::state::{ProxyState, Workload};
-use crate::telemetry::{Direction, Telemetry};
+use crate::telemetry::{Direction, RefusalReason, Telemetry};
 use pool::Pool;
 use socket::Sockets;
 
@@ -102,7 +102,7 @@ impl ProxyContext {
     /// workload it is dedicated to.
     pub fn is_local(&self, w: &Workload) -> bool {
         match &self.scope {
-            Scope::Node { node } => w.node == *node,
+            Scope::Node { node, .. } => w.node == *node,
             Scope::Workload {
                 namespace, name, ..
             } => w.namespace == *namespace && w.name == *name,
@@ -113,7 +113,7 @@ impl ProxyContext {
     pub fn local_workload(&self, state: &ProxyState, ip: IpAddr) -> Option<Arc<Workload>> {
         let network = self.mesh.network();
         match &self.scope {
-            Scope::Node { node } => state.local_workload(network, ip, node).cloned(),
+            Scope::Node { node, .. } => state.local_workload(network, ip, node).cloned(),
             Scope::Workload { .. } => state
                 .workload_by_ip(network, ip)
                 .filter(|w| self.is_local(w))
@@ -196,7 +196,8 @@ impl ProxyContext {
             Ok(Err(error)) => warn!(%identity, %error, "no certificate; refusing"),
             Err(_) => warn!(%identity, "timed out waiting for a certificate; refusing"),
         }
-        self.telemetry.refused(direction, "no_certificate");
+        self.telemetry
+            .refused(direction, RefusalReason::NoCertificate);
         None
     }
 }

@@ -17,7 +17,7 @@ use super::relay::{Relayed, tcp_to_hbone, tcp_to_tcp};
 use super::tunnel::HboneStream;
 use super::{ProxyContext, error_text, socket};
 use crate::state::{Route, ServiceInfo, Transport, Workload};
-use crate::telemetry::{Connection, ConnectionRecord, Direction, Security};
+use crate::telemetry::{Connection, ConnectionRecord, Direction, RefusalReason, Security};
 
 /// Why an outbound connection was not established. The reason is logged
 /// where it happens; callers only close (or answer SOCKS).
@@ -70,14 +70,16 @@ pub async fn handle_captured(
         Ok(target) => target,
         Err(error) => {
             warn!(src.addr = %peer, %error, "outbound connection without an original destination (not redirected by the capture rules); refusing");
-            ctx.telemetry.refused(Direction::Outbound, "not_redirected");
+            ctx.telemetry
+                .refused(Direction::Outbound, RefusalReason::NotRedirected);
             return;
         }
     };
     let local = stream.local_addr().ok().map(socket::canonical);
     if Some(target) == local || Some(target) == listener {
         warn!(src.addr = %peer, "outbound connection addressed to the proxy itself (not redirected); refusing");
-        ctx.telemetry.refused(Direction::Outbound, "not_redirected");
+        ctx.telemetry
+            .refused(Direction::Outbound, RefusalReason::NotRedirected);
         return;
     }
     // Boxed: the routing and dialing states are large and short-lived, and
@@ -100,7 +102,8 @@ pub async fn establish(
         let state = ctx.mesh.read();
         let Some(source) = ctx.outbound_source(&state, peer.ip()) else {
             warn!(src.addr = %peer, dst.addr = %target, "outbound connection from an address that is no local workload; refusing");
-            ctx.telemetry.refused(Direction::Outbound, "unknown_source");
+            ctx.telemetry
+                .refused(Direction::Outbound, RefusalReason::UnknownSource);
             return Err(Refusal::NotAllowed);
         };
         let route = state.route(&source, target);
@@ -110,14 +113,15 @@ pub async fn establish(
         Ok(route) => route,
         Err(error) => {
             info!(src.workload = %source.name, src.namespace = %source.namespace, dst.addr = %target, %error, "no route; refusing");
-            ctx.telemetry.refused(Direction::Outbound, "no_route");
+            ctx.telemetry
+                .refused(Direction::Outbound, RefusalReason::NoRoute);
             return Err(Refusal::NotAllowed);
         }
     };
     let unreachable = |what: &str, error: &dyn std::fmt::Display| {
         info!(src.workload = %source.name, dst.addr = %target, %error, "{what}");
         ctx.telemetry
-            .refused(Direction::Outbound, "upstream_unreachable");
+            .refused(Direction::Outbound, RefusalReason::UpstreamUnreachable);
         Refusal::Unreachable
     };
     match route {

@@ -16,8 +16,9 @@ use tracing::{info, warn};
 use super::relay::tcp_to_tcp;
 use super::socket::canonical;
 use super::{ProxyContext, error_text};
-use crate::authz::{ConnectionInfo, authorize};
-use crate::telemetry::{Connection, Direction, Security};
+use crate::authz::authorize;
+use crate::state::ConnectionInfo;
+use crate::telemetry::{Connection, Direction, RefusalReason, Security};
 
 pub async fn handle(
     ctx: Arc<ProxyContext>,
@@ -30,14 +31,16 @@ pub async fn handle(
     };
     if Some(target.port()) == listener.map(|l| l.port()) || ctx.own_ports.contains(&target.port()) {
         warn!(src.addr = %peer, dst.addr = %target, "plaintext connection to the proxy's own port (not redirected by the capture rules); refusing");
-        ctx.telemetry.refused(Direction::Inbound, "not_redirected");
+        ctx.telemetry
+            .refused(Direction::Inbound, RefusalReason::NotRedirected);
         return;
     }
     let (dst, decision) = {
         let state = ctx.mesh.read();
         let Some(dst) = ctx.local_workload(&state, target.ip()) else {
             warn!(src.addr = %peer, dst.addr = %target, "plaintext connection to an address that is no local workload; refusing");
-            ctx.telemetry.refused(Direction::Inbound, "not_local");
+            ctx.telemetry
+                .refused(Direction::Inbound, RefusalReason::NotLocal);
             return;
         };
         let info = ConnectionInfo {
@@ -57,14 +60,16 @@ pub async fn handle(
             reason = ?decision.outcome.reason,
             "plaintext connection denied by authorization policy"
         );
-        ctx.telemetry.refused(Direction::Inbound, "policy_denied");
+        ctx.telemetry
+            .refused(Direction::Inbound, RefusalReason::PolicyDenied);
         return;
     }
     let mut app = match ctx.connect_app(target, peer.ip()).await {
         Ok(app) => app,
         Err(error) => {
             info!(dst.addr = %target, %error, "the application refused the connection");
-            ctx.telemetry.refused(Direction::Inbound, "app_unreachable");
+            ctx.telemetry
+                .refused(Direction::Inbound, RefusalReason::AppUnreachable);
             return;
         }
     };

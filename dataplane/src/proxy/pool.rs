@@ -11,13 +11,14 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use meshbox_certs::SpiffeId;
+use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
@@ -103,11 +104,7 @@ pub struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self
-                .conn
-                .idle_since
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *self.conn.idle_since.lock() = Instant::now();
         }
     }
 }
@@ -208,7 +205,7 @@ impl Pool {
 
     /// Connections and streams per key.
     pub fn entries(&self) -> Vec<PoolEntry> {
-        let conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = self.inner.conns.lock();
         let mut out: Vec<PoolEntry> = conns
             .iter()
             .map(|(key, list)| PoolEntry {
@@ -229,7 +226,7 @@ impl Pool {
 
     /// Open connections in the pool.
     pub fn connections(&self) -> usize {
-        let conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = self.inner.conns.lock();
         conns.values().map(Vec::len).sum()
     }
 }
@@ -256,7 +253,7 @@ async fn open_stream(
 
 impl Inner {
     fn checkout(&self, key: &PoolKey) -> Option<(h2::client::SendRequest<Bytes>, StreamGuard)> {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = self.conns.lock();
         let conn = conns
             .get(key)?
             .iter()
@@ -267,12 +264,7 @@ impl Inner {
     }
 
     fn dial_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<()>> {
-        self.dialing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone()
+        self.dialing.lock().entry(key.clone()).or_default().clone()
     }
 
     fn insert(
@@ -282,7 +274,7 @@ impl Inner {
     ) -> (h2::client::SendRequest<Bytes>, StreamGuard) {
         conn.streams.fetch_add(1, Ordering::AcqRel);
         let sender = conn.sender.clone();
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conns = self.conns.lock();
         conns.entry(key.clone()).or_default().push(conn.clone());
         (sender, StreamGuard { conn })
     }
@@ -341,13 +333,12 @@ impl Inner {
     /// Drops closed connections and those idle too long.
     fn reap(&self) {
         let idle_timeout = self.settings.idle_timeout;
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conns = self.conns.lock();
         conns.retain(|key, list| {
             list.retain(|c| {
                 let idle = c.streams.load(Ordering::Acquire) == 0
                     && c.idle_since
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner())
                         .elapsed()
                         >= idle_timeout;
                 let expired = SystemTime::now() >= c.cert_not_after
@@ -361,7 +352,7 @@ impl Inner {
             !list.is_empty()
         });
         drop(conns);
-        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dialing = self.dialing.lock();
         dialing.retain(|_, lock| Arc::strong_count(lock) > 1);
     }
 }

@@ -16,7 +16,7 @@ use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
-use crate::inpod::Netns;
+use crate::netns::Netns;
 
 /// Opens sockets with the process-wide options, in the proxy's own network
 /// namespace or in a pod's (in-pod mode: the socket is created inside the

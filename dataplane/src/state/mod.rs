@@ -3,16 +3,19 @@
 //! arrival and indexed for the questions the proxy asks per connection:
 //! where does an outbound connection go ([`ProxyState::route`]), which local
 //! workload is an inbound connection for ([`ProxyState::local_workload`]),
-//! which policies apply ([`crate::authz::PolicyLookup`]).
+//! which policies apply ([`PolicyLookup`]).
 //!
 //! Boundaries: pure and synchronous — no I/O, no async, no locks. The xDS
 //! client feeds resources in with `apply_*` and turns a returned error into a
 //! NACK; the proxy wraps the state in whatever lock it likes. Routing needs
 //! only `&self` (round-robin cursors are atomics), so many connections can
-//! route under one read lock. Evaluating policies is [`crate::authz`]'s job;
-//! this module only stores them.
+//! route under one read lock. Policies are compiled ([`policy`]) and indexed
+//! here; evaluating them is `authz`'s job (which depends on this module, never
+//! the other way).
 
 mod address;
+mod policies;
+pub mod policy;
 mod route;
 mod service;
 mod sync;
@@ -31,9 +34,9 @@ use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::{Address, address::Type};
 use tracing::{debug, warn};
 
-use crate::authz::{Policy, PolicyError, PolicyLookup, PolicyStore};
-
 pub use address::{GatewayAddress, GatewayTarget, HBONE_PORT, ip_from_bytes};
+pub use policies::{PolicyLookup, PolicyStore};
+pub use policy::{ConnectionInfo, Policy, PolicyError};
 pub use route::{Route, RouteError, ServiceInfo, Transport, Upstream};
 pub use service::{HealthPolicy, IpFamilies, LbMode, LbScope, LoadBalancing, NetworkIp, Service};
 pub use sync::{Applied, validator};

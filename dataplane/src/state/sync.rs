@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::{Address, address::Type};
 
+use super::policy::Policy;
 use super::{ProxyState, Service, Workload};
-use crate::authz::Policy;
 use crate::xds::{Received, ResourceRef, Validator, XdsState};
 
 /// Versions applied so far, by resource name.

@@ -27,16 +27,18 @@ use tonic::transport::Channel;
 
 pub use state::{Received, ResourceRef, ResourceType, Validator, XdsState};
 
+use crate::token::TokenFile;
+
 /// How the client proves who it is.
 #[derive(Clone, Default)]
 pub enum Credentials {
     #[default]
     None,
-    /// `authorization: Bearer <token>`.
+    /// `authorization: Bearer <token>`, a token the caller holds.
     Bearer(String),
-    /// A file holding the token, read again on every (re)connect so a
-    /// rotated token is picked up (Istio's `AUTH_TOKEN`).
-    BearerFile(PathBuf),
+    /// A bearer-token file, read again on every (re)connect so a rotated
+    /// token is picked up (Istio's `AUTH_TOKEN`).
+    BearerFile(TokenFile),
 }
 
 impl std::fmt::Debug for Credentials {
@@ -45,7 +47,7 @@ impl std::fmt::Debug for Credentials {
         match self {
             Credentials::None => f.write_str("None"),
             Credentials::Bearer(_) => f.write_str("Bearer(<redacted>)"),
-            Credentials::BearerFile(path) => write!(f, "BearerFile({})", path.display()),
+            Credentials::BearerFile(file) => write!(f, "BearerFile({})", file.path().display()),
         }
     }
 }

@@ -14,12 +14,13 @@ use meshbox_proto::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use super::state::{self, Applied, ResourceType, XdsState};
 use super::{Answer, ClientError, ClientOptions, Command, Credentials};
+use crate::token::TokenError;
 
 /// The subscription name meaning "everything of this type".
 const WILDCARD: &str = "*";
@@ -389,23 +390,16 @@ fn reply(type_url: String, nonce: String, error: Option<String>) -> DeltaDiscove
 async fn authorization(
     credentials: &Credentials,
 ) -> Result<Option<AsciiMetadataValue>, ClientError> {
-    let token = match credentials {
+    let value = match credentials {
         Credentials::None => return Ok(None),
-        Credentials::Bearer(token) => token.trim().to_owned(),
-        Credentials::BearerFile(path) => tokio::fs::read_to_string(path)
-            .await
-            .map_err(|source| ClientError::TokenFile {
-                path: path.clone(),
-                source,
-            })?
-            .trim()
-            .to_owned(),
+        Credentials::Bearer(token) => crate::token::bearer(token),
+        Credentials::BearerFile(file) => file.authorization().await,
     };
-    let mut value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
-        .map_err(|_| ClientError::InvalidToken)?;
-    // Keeps the token out of HTTP/2 header tables and debug output.
-    value.set_sensitive(true);
-    Ok(Some(value))
+    match value {
+        Ok(value) => Ok(Some(value)),
+        Err(TokenError::Read { path, source }) => Err(ClientError::TokenFile { path, source }),
+        Err(TokenError::InvalidHeader) => Err(ClientError::InvalidToken),
+    }
 }
 
 /// Adds up to 25 % so clients that lost the same server do not return in

@@ -25,25 +25,49 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dataplane");
 
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("meshbox-dp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
+/// The `meshbox-cni` binary. It lives in a crate of its own (`cni/`), so
+/// cargo gives this package no `CARGO_BIN_EXE_` for it: `cargo test
+/// --workspace` (or with `-p meshbox-cni`) builds it next to [`BIN`]. A test
+/// does not build it itself (cargo may hold the target directory's lock
+/// while tests run), so a missing or stale one fails and says what to run.
+pub fn cni_plugin() -> PathBuf {
+    let plugin = Path::new(BIN).with_file_name("meshbox-cni");
+    let build_it = "build it first: `cargo build -p meshbox-cni` (`cargo test --workspace` does)";
+    let built = std::fs::metadata(&plugin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing; {build_it}", plugin.display()));
+    let cni = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cni");
+    let newest = [cni.join("src"), cni.join("Cargo.toml")]
+        .iter()
+        .filter_map(|p| newest_file(p))
+        .max();
+    assert!(
+        newest.is_none_or(|newest| newest <= built),
+        "{} is older than its sources; {build_it}",
+        plugin.display()
+    );
+    plugin
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// The latest modification time of `path`, or of any file under it.
+fn newest_file(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
     }
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| newest_file(&entry.path()))
+        .max()
+}
+
+/// A fresh directory, removed on drop.
+pub fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("meshbox-dp-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 #[derive(Parser)]
@@ -376,14 +400,14 @@ impl Drop for Dataplane {
 
 /// The control plane plus its manifest folder.
 pub struct Mesh {
-    pub dir: TempDir,
+    pub dir: tempfile::TempDir,
     pub cp: ControlPlane,
 }
 
 impl Mesh {
     /// A control plane on `127.{net}.0.1` serving `manifests`.
     pub fn start(name: &str, net: u8, manifests: &str, cp_args: &[&str]) -> Self {
-        let dir = TempDir::new(name);
+        let dir = temp_dir(name);
         std::fs::create_dir_all(dir.path().join("config")).unwrap();
         std::fs::write(dir.path().join("config/mesh.yaml"), manifests).unwrap();
         let cp = ControlPlane::start(
@@ -465,7 +489,7 @@ impl Mesh {
         let token = self.write_token(&format!("{node}-lookup"), token.unwrap());
         meshbox_dataplane::inpod::EnrollmentLookup::new(
             channel,
-            meshbox_dataplane::identity::TokenSource::File(token),
+            Some(meshbox_dataplane::token::TokenFile::new(token)),
         )
         .ask(namespace, name)
         .await

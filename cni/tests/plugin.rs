@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meshbox_dataplane::cni::{self, CaptureCommand, CaptureRequest, CaptureResponse};
+use meshbox_cni::{self as cni, CaptureCommand, CaptureRequest, CaptureResponse};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -33,27 +33,20 @@ const PREV_RESULT: &str = r#"{ "cniVersion": "1.0.0",
 const CNI_ARGS: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;\
                         K8S_POD_INFRA_CONTAINER_ID=3f2a9c;K8S_POD_UID=0b6e5c1a-1d2e-4f00-9a7b-5e3c2d1f0a99";
 
-struct TempDir(PathBuf);
+/// A socket path in a directory of its own, removed on drop.
+struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "meshbox-cni-{tag}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("meshbox-cni-{tag}-"))
+            .tempdir()
+            .unwrap();
         Self(dir)
     }
 
     fn socket(&self) -> PathBuf {
-        self.0.join("cni.sock")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().join("cni.sock")
     }
 }
 
@@ -695,7 +688,7 @@ async fn chained_after_bridge_and_host_local() {
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": "10.250.7.0/24"}]],
-                    "dataDir": dir.0.join("ipam"),
+                    "dataDir": dir.0.path().join("ipam"),
                 },
             },
             {"type": "meshbox-cni", "socket": agent.socket(), "timeout": "5s"},
@@ -732,7 +725,13 @@ async fn chained_after_bridge_and_host_local() {
         ("shop", "web-0")
     );
     assert_eq!(req.ips, vec![pod_ip.parse::<std::net::IpAddr>().unwrap()]);
-    assert!(dir.0.join("ipam/meshbox-chain-test").join(pod_ip).exists());
+    assert!(
+        dir.0
+            .path()
+            .join("ipam/meshbox-chain-test")
+            .join(pod_ip)
+            .exists()
+    );
 
     // CHECK, in order, with the final result.
     run_list(&host_ns, &cni_path, &list, "CHECK", &env, Some(&result))
@@ -751,7 +750,13 @@ async fn chained_after_bridge_and_host_local() {
         agent.requests().last().unwrap().command,
         CaptureCommand::Del
     );
-    assert!(!dir.0.join("ipam/meshbox-chain-test").join(pod_ip).exists());
+    assert!(
+        !dir.0
+            .path()
+            .join("ipam/meshbox-chain-test")
+            .join(pod_ip)
+            .exists()
+    );
 
     // With the agent gone, a new pod is refused, and its DEL still passes.
     drop(agent);

@@ -1,5 +1,6 @@
 //! One authorization policy, compiled from its xDS form, and whether it
-//! matches a connection.
+//! matches a connection (`authz` decides over the policies that
+//! apply; [`super::PolicyStore`] keeps them).
 //!
 //! Matching follows Istio's ambient semantics: a policy matches if any rule
 //! matches; a rule if all of its clauses match (no clauses: always); a clause

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{info, warn};
 
-use super::{CaptureCommand, CaptureRequest, CaptureResponse, DEFAULT_SOCKET, probe, request};
+use crate::{CaptureCommand, CaptureRequest, CaptureResponse, DEFAULT_SOCKET, probe, request};
 
 /// The CNI versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];

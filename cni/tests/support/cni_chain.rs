@@ -2,7 +2,7 @@
 //! `CNI_*` environment, the plugin's configuration with the list's name and
 //! version (and the previous plugin's result) on stdin, inside the given
 //! "host" network namespace. Shared by the CNI plugin tests and the in-pod
-//! capture tests.
+//! capture tests (`dataplane/tests/inpod.rs` includes this file by path).
 
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -28,6 +28,12 @@
 //! [`serve`] is the agent's side of the socket, [`request`] the plugin's,
 //! [`plugin`] the CNI spec side (environment, stdin, results, errors), and
 //! [`install`] puts the plugin into a node's CNI configuration.
+//!
+//! A crate of its own, as Istio keeps istio-cni apart from ztunnel: the
+//! plugin binary is copied onto every node and linked statically, so it
+//! links nothing of the dataplane (no global allocator, no proxy). The
+//! dataplane depends on this library for the contract only: the types
+//! above and [`listen`]/[`serve`].
 
 pub mod install;
 pub mod plugin;
@@ -353,26 +359,19 @@ mod tests {
         assert_eq!(resp, CaptureResponse::not_captured());
     }
 
-    struct TempSocket(std::path::PathBuf);
+    /// A socket path in a directory of its own, removed on drop.
+    struct TempSocket(tempfile::TempDir);
 
     impl TempSocket {
         fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "meshbox-cni-unit-{}-{tag}-{}",
-                std::process::id(),
-                rand::random::<u32>()
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("meshbox-cni-unit-{tag}-"))
+                .tempdir()
+                .unwrap();
             Self(dir)
         }
         fn path(&self) -> std::path::PathBuf {
-            self.0.join("cni.sock")
-        }
-    }
-
-    impl Drop for TempSocket {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            self.0.path().join("cni.sock")
         }
     }
 

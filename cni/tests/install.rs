@@ -32,28 +32,28 @@ const KINDNET: &str = r#"{
 }
 "#;
 
+/// A node's CNI directories, removed on drop.
 struct Node {
-    root: PathBuf,
+    root: tempfile::TempDir,
 }
 
 impl Node {
     fn new(tag: &str) -> Self {
-        let root = std::env::temp_dir().join(format!(
-            "meshbox-cni-install-it-{}-{tag}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("bin")).unwrap();
-        std::fs::create_dir_all(root.join("net.d")).unwrap();
+        let root = tempfile::Builder::new()
+            .prefix(&format!("meshbox-cni-install-it-{tag}-"))
+            .tempdir()
+            .unwrap();
+        std::fs::create_dir_all(root.path().join("bin")).unwrap();
+        std::fs::create_dir_all(root.path().join("net.d")).unwrap();
         Self { root }
     }
 
     fn bin(&self) -> PathBuf {
-        self.root.join("bin")
+        self.root.path().join("bin")
     }
 
     fn conf_dir(&self) -> PathBuf {
-        self.root.join("net.d")
+        self.root.path().join("net.d")
     }
 
     fn conflist(&self) -> PathBuf {
@@ -82,12 +82,6 @@ impl Node {
             .iter()
             .map(|p| p["type"].as_str().unwrap().to_owned())
             .collect()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 

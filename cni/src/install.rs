@@ -33,8 +33,8 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tracing::{info, warn};
 
-use super::DEFAULT_SOCKET;
-use super::plugin::SUPPORTED_VERSIONS;
+use crate::DEFAULT_SOCKET;
+use crate::plugin::SUPPORTED_VERSIONS;
 
 /// The plugin's `type`: the binary's name in the CNI bin directory.
 pub const PLUGIN_TYPE: &str = "meshbox-cni";
@@ -708,18 +708,18 @@ mod tests {
 
     /// A node's bin and conf directories, removed on drop.
     struct Node {
-        root: PathBuf,
+        _root: tempfile::TempDir,
         layout: Layout,
         binary: PathBuf,
     }
 
     impl Node {
         fn new(tag: &str) -> Self {
-            let root = std::env::temp_dir().join(format!(
-                "meshbox-cni-install-{}-{tag}-{}",
-                std::process::id(),
-                rand::random::<u32>()
-            ));
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("meshbox-cni-install-{tag}-"))
+                .tempdir()
+                .unwrap();
+            let root = dir.path();
             let layout = Layout {
                 bin_dir: root.join("opt/cni/bin"),
                 conf_dir: root.join("etc/cni/net.d"),
@@ -729,7 +729,7 @@ mod tests {
             let binary = root.join("meshbox-cni-build");
             fs::write(&binary, b"\x7fELF plugin v1").unwrap();
             Self {
-                root,
+                _root: dir,
                 layout,
                 binary,
             }
@@ -766,12 +766,6 @@ mod tests {
                 .into_iter()
                 .map(|n| n.to_string_lossy().into_owned())
                 .collect()
-        }
-    }
-
-    impl Drop for Node {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.root);
         }
     }
 
