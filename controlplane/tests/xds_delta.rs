@@ -1,14 +1,19 @@
-//! Delta ADS conformance of the xDS server, over real TCP on 127.0.0.1,
-//! driven by our client library or by raw tonic streams.
+//! Delta ADS conformance of the xDS server, wired as `controlplane run`
+//! wires it: over TLS on 127.0.0.1 with the serving certificate from our
+//! CA, streams authenticated with real node tokens by the real
+//! `LocalTokens`; driven by our client library or by raw tonic streams.
+//! Only `plaintext_port_serves_the_same_xds_and_still_requires_a_token`
+//! runs without TLS.
 
 #[path = "xds_common/mod.rs"]
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use meshbox_controlplane::auth::local::LocalTokens;
 use meshbox_controlplane::xds::XdsOptions;
 use meshbox_dataplane::xds::{Answer, ResourceType, Validator, XdsClient, XdsState};
 use meshbox_proto::google::rpc::Status as RpcStatus;
@@ -16,7 +21,7 @@ use meshbox_proto::workload::{Address, address};
 use meshbox_proto::xds::DeltaDiscoveryRequest;
 use prost::Message;
 use tonic::Code;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig};
 
 /// How long a silence check listens. The tests that check for silence run
 /// on tokio's paused clock: virtual time only moves when the server and the
@@ -81,7 +86,7 @@ async fn add_update_remove_are_sent_as_deltas() {
         (uid("a"), workload("a", [10, 0, 0, 1], "v1")),
         (uid("b"), workload("b", [10, 0, 0, 2], "v1")),
     ]);
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     s.send(wildcard(ADDRESS)).await;
     let r = s.recv().await;
     assert_eq!(r.type_url, ADDRESS);
@@ -123,7 +128,7 @@ async fn add_update_remove_are_sent_as_deltas() {
 async fn nacked_version_is_not_resent_until_it_changes() {
     let h = Harness::start().await;
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     s.send(wildcard(ADDRESS)).await;
     let r = s.recv().await;
     s.send(DeltaDiscoveryRequest {
@@ -170,7 +175,7 @@ async fn client_nacks_what_its_validator_rejects() {
         (uid("a"), workload("a", [10, 0, 0, 1], "ok")),
         (uid("b"), workload("b", [10, 0, 0, 2], "bad")),
     ]);
-    let mut options = client_options(TOKEN);
+    let mut options = h.client_options();
     let validator: Validator = Arc::new(|_, resource| match resource {
         meshbox_dataplane::xds::ResourceRef::Address(a) if tag_of(a) == "bad" => {
             Err("tag 'bad' is not allowed".into())
@@ -205,7 +210,7 @@ async fn reconnect_with_initial_versions_gets_only_changes() {
         (uid("b"), workload("b", [10, 0, 0, 2], "v1")),
         (uid("c"), workload("c", [10, 0, 0, 3], "v1")),
     ]);
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     s.send(wildcard(ADDRESS)).await;
     let r = s.recv().await;
     let mut held: HashMap<String, String> = r
@@ -222,7 +227,7 @@ async fn reconnect_with_initial_versions_gets_only_changes() {
     h.remove_addresses(&[&uid("b")]);
     held.insert("ghost".into(), "0123".into());
 
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     let mut first = wildcard(ADDRESS);
     first.initial_resource_versions = held;
     s.send(first).await;
@@ -240,7 +245,10 @@ async fn client_library_reconnects_and_receives_only_what_changed() {
         (uid(&name), workload(&name, [10, 1, 0, i as u8], "v1"))
     }));
     let proxy = Proxy::start(h.addr).await;
-    let client = XdsClient::start(channel_to(proxy.addr), client_options(TOKEN));
+    let client = XdsClient::start(
+        h.endpoint_via(proxy.addr).connect_lazy(),
+        h.client_options(),
+    );
     wait_state(&client, "first sync", |s| {
         s.is_synced() && s.addresses.len() == 50
     })
@@ -279,7 +287,7 @@ async fn on_demand_by_name_and_ip_with_not_found_and_unsubscribe() {
     ]);
     // On another node than the workloads: an on-demand client also gets
     // its own node's workloads (see the test after the next).
-    let mut options = client_options_on("worker-2");
+    let mut options = h.client_options_on("worker-2");
     options.wildcard = vec![ResourceType::Authorization];
     let client = XdsClient::start(h.channel(), options);
     wait_state(&client, "synced, nothing on demand yet", |s| {
@@ -380,9 +388,7 @@ async fn ztunnel_style_ip_lookup_on_a_raw_stream() {
     let h = Harness::start().await;
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
     // A client on another node than the workload.
-    let mut s = RawStream::open(h.channel(), Some("node-token-worker-2"))
-        .await
-        .unwrap();
+    let mut s = h.stream_as("worker-2").await;
     // ztunnel with XDS_ON_DEMAND: subscribe and unsubscribe "*" together.
     let mut first = wildcard(ADDRESS);
     first.node = Some(meshbox_dataplane::xds::node(
@@ -421,7 +427,7 @@ async fn on_demand_gets_node_local_workloads_and_service_endpoints() {
         (uid("other"), placed(&other, "worker-2", &[])),
         (svc_name.clone(), svc),
     ]);
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     let mut first = wildcard(ADDRESS);
     first.resource_names_subscribe = vec!["*".into()];
     first.resource_names_unsubscribe = vec!["*".into()];
@@ -464,7 +470,7 @@ async fn on_demand_gets_node_local_workloads_and_service_endpoints() {
 async fn unknown_type_url_is_ignored() {
     let h = Harness::start().await;
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     s.send(wildcard(
         "type.googleapis.com/envoy.config.cluster.v3.Cluster",
     ))
@@ -486,7 +492,7 @@ async fn unknown_type_url_is_ignored() {
 async fn request_with_unknown_nonce_is_ignored() {
     let h = Harness::start().await;
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     s.send(wildcard(ADDRESS)).await;
     let r = s.recv().await;
     s.ack(&r).await;
@@ -518,7 +524,7 @@ async fn garbage_names_end_the_stream_with_invalid_argument() {
         ("", "empty"),
         (long.as_str(), "too long"),
     ] {
-        let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+        let mut s = h.stream().await;
         s.send(wildcard(ADDRESS)).await;
         s.recv().await;
         s.send(subscribe(ADDRESS, &[name])).await;
@@ -531,7 +537,7 @@ async fn garbage_names_end_the_stream_with_invalid_argument() {
         );
     }
     // Empty type_url on an ADS stream.
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     s.send(wildcard("")).await;
     assert_eq!(s.recv_error().await.code(), Code::InvalidArgument);
 }
@@ -543,7 +549,7 @@ async fn huge_subscribe_list_is_refused() {
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
 
     // At the bound: accepted, every name answered "not found".
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     s.send(subscribe(ADDRESS, &names[..10_000])).await;
     let mut not_found = 0;
     while not_found < 10_000 {
@@ -553,7 +559,7 @@ async fn huge_subscribe_list_is_refused() {
     }
     assert_eq!(not_found, 10_000);
 
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     s.send(subscribe(ADDRESS, &names)).await;
     let status = s.recv_error().await;
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -564,36 +570,238 @@ async fn huge_subscribe_list_is_refused() {
     );
 }
 
+/// Every way a token can fail, through the real verifier behind the real
+/// `XdsAuth`: each stream refused with its own status and message, before
+/// anything is sent.
 #[tokio::test]
 async fn unauthenticated_streams_are_refused_before_anything_is_sent() {
     let h = Harness::start().await;
     h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
-    for token in [None, Some("someone-else")] {
-        let status = match RawStream::open(h.channel(), token).await {
+    // Signed by another control plane's key.
+    let forged = Stranger::create()
+        .tokens
+        .mint_for_node(NODE, Duration::from_secs(3600))
+        .unwrap();
+    // A workload token signed with this control plane's own key, but for
+    // another trust domain (one minted before a --trust-domain change).
+    let other_domain = LocalTokens::load_or_create(h.state_dir(), "other.example")
+        .unwrap()
+        .mint_for_identity(
+            &"spiffe://other.example/ns/default/sa/default"
+                .parse()
+                .unwrap(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let cases = [
+        (
+            None,
+            Code::Unauthenticated,
+            "no bearer token: send 'Authorization: Bearer <token>'",
+        ),
+        (
+            Some("someone-else".to_owned()),
+            Code::Unauthenticated,
+            "malformed token: not a JWT",
+        ),
+        (
+            Some(forged.clone()),
+            Code::Unauthenticated,
+            "the token is not valid for this control plane",
+        ),
+        (
+            Some(h.expired_token_for_node(NODE)),
+            Code::Unauthenticated,
+            "the token has expired: mint a new one",
+        ),
+        (
+            Some(other_domain),
+            Code::PermissionDenied,
+            "the token's identity is not allowed here: \
+             spiffe://other.example/ns/default/sa/default is not in trust domain cluster.local",
+        ),
+    ];
+    for (token, code, message) in cases {
+        let status = match RawStream::open(h.channel(), token.as_deref()).await {
             Err(status) => status,
             Ok(_) => panic!("stream with {token:?} was accepted"),
         };
-        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(status.code(), code, "{token:?}: {status:?}");
+        assert_eq!(status.message(), message, "{token:?}");
     }
     assert_eq!(
         h.metric(
             "meshbox_xds_streams_refused_total",
             "reason=\"unauthenticated\""
         ),
-        2.0
+        4.0
+    );
+    assert_eq!(
+        h.metric(
+            "meshbox_xds_streams_refused_total",
+            "reason=\"permission_denied\""
+        ),
+        1.0
     );
     assert_eq!(h.metric("meshbox_xds_resources_sent_total", ""), 0.0);
     assert!(h.server.connections().is_empty());
 
-    let client = XdsClient::start(h.channel(), client_options("wrong"));
+    let client = XdsClient::start(h.channel(), client_options(&forged));
     wait_state(&client, "client reports the refusal", |s| {
         !s.connected
-            && s.last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("token not valid"))
+            && s.last_error.as_deref().is_some_and(|e| {
+                e.starts_with("opening the xDS stream failed")
+                    && e.contains(Code::Unauthenticated.description())
+                    && e.contains("the token is not valid for this control plane")
+            })
     })
     .await;
     assert!(client.state().borrow().addresses.is_empty());
+    assert!(h.server.connections().is_empty());
+}
+
+/// The rustls error somewhere in `err`'s chain of causes.
+fn rustls_error(err: &(dyn std::error::Error + 'static)) -> Option<rustls::Error> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<rustls::Error>() {
+            return Some(found.clone());
+        }
+        if let Some(found) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(found.clone());
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// The gRPC port serves the certificate our CA issued, and a client checks
+/// it as the dataplane does: it must chain to the root the client was
+/// given and name the address dialled. A client that cannot check it never
+/// reaches the xDS server.
+#[tokio::test]
+async fn clients_verify_the_serving_certificate() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+
+    // Trusting another control plane's root. It has the same name as ours
+    // (same trust domain), so the client finds it as the issuer and then
+    // the signature does not verify.
+    let stranger = Stranger::create();
+    let err = tls_endpoint(h.addr, &stranger.root_pem)
+        .connect()
+        .await
+        .expect_err("a foreign root verified our certificate");
+    assert!(
+        matches!(
+            rustls_error(&err),
+            Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::BadSignature
+            ))
+        ),
+        "{err:?}"
+    );
+
+    // Our root, but a name the certificate does not carry.
+    let err = h
+        .endpoint()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&h.root_pem))
+                .domain_name("meshbox-controlplane.elsewhere.svc"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .expect_err("a name not in the certificate was accepted");
+    assert!(
+        matches!(
+            rustls_error(&err),
+            Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. }
+            ))
+        ),
+        "{err:?}"
+    );
+
+    // Our client library with the foreign root and a valid token: it
+    // reports the failure and the server never sees a stream.
+    let client = XdsClient::start(
+        tls_endpoint(h.addr, &stranger.root_pem).connect_lazy(),
+        h.client_options(),
+    );
+    wait_state(&client, "client reports the failed connection", |s| {
+        !s.connected && s.last_error.is_some()
+    })
+    .await;
+    assert!(client.state().borrow().addresses.is_empty());
+    assert!(h.server.connections().is_empty());
+    assert_eq!(h.metric("meshbox_xds_streams_refused_total", ""), 0.0);
+
+    // With our root it syncs: the certificate names 127.0.0.1 and the
+    // in-cluster Service names.
+    let client = h.client();
+    wait_state(&client, "synced over TLS", |s| {
+        s.is_synced() && s.addresses.contains_key(&uid("a"))
+    })
+    .await;
+}
+
+/// The development-only plaintext port (`--xds-plaintext-addr`), the one
+/// case without TLS, because plaintext is what is under test: it serves the
+/// same xDS, a token is as required there as over TLS, and the TLS port
+/// does not fall back to plaintext.
+#[tokio::test]
+async fn plaintext_port_serves_the_same_xds_and_still_requires_a_token() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    let plain = h.serve_plaintext().await;
+
+    let status = match RawStream::open(plaintext_channel(plain), None).await {
+        Err(status) => status,
+        Ok(_) => panic!("a stream without a token was accepted on the plaintext port"),
+    };
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(
+        status.message(),
+        "no bearer token: send 'Authorization: Bearer <token>'"
+    );
+
+    let client = XdsClient::start(plaintext_channel(plain), h.client_options());
+    wait_state(&client, "synced over plaintext", |s| {
+        s.is_synced() && s.addresses.contains_key(&uid("a"))
+    })
+    .await;
+    let infos = h.server.connections();
+    assert_eq!(infos.len(), 1);
+    assert_eq!(infos[0].caller, "node:worker-1");
+    drop(client);
+    wait_until("plaintext stream gone", || {
+        h.server.connections().is_empty()
+    })
+    .await;
+
+    // Plaintext to the TLS port, even with a valid token, gets no stream:
+    // the handshake fails and the connection is closed, which the client
+    // sees as a transport error (Unknown, or Unavailable if the close
+    // arrives before the request is under way).
+    let refused = RawStream::open(plaintext_channel(h.addr), Some(&h.token())).await;
+    let status = refused.err().expect("the TLS port answered plaintext");
+    assert!(
+        matches!(status.code(), Code::Unknown | Code::Unavailable),
+        "{status:?}"
+    );
+    assert!(h.server.connections().is_empty());
+    assert_eq!(
+        h.metric("meshbox_xds_streams_refused_total", ""),
+        1.0,
+        "only the tokenless plaintext stream reached the server"
+    );
 }
 
 #[tokio::test]
@@ -651,10 +859,9 @@ async fn fifty_clients_converge_after_a_burst_and_share_encodings() {
     h.put_workloads(initial);
     let clients: Vec<XdsClient> = (0..50)
         .map(|i| {
-            let channel = Endpoint::from_shared(format!("http://{}", h.addr))
-                .unwrap()
-                .connect_lazy();
-            XdsClient::start(channel, client_options(&format!("node-token-worker-{i}")))
+            // Each its own TLS connection and its own node token.
+            let token = h.token_for_node(&format!("worker-{i}"));
+            XdsClient::start(h.channel(), client_options(&token))
         })
         .collect();
     for c in &clients {
@@ -663,6 +870,11 @@ async fn fifty_clients_converge_after_a_burst_and_share_encodings() {
         })
         .await;
     }
+    // Fifty streams, each known by the node its token names.
+    let nodes: BTreeSet<Option<String>> =
+        h.server.connections().into_iter().map(|c| c.node).collect();
+    let want: BTreeSet<Option<String>> = (0..50).map(|i| Some(format!("worker-{i}"))).collect();
+    assert_eq!(nodes, want);
     let pushes_before = h.metric(
         "meshbox_xds_pushes_total",
         &format!("type_url=\"{ADDRESS}\""),
@@ -747,23 +959,34 @@ async fn slow_client_neither_blocks_others_nor_accumulates_updates() {
     // naming every resource), with a small HTTP/2 window so the server
     // notices quickly.
     let slow_channel = || {
-        Endpoint::from_shared(format!("http://{}", h.addr))
-            .unwrap()
+        h.endpoint()
             .initial_stream_window_size(64 * 1024)
             .initial_connection_window_size(64 * 1024)
             .connect_lazy()
     };
-    let mut slow_wildcard = RawStream::open(slow_channel(), Some("node-token-slow-wildcard"))
-        .await
-        .unwrap();
+    let mut slow_wildcard =
+        RawStream::open(slow_channel(), Some(&h.token_for_node("slow-wildcard")))
+            .await
+            .unwrap();
     slow_wildcard.send(wildcard(ADDRESS)).await;
-    let mut slow_named = RawStream::open(slow_channel(), Some("node-token-slow-named"))
+    let mut slow_named = RawStream::open(slow_channel(), Some(&h.token_for_node("slow-named")))
         .await
         .unwrap();
     slow_named.send(subscribe(ADDRESS, &all_names)).await;
 
     let fast = h.client();
     wait_state(&fast, "fast initial sync", |s| s.addresses.len() == N).await;
+    let mut callers: Vec<String> = h
+        .server
+        .connections()
+        .into_iter()
+        .map(|c| c.caller)
+        .collect();
+    callers.sort();
+    assert_eq!(
+        callers,
+        ["node:slow-named", "node:slow-wildcard", "node:worker-1"]
+    );
     // The fast client follows every round while the slow ones read
     // nothing at all: were it held back by them, it would never get there
     // and wait_state would fail. How fast it follows is not under test (a
@@ -834,9 +1057,7 @@ async fn slow_client_neither_blocks_others_nor_accumulates_updates() {
         h.metric("meshbox_xds_fell_behind_total", "action=\"reconnect\""),
         1.0
     );
-    let mut again = RawStream::open(h.channel(), Some("node-token-slow-wildcard"))
-        .await
-        .unwrap();
+    let mut again = h.stream_as("slow-wildcard").await;
     let mut first = wildcard(ADDRESS);
     first.initial_resource_versions = versions.into_iter().collect();
     again.send(first).await;
@@ -878,7 +1099,7 @@ async fn a_burst_of_updates_becomes_one_push() {
         ..XdsOptions::default()
     };
     let h = Harness::with_options(options).await;
-    let mut s = RawStream::open(h.channel(), Some(TOKEN)).await.unwrap();
+    let mut s = h.stream().await;
     s.send(wildcard(ADDRESS)).await;
     let r = s.recv().await;
     assert!(r.resources.is_empty());

@@ -98,15 +98,19 @@ async fn a_dataplane_syncs_over_tls_and_follows_folder_edits() {
     let refused = raw
         .delta_aggregated_resources(tokio_stream::iter(vec![request]))
         .await;
-    let code = match refused {
-        Err(status) => status.code(),
+    let status = match refused {
+        Err(status) => status,
         Ok(response) => {
             let mut stream = response.into_inner();
             match stream.message().await {
-                Err(status) => status.code(),
+                Err(status) => status,
                 Ok(m) => panic!("unauthenticated stream got {m:?}"),
             }
         }
     };
-    assert_eq!(code, tonic::Code::Unauthenticated);
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "no bearer token: send 'Authorization: Bearer <token>'"
+    );
 }

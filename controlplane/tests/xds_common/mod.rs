@@ -1,14 +1,26 @@
-//! Test harness: a real xDS server on 127.0.0.1, clients over TCP (our
-//! client library, or a raw tonic stream for protocol-level checks), a TCP
-//! proxy that can cut connections, and resource builders.
+//! Test harness: the real xDS server wired the way `controlplane run` wires
+//! it, in-process on 127.0.0.1: the real CA in a state directory, the real
+//! token key and authenticator (`LocalTokens` behind `XdsAuth`), and the
+//! real gRPC listener (`serve_tls` with the serving certificate our CA
+//! issues). Clients are our dataplane's xDS client (or raw tonic streams for
+//! protocol-level checks) over TLS, verifying that certificate against the
+//! root the way the dataplane does, and sending node tokens minted the way
+//! `controlplane token --node` mints them. Plus a TCP proxy that can cut
+//! connections, and resource builders.
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meshbox_controlplane::xds::{Peer, StreamAuthenticator, XdsOptions, XdsServer};
+use meshbox_certs::ca::{CaPolicy, CertificateAuthority};
+use meshbox_controlplane::auth::Authenticator;
+use meshbox_controlplane::auth::local::LocalTokens;
+use meshbox_controlplane::run::XdsAuth;
+use meshbox_controlplane::serving::{ServingCertificate, ServingNames, serve_plain, serve_tls};
+use meshbox_controlplane::xds::{XdsOptions, XdsServer};
 use meshbox_dataplane::xds::{ClientOptions, Credentials, XdsClient, XdsState, node};
 use meshbox_proto::security::{Action, Authorization, Clause, Match, Rule, Scope};
 use meshbox_proto::workload::{Address, NetworkAddress, Service, Workload, address};
@@ -18,35 +30,54 @@ use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Channel, Endpoint};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Status, Streaming};
 
 pub const ADDRESS: &str = meshbox_proto::ADDRESS_TYPE_URL;
 pub const AUTHZ: &str = meshbox_proto::AUTHORIZATION_TYPE_URL;
-pub const TOKEN: &str = "node-token-worker-1";
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// The node every test workload runs on, and the default client's node.
+pub const NODE: &str = "worker-1";
+/// `controlplane token`'s default `--ttl`.
+const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// `controlplane run`'s default `--serving-cert-ttl`.
+const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Accepts `Bearer node-token-<node>`; anything else is unauthenticated.
-pub struct TestAuth;
+/// A control plane's state directory (CA root and token key), removed on
+/// drop.
+struct StateDir(PathBuf);
 
-#[tonic::async_trait]
-impl StreamAuthenticator for TestAuth {
-    async fn authenticate(&self, authorization: Option<&str>) -> Result<Peer, Status> {
-        let header = authorization.ok_or_else(|| Status::unauthenticated("no bearer token"))?;
-        let node = header
-            .strip_prefix("Bearer node-token-")
-            .ok_or_else(|| Status::unauthenticated("token not valid here"))?;
-        Ok(Peer {
-            caller: format!("node:{node}"),
-            node: Some(node.to_owned()),
-        })
+impl StateDir {
+    fn new() -> Self {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("meshbox-xds-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
 pub struct Harness {
     pub server: XdsServer,
+    /// The gRPC port, over TLS (15012 in a deployment).
     pub addr: SocketAddr,
     pub registry: Registry,
+    /// The root certificate, as the dataplane is given it (`XDS_ROOT_CA`).
+    pub root_pem: String,
+    /// The token key, loaded from the state directory the way
+    /// `controlplane token` loads it (the server loaded its own copy).
+    tokens: LocalTokens,
+    /// The gRPC routes, for a plaintext port next to the TLS one.
+    app: axum::Router,
+    state: StateDir,
 }
 
 pub fn init_tracing() {
@@ -63,35 +94,135 @@ impl Harness {
         Self::with_options(XdsOptions::default()).await
     }
 
+    /// What `controlplane run` does for xDS in standalone mode, with the
+    /// xDS options given here.
     pub async fn with_options(options: XdsOptions) -> Harness {
         init_tracing();
+        meshbox_certs::install_crypto_provider();
+        let state = StateDir::new();
+        let ca = Arc::new(
+            CertificateAuthority::load_or_create(&state.0, None, CaPolicy::new(TRUST_DOMAIN))
+                .unwrap(),
+        );
+        let auth = Arc::new(Authenticator::Local(
+            LocalTokens::load_or_create(&state.0, TRUST_DOMAIN).unwrap(),
+        ));
         let mut registry = Registry::default();
-        let server = XdsServer::new(Arc::new(TestAuth), &mut registry, options);
+        let server = XdsServer::new(Arc::new(XdsAuth(auth)), &mut registry, options);
+        let names = ServingNames::new("meshbox-controlplane", "meshbox-system", &[]);
+        let serving = ServingCertificate::start(ca.clone(), names, SERVING_TTL).unwrap();
+        let tls = serving
+            .server_config(ca.roots(), TRUST_DOMAIN, &[b"h2"])
+            .unwrap();
+        let app = tonic::service::Routes::new(server.service()).into_axum_router();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        // Mounted the way the control plane mounts its gRPC services.
-        let routes = tonic::service::Routes::new(server.service());
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_routes(routes)
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
+        tokio::spawn(serve_tls(listener, tls, app.clone()));
         Harness {
             server,
             addr,
             registry,
+            root_pem: std::fs::read_to_string(state.0.join("root-cert.pem")).unwrap(),
+            tokens: LocalTokens::load_or_create(&state.0, TRUST_DOMAIN).unwrap(),
+            app,
+            state,
         }
     }
 
-    pub fn channel(&self) -> Channel {
-        channel_to(self.addr)
+    pub fn state_dir(&self) -> &Path {
+        &self.state.0
     }
 
-    /// Our client library, wildcard on both types, as node `worker-1`.
+    /// A node token, as `controlplane token --node <node>` prints it.
+    pub fn token_for_node(&self, node: &str) -> String {
+        self.tokens.mint_for_node(node, TOKEN_TTL).unwrap()
+    }
+
+    /// The token of [`NODE`].
+    pub fn token(&self) -> String {
+        self.token_for_node(NODE)
+    }
+
+    /// A TLS endpoint to the gRPC port (through `addr`, e.g. a proxy).
+    pub fn endpoint_via(&self, addr: SocketAddr) -> Endpoint {
+        tls_endpoint(addr, &self.root_pem)
+    }
+
+    /// A TLS endpoint to the gRPC port, for a channel with extra settings.
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint_via(self.addr)
+    }
+
+    pub fn channel(&self) -> Channel {
+        self.endpoint().connect_lazy()
+    }
+
+    /// [`client_options`] with the token of [`NODE`].
+    pub fn client_options(&self) -> ClientOptions {
+        client_options(&self.token())
+    }
+
+    /// [`client_options`] for a client on another node than [`NODE`]
+    /// (where every test workload runs), with that node's token, so
+    /// on-demand tests see only what they ask for and not the workloads an
+    /// on-demand client gets for its own node.
+    pub fn client_options_on(&self, node_name: &str) -> ClientOptions {
+        let mut options = client_options(&self.token_for_node(node_name));
+        options.node = node(
+            "ztunnel~10.0.0.101~ztunnel-def.istio-system~istio-system.svc.cluster.local",
+            [("NODE_NAME", node_name), ("NAMESPACE", "istio-system")],
+        );
+        options
+    }
+
+    /// Our client library, wildcard on both types, as node [`NODE`].
     pub fn client(&self) -> XdsClient {
-        XdsClient::start(self.channel(), client_options(TOKEN))
+        XdsClient::start(self.channel(), self.client_options())
+    }
+
+    /// A raw stream over TLS as node [`NODE`].
+    pub async fn stream(&self) -> RawStream {
+        self.stream_as(NODE).await
+    }
+
+    /// A raw stream over TLS with `node`'s token.
+    pub async fn stream_as(&self, node: &str) -> RawStream {
+        RawStream::open(self.channel(), Some(&self.token_for_node(node)))
+            .await
+            .unwrap()
+    }
+
+    /// Also serves the gRPC routes without TLS, the way
+    /// `--xds-plaintext-addr` does; returns that port.
+    pub async fn serve_plaintext(&self) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_plain(listener, self.app.clone()));
+        addr
+    }
+
+    /// A token for `node` signed with this control plane's key that expired
+    /// ten minutes ago. `LocalTokens` rightly mints none, so the claims are
+    /// written here, in its format (iss and aud `meshbox`, sub `node:…`).
+    pub fn expired_token_for_node(&self, node: &str) -> String {
+        let key = std::fs::read(self.state.0.join("token-signing.key")).unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "iss": "meshbox",
+            "aud": "meshbox",
+            "sub": format!("node:{node}"),
+            "iat": now - 3600,
+            "exp": now - 600,
+        });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&key),
+        )
+        .unwrap()
     }
 
     pub fn metrics(&self) -> String {
@@ -125,19 +256,56 @@ impl Harness {
     }
 }
 
-pub fn channel_to(addr: SocketAddr) -> Channel {
+/// A control plane that shares nothing with the harness: its own CA root and
+/// token key, in its own state directory.
+pub struct Stranger {
+    pub root_pem: String,
+    pub tokens: LocalTokens,
+    _state: StateDir,
+}
+
+impl Stranger {
+    pub fn create() -> Stranger {
+        let state = StateDir::new();
+        CertificateAuthority::load_or_create(&state.0, None, CaPolicy::new(TRUST_DOMAIN)).unwrap();
+        Stranger {
+            root_pem: std::fs::read_to_string(state.0.join("root-cert.pem")).unwrap(),
+            tokens: LocalTokens::load_or_create(&state.0, TRUST_DOMAIN).unwrap(),
+            _state: state,
+        }
+    }
+}
+
+/// An `https://` endpoint to `addr` that trusts `root_pem` and checks the
+/// server's certificate for the address's host, as the dataplane's
+/// control-plane channel does (`XDS_ADDRESS` with `XDS_ROOT_CA`).
+pub fn tls_endpoint(addr: SocketAddr, root_pem: &str) -> Endpoint {
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(root_pem))
+                .domain_name(addr.ip().to_string()),
+        )
+        .unwrap()
+}
+
+/// An `http://` channel: only for the plaintext-port test.
+pub fn plaintext_channel(addr: SocketAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
-        .connect_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(5))
         .connect_lazy()
 }
 
+/// Options for a client of node [`NODE`] sending `token`.
 pub fn client_options(token: &str) -> ClientOptions {
     let mut options = ClientOptions::new(
         Credentials::Bearer(token.to_owned()),
         node(
             "ztunnel~10.0.0.100~ztunnel-abc.istio-system~istio-system.svc.cluster.local",
-            [("NODE_NAME", "worker-1"), ("NAMESPACE", "istio-system")],
+            [("NODE_NAME", NODE), ("NAMESPACE", "istio-system")],
         ),
     );
     options.initial_backoff = Duration::from_millis(20);
@@ -160,7 +328,7 @@ pub fn workload(name: &str, ip: [u8; 4], tag: &str) -> Arc<Address> {
             addresses: vec![ip.to_vec()],
             service_account: "default".into(),
             trust_domain: "cluster.local".into(),
-            node: "worker-1".into(),
+            node: NODE.into(),
             canonical_name: name.into(),
             canonical_revision: tag.into(),
             ..Default::default()
@@ -229,19 +397,6 @@ pub async fn wait_state(client: &XdsClient, what: &str, f: impl Fn(&XdsState) ->
     }
 }
 
-/// A raw Delta ADS stream for protocol-level tests.
-/// [`client_options`] for a client on another node than `worker-1` (where
-/// every test workload runs), so on-demand tests see only what they ask for
-/// and not the workloads an on-demand client gets for its own node.
-pub fn client_options_on(node_name: &str) -> ClientOptions {
-    let mut options = client_options(&format!("node-token-{node_name}"));
-    options.node = node(
-        "ztunnel~10.0.0.101~ztunnel-def.istio-system~istio-system.svc.cluster.local",
-        [("NODE_NAME", node_name), ("NAMESPACE", "istio-system")],
-    );
-    options
-}
-
 /// A copy of `workload` on `node_name`, an endpoint of `services`
 /// (`namespace/hostname`, port 80 → 8080).
 pub fn placed(workload: &Address, node_name: &str, services: &[&str]) -> Arc<Address> {
@@ -264,6 +419,7 @@ pub fn placed(workload: &Address, node_name: &str, services: &[&str]) -> Arc<Add
     Arc::new(a)
 }
 
+/// A raw Delta ADS stream for protocol-level tests.
 pub struct RawStream {
     pub tx: mpsc::Sender<DeltaDiscoveryRequest>,
     pub rx: Streaming<DeltaDiscoveryResponse>,
@@ -329,7 +485,7 @@ impl RawStream {
 
 pub fn wildcard(type_url: &str) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
-        node: Some(node("raw-test", [("NODE_NAME", "worker-1")])),
+        node: Some(node("raw-test", [("NODE_NAME", NODE)])),
         type_url: type_url.into(),
         ..Default::default()
     }
