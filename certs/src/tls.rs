@@ -63,10 +63,13 @@ pub fn certificate_info(cert: &CertificateDer<'_>) -> Option<CertificateInfo> {
     })
 }
 
-fn provider() -> Arc<CryptoProvider> {
+/// The process-wide provider if a binary installed one
+/// ([`crate::install_crypto_provider`]), else aws-lc-rs. Every config we build
+/// names it, because with two providers compiled in rustls will not pick one.
+pub fn provider() -> Arc<CryptoProvider> {
     CryptoProvider::get_default()
         .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
 }
 
 fn root_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, rustls::Error> {

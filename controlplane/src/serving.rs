@@ -114,9 +114,11 @@ impl ServingCertificate {
     ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let verifier =
             meshbox_certs::tls::SpiffeClientVerifier::new(client_roots, trust_domain, true)?;
-        let mut config = rustls::ServerConfig::builder()
-            .with_client_cert_verifier(Arc::new(verifier))
-            .with_cert_resolver(self.clone());
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(meshbox_certs::tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_client_cert_verifier(Arc::new(verifier))
+                .with_cert_resolver(self.clone());
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
@@ -129,7 +131,9 @@ fn issue(
 ) -> anyhow::Result<(CertifiedKey, Duration)> {
     let (issued, key_pem) = ca.issue_serving_certificate(&names.dns, &names.ips, ttl)?;
     let key = meshbox_certs::pem::parse_private_key(key_pem.as_bytes())?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    let signing = meshbox_certs::tls::provider()
+        .key_provider
+        .load_private_key(key)?;
     let lifetime = (issued.not_after - time::OffsetDateTime::now_utc())
         .try_into()
         .unwrap_or(Duration::from_secs(60));
