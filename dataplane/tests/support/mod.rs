@@ -88,17 +88,32 @@ pub struct ControlPlane {
     args: Vec<String>,
 }
 
-fn free_port(ip: IpAddr) -> SocketAddr {
-    std::net::TcpListener::bind(SocketAddr::new(ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// `N` distinct free ports on `ip` (all held while picking, so no two are
+/// the same). Free now is not free later: `ControlPlane::start` picks again
+/// if one is taken by the time the control plane binds it.
+fn free_ports<const N: usize>(ip: IpAddr) -> [SocketAddr; N] {
+    let held = [(); N].map(|_| std::net::TcpListener::bind(SocketAddr::new(ip, 0)).unwrap());
+    held.map(|listener| listener.local_addr().unwrap())
 }
 
 impl ControlPlane {
     pub fn start(addr: IpAddr, config_dir: &Path, state_dir: &Path, extra: &[&str]) -> Self {
-        let grpc = free_port(addr);
-        let rest = free_port(addr);
+        let mut attempts = 0;
+        loop {
+            let mut cp = Self::configure(addr, config_dir, state_dir, extra);
+            match cp.try_boot() {
+                Ok(()) => return cp,
+                Err(error) if error.contains("Address already in use") && attempts < 5 => {
+                    attempts += 1;
+                    eprintln!("control plane ports taken meanwhile ({error}); picking others");
+                }
+                Err(error) => panic!("control plane did not start: {error}"),
+            }
+        }
+    }
+
+    fn configure(addr: IpAddr, config_dir: &Path, state_dir: &Path, extra: &[&str]) -> Self {
+        let [grpc, rest] = free_ports(addr);
         let mut args: Vec<String> = [
             "controlplane",
             "--config-dir",
@@ -116,30 +131,49 @@ impl ControlPlane {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut cp = Self {
+        Self {
             runtime: None,
             grpc,
             rest,
             args,
-        };
-        cp.boot();
-        cp
+        }
     }
 
-    fn boot(&mut self) {
+    /// Starts the control plane and waits until its gRPC port answers, or
+    /// until it stops with an error (returned).
+    fn try_boot(&mut self) -> Result<(), String> {
         let config = RunArgs::try_parse_from(&self.args).unwrap().config;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
+        let (stopped_tx, stopped) = std::sync::mpsc::channel();
         runtime.spawn(async move {
             if let Err(e) = meshbox_controlplane::run::run(config).await {
                 eprintln!("control plane stopped: {e:#}");
+                let _ = stopped_tx.send(format!("{e:#}"));
             }
         });
         self.runtime = Some(runtime);
-        wait_for_port(self.grpc, Duration::from_secs(30));
+        // Only ends a hang.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect_timeout(&self.grpc, Duration::from_millis(200)).is_err()
+        {
+            if let Ok(error) = stopped.try_recv() {
+                self.stop();
+                return Err(error);
+            }
+            assert!(Instant::now() < deadline, "{} did not open", self.grpc);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn boot(&mut self) {
+        if let Err(error) = self.try_boot() {
+            panic!("control plane did not start again: {error}");
+        }
     }
 
     pub fn stop(&mut self) {
@@ -157,14 +191,6 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-fn wait_for_port(addr: SocketAddr, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "{addr} did not open");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -201,7 +227,7 @@ impl Dataplane {
             None => mesh.token_file(&identity),
         };
         let at = |port: u16| SocketAddr::new(ip, port).to_string();
-        let ports = [0; 4].map(|_| free_port(ip).port());
+        let ports = free_ports::<4>(ip).map(|addr| addr.port());
         let mut cmd = Command::new(BIN);
         cmd.arg("run")
             .args(["--xds-address", &mesh.cp_url()])
