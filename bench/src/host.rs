@@ -15,6 +15,9 @@ pub struct Machine {
     pub cpu: String,
     pub cores: usize,
     pub memory_gib: f64,
+    /// Whether this kernel takes the `tls` upper-layer protocol on a TCP
+    /// socket, which kernel TLS (kTLS) offload needs; the reason when not.
+    pub kernel_tls: Result<(), String>,
 }
 
 impl Machine {
@@ -48,8 +51,24 @@ impl Machine {
                 .map(|n| n.get())
                 .unwrap_or(1),
             memory_gib: memory_kib / (1024.0 * 1024.0),
+            kernel_tls: kernel_tls(),
         }
     }
+}
+
+/// Asks the kernel to attach the `tls` ULP to a connected loopback socket,
+/// as a kTLS user would before handing it the session keys. Without
+/// `CONFIG_TLS` this fails with ENOENT.
+fn kernel_tls() -> Result<(), String> {
+    use nix::sys::socket::{setsockopt, sockopt::TcpUlp};
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("loopback: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("loopback: {e}"))?;
+    let socket = std::net::TcpStream::connect(addr).map_err(|e| format!("loopback: {e}"))?;
+    setsockopt(&socket, TcpUlp::default(), b"tls")
+        .map_err(|errno| format!("TCP_ULP \"tls\" refused: {}", errno.desc()))
 }
 
 /// The 1, 5 and 15 minute load averages.

@@ -123,13 +123,17 @@ pub fn markdown(report: &Report) -> String {
     let mc = &m.machine;
     let _ = writeln!(
         out,
-        "Machine: {} ({}), {} cores, {:.0} GiB, {}, kernel {}. Load average (1/5/15 min): {:.2} {:.2} {:.2} at the start, {:.2} {:.2} {:.2} at the end. Took {:.0} s.\n",
+        "Machine: {} ({}), {} cores, {:.0} GiB, {}, kernel {} ({}). Load average (1/5/15 min): {:.2} {:.2} {:.2} at the start, {:.2} {:.2} {:.2} at the end. Took {:.0} s.\n",
         mc.cpu,
         mc.hostname,
         mc.cores,
         mc.memory_gib,
         mc.os,
         mc.kernel,
+        match &mc.kernel_tls {
+            Ok(()) => "kernel TLS available".to_owned(),
+            Err(reason) => format!("no kernel TLS: {reason}"),
+        },
         m.load_average_start[0],
         m.load_average_start[1],
         m.load_average_start[2],

@@ -30,7 +30,7 @@ use super::{ProxyContext, error_text};
 use crate::authz::authorize;
 use crate::identity::WorkloadCertificate;
 use crate::state::ConnectionInfo;
-use crate::telemetry::{Connection, Direction, RefusalReason, Security};
+use crate::telemetry::{Connection, ConnectionRecord, Direction, RefusalReason, Security};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// CONNECT streams per connection; matches the client pool's default.
@@ -192,17 +192,61 @@ fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
     let _ = respond.send_response(status(code), true);
 }
 
-async fn serve_connect(
+/// Serves one CONNECT stream: checks and authorizes it, connects the
+/// application, then relays until both sides are done.
+///
+/// The task keeps its future's largest state, and the captured arguments
+/// besides, for as long as the connection lives. So this is a plain function,
+/// not an `async fn` (which would hold its arguments twice), and checking and
+/// connecting (large, short-lived) run in a boxed future of their own that
+/// takes the request and the response handle with it.
+fn serve_connect(
+    ctx: Arc<ProxyContext>,
+    peer: Arc<Peer>,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) -> impl Future<Output = ()> + Send {
+    let accepting = Box::pin(accept_connect(ctx, peer, req, respond));
+    async move {
+        let Some(Accepted {
+            mut app,
+            mut tunnel,
+            record,
+        }) = accepting.await
+        else {
+            return;
+        };
+        let relayed = tcp_to_hbone(&mut app, &mut tunnel).await;
+        // Bytes from the client (tunnel → app) first, as the access log has it.
+        record.finish(
+            relayed.backward,
+            relayed.forward,
+            error_text(&relayed.error).as_deref(),
+        );
+    }
+}
+
+/// A CONNECT stream that passed every check, with its application connection.
+struct Accepted {
+    app: TcpStream,
+    tunnel: HboneStream,
+    record: ConnectionRecord,
+}
+
+/// Everything before the relay: `None` when the stream was refused (the
+/// refusal is answered, logged and counted here).
+async fn accept_connect(
     ctx: Arc<ProxyContext>,
     peer: Arc<Peer>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) {
+) -> Option<Accepted> {
     if req.method() != Method::CONNECT {
         warn!(src.addr = %peer.addr, src.identity = %peer.identity, method = %req.method(), "inbound HBONE request is not CONNECT; refusing");
         ctx.telemetry
             .refused(Direction::Inbound, RefusalReason::NotConnect);
-        return refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
+        refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
+        return None;
     }
     let target = req
         .uri()
@@ -213,7 +257,8 @@ async fn serve_connect(
         warn!(src.addr = %peer.addr, src.identity = %peer.identity, uri = %req.uri(), "inbound CONNECT without an ip:port authority; refusing");
         ctx.telemetry
             .refused(Direction::Inbound, RefusalReason::BadAuthority);
-        return refuse(respond, StatusCode::BAD_REQUEST);
+        refuse(respond, StatusCode::BAD_REQUEST);
+        return None;
     };
     let (dst, decision) = {
         let state = ctx.mesh.read();
@@ -221,20 +266,23 @@ async fn serve_connect(
             warn!(src.addr = %peer.addr, src.identity = %peer.identity, authority = %target, "possible attack: CONNECT to an address that is no local workload; refusing");
             ctx.telemetry
                 .refused(Direction::Inbound, RefusalReason::NotLocal);
-            return refuse(respond, StatusCode::FORBIDDEN);
+            refuse(respond, StatusCode::FORBIDDEN);
+            return None;
         };
         if dst.identity != peer.served {
             warn!(src.addr = %peer.addr, src.identity = %peer.identity, authority = %target, served = %peer.served, dst.identity = %dst.identity,
                 "possible attack: CONNECT to a workload other than the one this connection was opened to; refusing");
             ctx.telemetry
                 .refused(Direction::Inbound, RefusalReason::IdentityMismatch);
-            return refuse(respond, StatusCode::FORBIDDEN);
+            refuse(respond, StatusCode::FORBIDDEN);
+            return None;
         }
         if target.ip() == peer.local.ip() && ctx.own_ports.contains(&target.port()) {
             warn!(src.addr = %peer.addr, authority = %target, "CONNECT to the proxy's own port; refusing");
             ctx.telemetry
                 .refused(Direction::Inbound, RefusalReason::ProxyPort);
-            return refuse(respond, StatusCode::BAD_REQUEST);
+            refuse(respond, StatusCode::BAD_REQUEST);
+            return None;
         }
         let info = ConnectionInfo {
             src_ip: peer.addr.ip(),
@@ -256,15 +304,17 @@ async fn serve_connect(
         );
         ctx.telemetry
             .refused(Direction::Inbound, RefusalReason::PolicyDenied);
-        return refuse(respond, StatusCode::UNAUTHORIZED);
+        refuse(respond, StatusCode::UNAUTHORIZED);
+        return None;
     }
-    let mut app = match ctx.connect_app(target, peer.addr.ip()).await {
+    let app = match ctx.connect_app(target, peer.addr.ip()).await {
         Ok(app) => app,
         Err(error) => {
             info!(src.identity = %peer.identity, dst.addr = %target, %error, "the application refused the connection");
             ctx.telemetry
                 .refused(Direction::Inbound, RefusalReason::AppUnreachable);
-            return refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+            refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+            return None;
         }
     };
     let src_workload = {
@@ -289,15 +339,13 @@ async fn serve_connect(
         Ok(send) => send,
         Err(error) => {
             record.finish(0, 0, Some(&error.to_string()));
-            return;
+            return None;
         }
     };
-    let mut tunnel = HboneStream::new(send, req.into_body());
-    let relayed = tcp_to_hbone(&mut app, &mut tunnel).await;
-    // Bytes from the client (tunnel → app) first, as the access log has it.
-    record.finish(
-        relayed.backward,
-        relayed.forward,
-        error_text(&relayed.error).as_deref(),
-    );
+    let tunnel = HboneStream::new(send, req.into_body());
+    Some(Accepted {
+        app,
+        tunnel,
+        record,
+    })
 }

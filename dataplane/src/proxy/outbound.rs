@@ -46,48 +46,60 @@ pub struct Established {
 impl Established {
     /// Relays `downstream` (the local workload's connection) to the
     /// upstream until both are done, then logs and counts the connection.
-    pub async fn relay(mut self, downstream: &mut TcpStream) {
-        let Relayed {
-            forward,
-            backward,
-            error,
-        } = match &mut self.upstream {
-            Upstream::Hbone(stream, _guard) => tcp_to_hbone(downstream, stream).await,
-            Upstream::Tcp(stream) => tcp_to_tcp(downstream, stream).await,
-        };
-        self.record
-            .finish(forward, backward, error_text(&error).as_deref());
+    ///
+    /// Not an `async fn`: rustc keeps an async fn's arguments twice in its
+    /// state (as captured, and as moved into the body), and this future
+    /// lives as long as the connection. The block captures `self` once.
+    pub fn relay(mut self, downstream: &mut TcpStream) -> impl Future<Output = ()> + Send + '_ {
+        async move {
+            let Relayed {
+                forward,
+                backward,
+                error,
+            } = match &mut self.upstream {
+                Upstream::Hbone(stream, _guard) => tcp_to_hbone(downstream, stream).await,
+                Upstream::Tcp(stream) => tcp_to_tcp(downstream, stream).await,
+            };
+            self.record
+                .finish(forward, backward, error_text(&error).as_deref());
+        }
     }
 }
 
-pub async fn handle_captured(
+/// Serves one captured outbound connection, from its original destination
+/// to the end of the relay. A plain function returning a block, not an
+/// `async fn`, so the connection task holds its arguments once (see
+/// [`Established::relay`]).
+pub fn handle_captured(
     ctx: Arc<ProxyContext>,
     mut stream: TcpStream,
     peer: SocketAddr,
     listener: Option<SocketAddr>,
-) {
-    let target = match socket::original_dst(&stream) {
-        Ok(target) => target,
-        Err(error) => {
-            warn!(src.addr = %peer, %error, "outbound connection without an original destination (not redirected by the capture rules); refusing");
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let target = match socket::original_dst(&stream) {
+            Ok(target) => target,
+            Err(error) => {
+                warn!(src.addr = %peer, %error, "outbound connection without an original destination (not redirected by the capture rules); refusing");
+                ctx.telemetry
+                    .refused(Direction::Outbound, RefusalReason::NotRedirected);
+                return;
+            }
+        };
+        let local = stream.local_addr().ok().map(socket::canonical);
+        if Some(target) == local || Some(target) == listener {
+            warn!(src.addr = %peer, "outbound connection addressed to the proxy itself (not redirected); refusing");
             ctx.telemetry
                 .refused(Direction::Outbound, RefusalReason::NotRedirected);
             return;
         }
-    };
-    let local = stream.local_addr().ok().map(socket::canonical);
-    if Some(target) == local || Some(target) == listener {
-        warn!(src.addr = %peer, "outbound connection addressed to the proxy itself (not redirected); refusing");
-        ctx.telemetry
-            .refused(Direction::Outbound, RefusalReason::NotRedirected);
-        return;
+        // Boxed: the routing and dialing states are large and short-lived, and
+        // a task keeps its largest state's memory for as long as it lives.
+        let Ok(upstream) = Box::pin(establish(&ctx, peer, target)).await else {
+            return;
+        };
+        upstream.relay(&mut stream).await;
     }
-    // Boxed: the routing and dialing states are large and short-lived, and
-    // a task keeps its largest state's memory for as long as it lives.
-    let Ok(upstream) = Box::pin(establish(&ctx, peer, target)).await else {
-        return;
-    };
-    upstream.relay(&mut stream).await;
 }
 
 /// Routes and connects a connection from `peer` (a local workload) to
