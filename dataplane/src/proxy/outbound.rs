@@ -50,6 +50,7 @@ impl Established {
     /// Not an `async fn`: rustc keeps an async fn's arguments twice in its
     /// state (as captured, and as moved into the body), and this future
     /// lives as long as the connection. The block captures `self` once.
+    #[allow(clippy::manual_async_fn)]
     pub fn relay(mut self, downstream: &mut TcpStream) -> impl Future<Output = ()> + Send + '_ {
         async move {
             let Relayed {
@@ -70,6 +71,7 @@ impl Established {
 /// to the end of the relay. A plain function returning a block, not an
 /// `async fn`, so the connection task holds its arguments once (see
 /// [`Established::relay`]).
+#[allow(clippy::manual_async_fn)]
 pub fn handle_captured(
     ctx: Arc<ProxyContext>,
     mut stream: TcpStream,
