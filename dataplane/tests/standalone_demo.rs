@@ -10,10 +10,13 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::{SigHandler, Signal, signal};
 
 /// One demo at a time: they share the `mbd-` names (the script refuses a
 /// second one).
@@ -160,6 +163,19 @@ impl Demo {
             .stderr(Stdio::piped());
         if keep {
             cmd.arg("--keep");
+        }
+        // The Ctrl-C test stands in for a terminal, so the script starts as
+        // one would start it: SIGINT at its default action. A test run as a
+        // background job of a non-interactive shell inherits SIGINT ignored,
+        // and bash cannot trap a signal that was ignored when it started.
+        // SAFETY: only sigaction, which is async-signal-safe, runs between
+        // fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                signal(Signal::SIGINT, SigHandler::SigDfl)
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            });
         }
         let mut child = cmd.spawn().expect("bash runs");
         let output = Arc::new(Mutex::new(Vec::new()));

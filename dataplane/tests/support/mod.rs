@@ -642,10 +642,15 @@ pub async fn socks_connect_from(
     socks_handshake(s, target).await
 }
 
+/// `Err(0xfd)`: the proxy closed or reset the connection before answering
+/// the greeting (a draining dataplane may have completed the TCP handshake
+/// from its listen backlog, then reset it); `Err(0xfe)`: no reply to the
+/// request; any other `Err`: the SOCKS reply code.
 async fn socks_handshake(mut s: TcpStream, target: SocketAddr) -> Result<TcpStream, u8> {
-    s.write_all(&[5, 1, 0]).await.unwrap();
     let mut method = [0u8; 2];
-    s.read_exact(&mut method).await.unwrap();
+    if s.write_all(&[5, 1, 0]).await.is_err() || s.read_exact(&mut method).await.is_err() {
+        return Err(0xfd);
+    }
     assert_eq!(method, [5, 0]);
     let mut req = vec![5, 1, 0];
     match target.ip() {
@@ -659,7 +664,9 @@ async fn socks_handshake(mut s: TcpStream, target: SocketAddr) -> Result<TcpStre
         }
     }
     req.extend(target.port().to_be_bytes());
-    s.write_all(&req).await.unwrap();
+    if s.write_all(&req).await.is_err() {
+        return Err(0xfd);
+    }
     let mut reply = [0u8; 10];
     match tokio::time::timeout(Duration::from_secs(15), s.read_exact(&mut reply)).await {
         Ok(Ok(_)) if reply[1] == 0 => Ok(s),
