@@ -69,7 +69,12 @@ pub fn certificate_info(cert: &CertificateDer<'_>) -> Option<CertificateInfo> {
 pub fn provider() -> Arc<CryptoProvider> {
     CryptoProvider::get_default()
         .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .unwrap_or_else(|| Arc::new(default_provider()))
+}
+
+/// Our choice of provider: aws-lc-rs (see [`crate::install_crypto_provider`]).
+pub(crate) fn default_provider() -> CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
 }
 
 fn root_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, rustls::Error> {

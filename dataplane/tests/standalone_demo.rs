@@ -14,9 +14,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigHandler, Signal, signal};
+
+#[path = "support/sibling.rs"]
+mod sibling;
 
 /// One demo at a time: they share the `mbd-` names (the script refuses a
 /// second one).
@@ -59,52 +62,23 @@ fn prerequisites() -> Result<PathBuf, String> {
     let dir = dataplane
         .parent()
         .ok_or("no directory around the dataplane binary")?;
-    // The controlplane binary is another package's: `cargo test
-    // --workspace` builds it next to ours before any test runs, but a test
-    // cannot build it itself (cargo holds the target directory's lock
-    // while tests run, so a nested `cargo build` there would wait forever).
-    let controlplane = dir.join("controlplane");
-    let build_it =
-        "build it first: `cargo build -p meshbox-controlplane` (`cargo test --workspace` does)";
-    let built = std::fs::metadata(&controlplane)
-        .and_then(|m| m.modified())
-        .map_err(|_| format!("{} is missing; {build_it}", controlplane.display()))?;
-    // Only what goes into the binary: sources of tests or benches would
-    // look newer forever, since building the binary does not touch them.
-    let root = repo();
-    let newest = [
-        "controlplane/src",
-        "controlplane/Cargo.toml",
-        "certs/src",
-        "certs/Cargo.toml",
-        "proto/src",
-        "proto/proto",
-        "proto/build.rs",
-        "proto/Cargo.toml",
-    ]
-    .iter()
-    .filter_map(|p| newest_source(&root.join(p)))
-    .max();
-    if newest.is_some_and(|newest| newest > built) {
-        return Err(format!(
-            "{} is older than its sources; {build_it}",
-            controlplane.display()
-        ));
-    }
+    // The controlplane binary is another package's.
+    sibling::sibling_binary(
+        dir,
+        "controlplane",
+        "meshbox-controlplane",
+        &[
+            "controlplane/src",
+            "controlplane/Cargo.toml",
+            "certs/src",
+            "certs/Cargo.toml",
+            "proto/src",
+            "proto/proto",
+            "proto/build.rs",
+            "proto/Cargo.toml",
+        ],
+    )?;
     Ok(dir.to_path_buf())
-}
-
-/// The latest modification time of `path`, or of any file under it.
-fn newest_source(path: &Path) -> Option<SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_dir() {
-        return meta.modified().ok();
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .flatten()
-        .filter_map(|entry| newest_source(&entry.path()))
-        .max()
 }
 
 /// `None` (after printing why) when the demo cannot run on this machine;

@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+mod sibling;
+
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -25,41 +27,18 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dataplane");
 
-/// The `meshbox-cni` binary. It lives in a crate of its own (`cni/`), so
-/// cargo gives this package no `CARGO_BIN_EXE_` for it: `cargo test
-/// --workspace` (or with `-p meshbox-cni`) builds it next to [`BIN`]. A test
-/// does not build it itself (cargo may hold the target directory's lock
-/// while tests run), so a missing or stale one fails and says what to run.
+/// The `meshbox-cni` binary, from the `cni/` crate (see [`sibling`]).
 pub fn cni_plugin() -> PathBuf {
-    let plugin = Path::new(BIN).with_file_name("meshbox-cni");
-    let build_it = "build it first: `cargo build -p meshbox-cni` (`cargo test --workspace` does)";
-    let built = std::fs::metadata(&plugin)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| panic!("{} is missing; {build_it}", plugin.display()));
-    let cni = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cni");
-    let newest = [cni.join("src"), cni.join("Cargo.toml")]
-        .iter()
-        .filter_map(|p| newest_file(p))
-        .max();
-    assert!(
-        newest.is_none_or(|newest| newest <= built),
-        "{} is older than its sources; {build_it}",
-        plugin.display()
-    );
-    plugin
-}
-
-/// The latest modification time of `path`, or of any file under it.
-fn newest_file(path: &Path) -> Option<std::time::SystemTime> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_dir() {
-        return meta.modified().ok();
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .flatten()
-        .filter_map(|entry| newest_file(&entry.path()))
-        .max()
+    let dir = Path::new(BIN)
+        .parent()
+        .expect("the dataplane binary is in a directory");
+    sibling::sibling_binary(
+        dir,
+        "meshbox-cni",
+        "meshbox-cni",
+        &["cni/src", "cni/Cargo.toml"],
+    )
+    .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// A fresh directory, removed on drop.
