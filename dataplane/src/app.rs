@@ -173,6 +173,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tasks: TaskTracker::new(),
         own_ports,
         server_configs: Default::default(),
+        pod_uid: None,
     });
 
     // Certificates for local workloads are fetched ahead of the first

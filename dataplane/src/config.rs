@@ -75,12 +75,15 @@ pub struct Settings {
     #[arg(long, env = "ENABLE_ORIG_SRC")]
     pub enable_orig_src: Option<bool>,
 
-    /// Node mode: capture each enrolled pod on this node inside its own
-    /// network namespace (rules + listeners there) instead of serving the
-    /// listeners below in the dataplane's namespace. Needs root
-    /// (CAP_NET_ADMIN, CAP_SYS_ADMIN).
-    #[arg(long, env = "INPOD_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
-    pub inpod: bool,
+    /// Node mode captures each enrolled pod on this node inside its own
+    /// network namespace (rules + listeners there), as Istio's ztunnel does;
+    /// default `true` in node mode. Needs root (CAP_NET_ADMIN,
+    /// CAP_SYS_ADMIN). `false` is for development only: the listeners below
+    /// are served in the dataplane's own namespace, and a pod is told apart
+    /// by its source address alone, which a pod able to add an address to
+    /// its interface can claim.
+    #[arg(long, env = "INPOD_ENABLED", action = clap::ArgAction::Set)]
+    pub inpod: Option<bool>,
     /// In-pod mode: the Unix socket the CNI plugin (`meshbox-cni`) reaches
     /// the agent on, e.g. `/var/run/meshbox/cni.sock`; off unless given.
     #[arg(long, env = "CNI_SOCKET")]
@@ -239,10 +242,10 @@ pub enum ConfigError {
         "INPOD_ENABLED (--inpod) is node mode's capture; PROXY_MODE=dedicated runs inside the pod already"
     )]
     InpodInDedicatedMode,
-    #[error("--cni-socket (CNI_SOCKET) serves in-pod capture; set INPOD_ENABLED=true too")]
+    #[error("--cni-socket (CNI_SOCKET) serves in-pod capture, which INPOD_ENABLED=false turns off")]
     CniWithoutInpod,
     #[error(
-        "--probe-snat (PROBE_SNAT) rewrites probes to captured pods; set INPOD_ENABLED=true too"
+        "--probe-snat (PROBE_SNAT) rewrites probes to captured pods, which INPOD_ENABLED=false turns off"
     )]
     ProbeSnatWithoutInpod,
     #[error("--pool-max-streams must be at least 1")]
@@ -307,17 +310,18 @@ impl Config {
                 }
             }
         };
-        if s.inpod && s.proxy_mode == ProxyMode::Dedicated {
+        if s.inpod == Some(true) && s.proxy_mode == ProxyMode::Dedicated {
             return Err(ConfigError::InpodInDedicatedMode);
         }
-        if s.cni_socket.is_some() && !s.inpod {
+        let inpod = s.inpod.unwrap_or(s.proxy_mode == ProxyMode::Shared);
+        if s.cni_socket.is_some() && !inpod {
             return Err(ConfigError::CniWithoutInpod);
         }
-        if s.probe_snat && !s.inpod {
+        if s.probe_snat && !inpod {
             return Err(ConfigError::ProbeSnatWithoutInpod);
         }
         if let Scope::Node { capture, .. } = &mut scope
-            && s.inpod
+            && inpod
         {
             *capture = Capture::InPod {
                 cni_socket: s.cni_socket,
@@ -434,8 +438,12 @@ mod tests {
             c.scope,
             Scope::Node {
                 node: "n1".into(),
-                capture: Capture::None
-            }
+                capture: Capture::InPod {
+                    cni_socket: None,
+                    probe_snat: false
+                }
+            },
+            "node mode captures in-pod unless told not to, as Istio's ztunnel does"
         );
         assert_eq!(
             c.ca.uri, "http://cp:15010",
@@ -550,11 +558,18 @@ mod tests {
             }
         );
         assert_eq!(
-            with(&["--cni-socket", "/run/cni.sock"]).unwrap_err(),
+            with(&["--inpod", "false"]).unwrap().scope,
+            Scope::Node {
+                node: "n".into(),
+                capture: Capture::None
+            }
+        );
+        assert_eq!(
+            with(&["--inpod", "false", "--cni-socket", "/run/cni.sock"]).unwrap_err(),
             ConfigError::CniWithoutInpod
         );
         assert_eq!(
-            with(&["--probe-snat", "true"]).unwrap_err(),
+            with(&["--inpod", "false", "--probe-snat", "true"]).unwrap_err(),
             ConfigError::ProbeSnatWithoutInpod
         );
         assert_eq!(

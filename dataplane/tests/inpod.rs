@@ -937,6 +937,155 @@ async fn same_node_service_vips_malicious_pods_probes_and_the_cni_chain() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    spoofed_neighbour_address_is_refused(&mesh, &node_a, &node_b, &mallory).await;
+
+    // Inbound, a pod's HBONE listener serves that pod only: a peer with a
+    // valid mesh certificate that CONNECTs through buddy's 15008 to
+    // another pod on the same node is refused as not local to buddy.
+    let peer = hbone::client(&mesh, "sleep").in_netns(legacy.clone());
+    let mark = node_a.log_mark();
+    let err = peer
+        .connect(
+            "10.67.0.5:15008".parse().unwrap(),
+            "echo",
+            "10.67.0.1:8080".parse().unwrap(),
+        )
+        .await
+        .err()
+        .expect("a CONNECT to another pod through this pod's listener is refused");
+    assert!(err.contains("403"), "{err}");
+    node_a
+        .wait_for_log_after(
+            mark,
+            &[
+                "possible attack: CONNECT to an address that is no local workload",
+                "authority=10.67.0.1:8080",
+            ],
+        )
+        .await;
+    assert_eq!(
+        peer.connect(
+            "10.67.0.5:15008".parse().unwrap(),
+            "echo",
+            "10.67.0.5:8080".parse().unwrap(),
+        )
+        .await
+        .map(|_| ())
+        .err(),
+        None,
+        "the pod itself is still reached through its own listener"
+    );
+}
+
+/// A pod that can add an address to its own interface (root in its own
+/// namespace) takes its neighbour's IP and sends from it, under a policy
+/// that lets only the neighbour in. Its identity is the pod whose
+/// namespace the connection was captured in, and that pod does not hold
+/// the address: refused at once and counted, nothing leaves the node.
+async fn spoofed_neighbour_address_is_refused(
+    mesh: &Mesh,
+    node_a: &Dataplane,
+    node_b: &Dataplane,
+    mallory: &Netns,
+) {
+    mesh.write_manifest(
+        "allow.yaml",
+        &policy(
+            "only-sleep",
+            "ALLOW",
+            "echo",
+            "cluster.local/ns/default/sa/sleep",
+        ),
+    );
+    let written = Instant::now();
+    while !answer(mallory, "10.67.0.2:8080").await.is_empty() {
+        assert!(
+            written.elapsed() < Duration::from_secs(30),
+            "the ALLOW policy never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // On `lo`, so the bridge never learns a second owner of the client's
+    // address; the capture rules see the connection all the same.
+    ip(&[
+        "-n",
+        "mbt18-mallory",
+        "addr",
+        "add",
+        "10.67.0.1/32",
+        "dev",
+        "lo",
+    ]);
+    let unknown_before = refusals(node_a, "unknown_source").await;
+    let inbound_mark = node_b.log_mark();
+    let sock = mallory
+        .run(|| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.bind(&"10.67.0.1:0".parse::<SocketAddr>().unwrap().into())?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("a socket bound to the borrowed address");
+    sock.set_nonblocking(true).unwrap();
+    let connected = tokio::time::timeout(
+        Duration::from_secs(5),
+        TcpSocket::from_std_stream(sock.into()).connect("10.67.0.2:8080".parse().unwrap()),
+    )
+    .await
+    .expect("the capture listener answers the connect at once");
+    if let Ok(mut s) = connected {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("a spoofed connection is closed at once, not left hanging");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the spoofed connection got an answer: {:?}",
+            read.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        );
+    }
+    node_a
+        .wait_for_log(&["not the capturing pod's own", "src.addr=10.67.0.1:"])
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refusals(node_a, "unknown_source").await <= unknown_before {
+        assert!(
+            Instant::now() < deadline,
+            "the spoofed connection was not counted as unknown_source"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !node_b
+            .logs()
+            .iter()
+            .skip(inbound_mark)
+            .any(|l| l.contains("src.addr=10.67.0.1:") || l.contains("sa/mallory")),
+        "the spoofed connection reached the server's node"
+    );
+    ip(&[
+        "-n",
+        "mbt18-mallory",
+        "addr",
+        "del",
+        "10.67.0.1/32",
+        "dev",
+        "lo",
+    ]);
+    mesh.remove_manifest("allow.yaml");
+}
+
+/// `meshbox_proxy_connections_refused` summed over directions for `reason`.
+async fn refusals(dp: &Dataplane, reason: &str) -> u64 {
+    dp.metrics()
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("meshbox_proxy_connections_refused")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 async fn cni_chain_captures_a_new_pod(

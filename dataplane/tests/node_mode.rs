@@ -1,7 +1,9 @@
 //! Node mode (`PROXY_MODE=shared`): one dataplane per node serves every pod
 //! on it, with a node token and each pod's certificate asked for through
 //! Istio's `ImpersonatedIdentity`; the source pod of an outbound connection
-//! is told apart by its address.
+//! is told apart by its address (`--inpod false`: listeners in the
+//! dataplane's own namespace, on loopback; in-pod capture is tested in
+//! `inpod.rs`).
 
 mod support;
 

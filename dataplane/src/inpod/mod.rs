@@ -272,7 +272,7 @@ impl Agent {
                 return Err(error);
             }
         };
-        let ctx = Arc::new(self.base.for_pod(sockets));
+        let ctx = Arc::new(self.base.for_pod(sockets, uid));
         listeners.serve(ctx.clone());
         info!(pod = uid, netns = %netns.path().display(), ips = ?ips, "pod captured");
         self.captures.inc();

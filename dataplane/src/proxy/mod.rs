@@ -74,13 +74,21 @@ pub struct ProxyContext {
     /// The proxy's own ports: a connection aimed at one of them would loop.
     pub(crate) own_ports: Vec<u16>,
     pub(crate) server_configs: inbound::ServerConfigs,
+    /// In-pod capture: the uid of the one pod whose network namespace these
+    /// listeners are in. Every connection they accept is that pod's: its
+    /// identity comes from the namespace, never from an address, which a
+    /// pod able to add one to its interface could claim. `None`: listeners
+    /// in the dataplane's own namespace (dedicated mode, or node mode with
+    /// `INPOD_ENABLED=false`).
+    pub(crate) pod_uid: Option<String>,
 }
 
 impl ProxyContext {
     /// A context for one pod's listeners (in-pod mode): sockets in the
     /// pod's namespace, a pool of its own (its connections leave from that
-    /// namespace), stopped with the pod or with the whole proxy.
-    pub fn for_pod(&self, sockets: Sockets) -> Self {
+    /// namespace), bound to that pod (`pod_uid`), stopped with the pod or
+    /// with the whole proxy.
+    pub fn for_pod(&self, sockets: Sockets, pod_uid: &str) -> Self {
         Self {
             mesh: self.mesh.clone(),
             certs: self.certs.clone(),
@@ -95,6 +103,7 @@ impl ProxyContext {
             tasks: self.tasks.clone(),
             own_ports: self.own_ports.clone(),
             server_configs: Default::default(),
+            pod_uid: Some(pod_uid.to_owned()),
         }
     }
 
@@ -109,8 +118,22 @@ impl ProxyContext {
         }
     }
 
-    /// The local workload reached at `ip`.
+    /// The pod these listeners are bound to (in-pod capture), if it holds
+    /// `ip`: a connection from or to any other address is not the pod's.
+    fn bound_pod(&self, state: &ProxyState, uid: &str, ip: IpAddr) -> Option<Arc<Workload>> {
+        let ip = ip.to_canonical();
+        state
+            .workload_by_uid(uid)
+            .filter(|w| self.is_local(w) && w.addresses.iter().any(|a| a.to_canonical() == ip))
+            .cloned()
+    }
+
+    /// The local workload reached at `ip`: under in-pod capture, only the
+    /// pod whose namespace the connection arrived in.
     pub fn local_workload(&self, state: &ProxyState, ip: IpAddr) -> Option<Arc<Workload>> {
+        if let Some(uid) = &self.pod_uid {
+            return self.bound_pod(state, uid, ip);
+        }
         let network = self.mesh.network();
         match &self.scope {
             Scope::Node { node, .. } => state.local_workload(network, ip, node).cloned(),
@@ -121,8 +144,13 @@ impl ProxyContext {
         }
     }
 
-    /// The workload an outbound connection from `peer` comes from.
+    /// The workload an outbound connection from `peer` comes from: under
+    /// in-pod capture the pod whose namespace it was opened in, and only
+    /// from one of that pod's own addresses.
     pub fn outbound_source(&self, state: &ProxyState, peer: IpAddr) -> Option<Arc<Workload>> {
+        if let Some(uid) = &self.pod_uid {
+            return self.bound_pod(state, uid, peer);
+        }
         match &self.scope {
             Scope::Node { .. } => self.local_workload(state, peer),
             Scope::Workload {

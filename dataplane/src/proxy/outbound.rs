@@ -111,18 +111,18 @@ pub async fn establish(
     peer: SocketAddr,
     target: SocketAddr,
 ) -> Result<Established, Refusal> {
-    ctx.mesh.lookup(target.ip()).await;
-    let (source, route) = {
-        let state = ctx.mesh.read();
-        let Some(source) = ctx.outbound_source(&state, peer.ip()) else {
-            warn!(src.addr = %peer, dst.addr = %target, "outbound connection from an address that is no local workload; refusing");
-            ctx.telemetry
-                .refused(Direction::Outbound, RefusalReason::UnknownSource);
-            return Err(Refusal::NotAllowed);
-        };
-        let route = state.route(&source, target);
-        (source, route)
+    // The source first: a connection that is no local workload's is refused
+    // at once, before any work (an on-demand lookup) on its behalf.
+    let source = ctx.outbound_source(&ctx.mesh.read(), peer.ip());
+    let Some(source) = source else {
+        warn!(src.addr = %peer, dst.addr = %target, pod = ctx.pod_uid.as_deref(),
+            "outbound connection from an address that is no local workload (under in-pod capture: not the capturing pod's own); refusing");
+        ctx.telemetry
+            .refused(Direction::Outbound, RefusalReason::UnknownSource);
+        return Err(Refusal::NotAllowed);
     };
+    ctx.mesh.lookup(target.ip()).await;
+    let route = ctx.mesh.read().route(&source, target);
     let route = match route {
         Ok(route) => route,
         Err(error) => {

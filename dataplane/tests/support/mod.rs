@@ -240,6 +240,11 @@ impl Dataplane {
         // In-pod mode opens its proxy listeners inside each pod, on the
         // standard ports; otherwise they go on this dataplane's address.
         if !spec.extra.iter().any(|a| a == "--inpod") {
+            // Node mode captures in-pod by default; these meshes run on
+            // loopback addresses, with no pod namespaces to capture in.
+            if spec.node.is_some() {
+                cmd.args(["--inpod", "false"]);
+            }
             cmd.args(["--outbound-addr", &at(0)])
                 .args(["--inbound-addr", &at(15008)])
                 .args(["--inbound-plaintext-addr", &at(0)]);
@@ -793,6 +798,20 @@ pub mod hbone {
     }
 
     impl Client {
+        /// The same client, dialing from inside `netns`.
+        pub fn in_netns(self, netns: Arc<meshbox_dataplane::netns::Netns>) -> Self {
+            Client {
+                pool: Pool::new(
+                    PoolSettings {
+                        max_streams: 10,
+                        idle_timeout: Duration::from_secs(5),
+                    },
+                    Sockets::plain().in_netns(netns),
+                ),
+                cert: self.cert,
+            }
+        }
+
         /// CONNECTs to `authority` through `peer` (a 15008), expecting the
         /// server to be `default/{server_sa}`; errors as text.
         pub async fn connect(
