@@ -146,7 +146,12 @@ fn spawn_peer_authentication_watch(client: kube::Client, store: Arc<MeshStore>, 
         let kind = "PeerAuthentication".to_string();
         let mut first_sync = Some(sync);
         loop {
-            let (newer, older) = (probe(&v1, &kind).await, probe(&v1beta1, &kind).await);
+            let newer = probe(&v1, &kind).await;
+            // v1beta1 only matters where v1 is not served.
+            let older = match newer {
+                Probe::Absent => probe(&v1beta1, &kind).await,
+                _ => Probe::Failed,
+            };
             match (newer, older) {
                 (Probe::Installed, _) => {
                     tracing::info!(%kind, version = "v1", "watching");

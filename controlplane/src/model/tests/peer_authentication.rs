@@ -155,6 +155,13 @@ fn a_namespace_policy_overrides_the_mesh_unless_unset() {
     );
     assert_eq!(listed(&idx, "shop", "web"), [STATIC]);
     assert!(listed(&idx, "other", "api").is_empty());
+
+    // UNSET inherits PERMISSIVE just as well, and nothing without a mesh
+    // policy.
+    idx.apply(pa("shop", "relaxed", None, mode("UNSET")));
+    assert!(listed(&idx, "shop", "web").is_empty());
+    idx.delete(ObjectKey::peer_authentication("istio-system", "default"));
+    assert!(listed(&idx, "shop", "web").is_empty());
 }
 
 #[test]
