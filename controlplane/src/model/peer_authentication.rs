@@ -229,8 +229,8 @@ impl MeshIndex {
             let pods: Vec<Key> = names.iter().map(|n| Key::new(&key.ns, n)).collect();
             self.dirty.pods.extend(pods);
         }
-        // Served while any PeerAuthentication exists, like istiod's (which
-        // always serves it): it must be there before a workload lists it.
+        // Served while any PeerAuthentication exists, as istiod does, so it
+        // is there by the time a workload lists it.
         let static_strict = (!self.peer_auths.is_empty()).then(|| static_strict(&root));
         self.put_authorization(concat(&[&root, "/", STATIC_STRICT_POLICY]), static_strict);
     }
