@@ -6,9 +6,10 @@
 #     work), and the kind overlay uses the images kind.sh builds;
 #  2. deploy/validate.py: every built-in kind of both renders and of
 #     deploy/samples against the Kubernetes schemas of 1.30 (the oldest
-#     meshbox supports) and 1.34, strictly; the AuthorizationPolicy CRD;
-#     every AuthorizationPolicy in deploy/samples and examples/ against the
-#     CRD's schema;
+#     meshbox supports) and 1.34, strictly; the AuthorizationPolicy and
+#     PeerAuthentication CRDs; every AuthorizationPolicy and
+#     PeerAuthentication in deploy/samples and examples/ against its CRD's
+#     schema;
 #  3. shellcheck on deploy/*.sh, examples/*.sh and .ci/run.
 #
 #   deploy/check.sh

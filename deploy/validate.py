@@ -8,15 +8,16 @@ Every document in the files given is checked:
   --kubernetes-version, strictly (an unknown field is an error, as with
   kubectl's default server-side field validation); a kind with no schema
   there is an error too;
-- the AuthorizationPolicy CRD like any built-in kind (apiextensions/v1),
-  and also for what the API server demands of a CRD beyond that: a
-  structural schema, one storage version, the same schema in every served
-  version (there is no conversion webhook);
-- every AuthorizationPolicy against that CRD's openAPIV3Schema, the way the
-  API server applies it: unknown fields rejected, and the CRD's CEL rules
-  (x-kubernetes-validations), each emulated here.
+- the AuthorizationPolicy and PeerAuthentication CRDs like any built-in
+  kind (apiextensions/v1), and also for what the API server demands of a
+  CRD beyond that: a structural schema, one storage version, the same
+  schema in every served version (there is no conversion webhook);
+- every AuthorizationPolicy and PeerAuthentication against its CRD's
+  openAPIV3Schema, the way the API server applies it: unknown fields
+  rejected, and the CRD's CEL rules (x-kubernetes-validations), each
+  emulated here.
 
-Before any of that it checks itself on policies that must be refused, so a
+Before any of that it checks itself on objects that must be refused, so a
 checker that accepts everything fails.
 """
 
@@ -28,8 +29,22 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-CRD_NAME = "authorizationpolicies.security.istio.io"
 POLICY_GROUP = "security.istio.io"
+# kind -> the name of its CRD.
+CRDS = {
+    "AuthorizationPolicy": "authorizationpolicies.security.istio.io",
+    "PeerAuthentication": "peerauthentications.security.istio.io",
+}
+
+
+def port_key(key):
+    """CEL's int(key) and the range check: a non-number is an error, which
+    the API server counts as a failed rule."""
+    try:
+        return 0 < int(key) <= 65535
+    except ValueError:
+        return False
+
 
 # The CEL rules of the CRD, as Python. A rule in the CRD that is not here
 # fails the check: add its emulation when you add the rule.
@@ -38,6 +53,10 @@ CEL_RULES = {
         lambda spec: not ("selector" in spec and ("targetRef" in spec or "targetRefs" in spec)),
     "!(has(self.targetRef) && has(self.targetRefs))":
         lambda spec: not ("targetRef" in spec and "targetRefs" in spec),
+    "self.all(key, 0 < int(key) && int(key) <= 65535)":
+        lambda ports: all(port_key(k) for k in ports),
+    "(has(self.selector) && has(self.selector.matchLabels) && self.selector.matchLabels.size() > 0) || !has(self.portLevelMtls)":
+        lambda spec: bool((spec.get("selector") or {}).get("matchLabels")) or "portLevelMtls" not in spec,
 }
 
 
@@ -100,13 +119,13 @@ def check_structural(node, path, errors):
             errors.append("%s: CEL rule %r has no emulation in deploy/validate.py" % (path, rule.get("rule")))
 
 
-def check_crd(crd):
+def check_crd(crd, kind):
     spec = crd["spec"]
     errors = []
     if spec.get("group") != POLICY_GROUP:
         errors.append("group is %r, not %s" % (spec.get("group"), POLICY_GROUP))
-    if spec.get("names", {}).get("kind") != "AuthorizationPolicy":
-        errors.append("kind is not AuthorizationPolicy")
+    if spec.get("names", {}).get("kind") != kind:
+        errors.append("kind is not %s" % kind)
     if spec.get("scope") != "Namespaced":
         errors.append("not namespaced")
     versions = spec.get("versions") or []
@@ -204,7 +223,7 @@ def check_policy(doc, schema):
         raise Failure("%s does not validate against the CRD:\n  %s" % (name_of(doc), "\n  ".join(problems)))
 
 
-# Policies the check must refuse: if one passes, the checker is broken.
+# Objects the check must refuse: if one passes, the checker is broken.
 MUST_FAIL = {
     "a misspelt field (principal)": """
 spec:
@@ -238,6 +257,47 @@ spec:
 """,
 }
 
+PA_MUST_FAIL = {
+    "an unknown mode": """
+spec:
+  mtls: {mode: strict}
+""",
+    "a port key that is not a number": """
+spec:
+  selector:
+    matchLabels: {app: a}
+  portLevelMtls:
+    http: {mode: STRICT}
+""",
+    "port 0": """
+spec:
+  selector:
+    matchLabels: {app: a}
+  portLevelMtls:
+    "0": {mode: STRICT}
+""",
+    "portLevelMtls without a selector": """
+spec:
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    "8080": {mode: PERMISSIVE}
+""",
+    "a misspelt field (mtl)": """
+spec:
+  mtl: {mode: STRICT}
+""",
+}
+
+PA_MUST_PASS = """
+spec:
+  selector:
+    matchLabels: {app: db}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    "9090": {mode: PERMISSIVE}
+    "65535": {mode: DISABLE}
+"""
+
 MUST_PASS = """
 spec:
   selector:
@@ -257,16 +317,25 @@ spec:
 """
 
 
-def self_test(schema):
-    head = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+SELF_TESTS = {
+    "AuthorizationPolicy": (MUST_PASS, MUST_FAIL),
+    "PeerAuthentication": (PA_MUST_PASS, PA_MUST_FAIL),
+}
+
+
+def self_test(kind, schema):
+    """The number of broken objects the checker refused."""
+    must_pass, must_fail = SELF_TESTS[kind]
+    head = {"apiVersion": "security.istio.io/v1", "kind": kind,
             "metadata": {"name": "t", "namespace": "t"}}
-    check_policy(dict(head, **yaml.safe_load(MUST_PASS)), schema)
-    for what, text in MUST_FAIL.items():
+    check_policy(dict(head, **yaml.safe_load(must_pass)), schema)
+    for what, text in must_fail.items():
         try:
             check_policy(dict(head, **yaml.safe_load(text)), schema)
         except Failure:
             continue
-        raise Failure("self-test: a policy with %s was accepted" % what)
+        raise Failure("self-test: a %s with %s was accepted" % (kind, what))
+    return len(must_fail)
 
 
 # --------------------------------------------------------------------------
@@ -287,21 +356,23 @@ def main():
             return 1
 
     failures = 0
-    crds = [d for _, d in docs if d.get("kind") == "CustomResourceDefinition"
-            and d.get("metadata", {}).get("name") == CRD_NAME]
-    if not crds:
-        print("FAIL no CustomResourceDefinition %s among the files" % CRD_NAME)
-        return 1
-    try:
-        schema = check_crd(crds[0])
-        if any(c != crds[0] for c in crds):
-            raise Failure("the CRD differs between the rendered files")
-        self_test(schema)
-        print("ok   CRD %s: structural, v1 stored, every served version the same schema; "
-              "the checker refuses %d broken policies" % (CRD_NAME, len(MUST_FAIL)))
-    except Failure as e:
-        print("FAIL %s" % e)
-        return 1
+    schemas = {}
+    for kind, crd_name in CRDS.items():
+        crds = [d for _, d in docs if d.get("kind") == "CustomResourceDefinition"
+                and d.get("metadata", {}).get("name") == crd_name]
+        if not crds:
+            print("FAIL no CustomResourceDefinition %s among the files" % crd_name)
+            return 1
+        try:
+            schemas[kind] = check_crd(crds[0], kind)
+            if any(c != crds[0] for c in crds):
+                raise Failure("the CRD %s differs between the rendered files" % crd_name)
+            refused = self_test(kind, schemas[kind])
+            print("ok   CRD %s: structural, v1 stored, every served version the same schema; "
+                  "the checker refuses %d broken objects" % (crd_name, refused))
+        except Failure as e:
+            print("FAIL %s" % e)
+            return 1
 
     seen = set()
     for path, doc in docs:
@@ -312,7 +383,9 @@ def main():
         api_version = doc.get("apiVersion", "")
         try:
             if api_version.split("/")[0] == POLICY_GROUP:
-                check_policy(doc, schema)
+                if doc.get("kind") not in schemas:
+                    raise Failure("%s: %s: no CRD for this kind" % (path, name_of(doc)))
+                check_policy(doc, schemas[doc.get("kind")])
                 print("ok   %s: %s (against the CRD)" % (path, name_of(doc)))
                 continue
             for version in args.kubernetes_version:

@@ -90,7 +90,7 @@ else
 	BOLD='' DIM='' RED='' GREEN='' CYAN='' RESET=''
 fi
 STEP=0
-readonly STEPS=9
+readonly STEPS=10
 readonly SPINNER=('|' '/' '-' "\\")
 
 step() {
@@ -600,6 +600,39 @@ PY
 		fold -s -w 96 | sed 's/ *$//' | indent | indent
 	ok "denied: web's dataplane checked sleep's verified identity against the policy"
 
+	step "A PeerAuthentication: STRICT mTLS refuses legacy's plaintext"
+	cp "$DEMO_SRC/policy/strict-demo.yaml" "$WORK/config/.strict.tmp"
+	mv "$WORK/config/.strict.tmp" "$WORK/config/strict-demo.yaml"
+	cmd_line "cp examples/demo/policy/strict-demo.yaml $WORK/config/strict-demo.yaml"
+	sed -n '/^apiVersion/,$p' "$DEMO_SRC/policy/strict-demo.yaml" | indent
+	written=$(now_ms)
+	wait_until "node-b receiving the converted policy" 10 "$WORK/logs/controlplane.log" web_strict node-b yes
+	ok "web-1 lists $STRICT_POLICY on node-b's dataplane, $(($(now_ms) - written)) ms after the file was written"
+	say "what the control plane made of it (GET /api/v1/policies):"
+	cp_curl "https://127.0.0.1:$CP_REST_PORT/api/v1/policies" -o "$WORK/policies.json" 2>/dev/null || true
+	python3 - "$WORK/policies.json" <<'PY' | indent || true
+import json, sys
+for p in json.load(open(sys.argv[1])):
+    if p.get("convertedFrom"):
+        origins = ", ".join(f'{o["kind"]} {o["namespace"]}/{o["name"]}' for o in p["convertedFrom"])
+        print(f'{p["namespace"]}/{p["name"]}: {p["action"]} {p["scope"]} {json.dumps(p["rules"])}  <- {origins}')
+PY
+	cmd_line "ip netns exec $PREFIX-legacy curl http://10.55.2.10:8080/"
+	if answer=$(request_from legacy "http://10.55.2.10:8080/"); then
+		die "legacy's plaintext was served despite STRICT: $answer" "$WORK/logs/dataplane-node-b.log"
+	fi
+	say "  $answer"
+	wait_log node-b 10 "plaintext connection denied by authorization policy" "$STRICT_POLICY"
+	say "node-b's log and its refusal counter:"
+	FIELDS="src.addr dst.addr dst.workload reason" access_log node-b "plaintext connection denied by authorization policy" "$STRICT_POLICY" |
+		fold -s -w 96 | sed 's/ *$//' | indent | indent
+	local_curl "http://127.0.0.1:${METRICS[node-b]}/metrics" 2>/dev/null | grep -E '^meshbox_proxy_connections_refused.*policy_denied' | indent | indent || true
+	ok "refused: legacy has no mesh identity and demo is STRICT"
+	rm "$WORK/config/strict-demo.yaml"
+	wait_until "node-b lifting STRICT" 10 "$WORK/logs/controlplane.log" web_strict node-b no
+	answer=$(request_from legacy "http://10.55.2.10:8080/") || die "legacy -> web-1 failed after STRICT was lifted: $answer" "$WORK/logs/dataplane-node-b.log"
+	say "strict-demo.yaml removed again: legacy's plaintext is accepted once more: \"$answer\""
+
 	step "A SPIFFE certificate with curl, from the REST API"
 	local id=spiffe://cluster.local/ns/demo/sa/reporter
 	cmd_line "TOKEN=\$(controlplane token --state-dir $WORK/state --identity $id)"
@@ -651,6 +684,8 @@ PY
 		"ip netns exec $PREFIX-sleep curl http://$VIP/"
 		"lift the policy (the next request goes through)"
 		"rm $WORK/config/deny-sleep.yaml"
+		"make the demo namespace STRICT again (legacy is refused)"
+		"cp $DEMO_SRC/policy/strict-demo.yaml $WORK/config/"
 		"the control plane: connected dataplanes, versions sent and ACKed"
 		"curl -s --cacert $root $rest/api/v1/dataplanes"
 		"access logs"
@@ -675,6 +710,21 @@ policy_known() {
 	python3 - "$WORK/dump-$1.json" <<'PY'
 import json, sys
 sys.exit(0 if any(p.get("key") == "demo/deny-sleep" for p in json.load(open(sys.argv[1])).get("policies") or []) else 1)
+PY
+}
+
+readonly STRICT_POLICY=istio-system/istio_converted_static_strict
+
+# Whether (yes/no) web-1 lists the converted STRICT policy, and node $1's
+# dataplane has it, in node $1's /config_dump.
+web_strict() {
+	dump "$1" || return 1
+	python3 - "$WORK/dump-$1.json" "$STRICT_POLICY" "$2" <<'PY'
+import json, sys
+dump, key, want = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3] == "yes"
+listed = any(w.get("name") == "web-1" and key in (w.get("authorizationPolicies") or []) for w in dump.get("workloads") or [])
+known = any(p.get("key") == key for p in dump.get("policies") or [])
+sys.exit(0 if (listed and known) == want and (want or not listed) else 1)
 PY
 }
 

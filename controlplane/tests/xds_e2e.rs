@@ -114,3 +114,125 @@ async fn a_dataplane_syncs_over_tls_and_follows_folder_edits() {
         "no bearer token: send 'Authorization: Bearer <token>'"
     );
 }
+
+fn listed_policies(state: &XdsState, uid: &str) -> Vec<String> {
+    match state
+        .addresses
+        .get(uid)
+        .and_then(|a| a.resource.r#type.clone())
+    {
+        Some(meshbox_proto::workload::address::Type::Workload(w)) => w.authorization_policies,
+        _ => Vec::new(),
+    }
+}
+
+/// A PeerAuthentication written into the folder reaches a dataplane as
+/// istiod's converted form: the Workloads list it and the Authorization
+/// resources arrive with them; edits and removal follow as deltas.
+#[tokio::test]
+async fn peer_authentications_reach_the_dataplane_as_converted_policies() {
+    use meshbox_proto::security::{Action, Scope};
+
+    meshbox_certs::install_crypto_provider();
+    let cp = start_bookinfo();
+    let channel = grpc_channel(&cp).connect_lazy();
+    let options = ClientOptions::new(
+        Credentials::Bearer(cp.token_for_node("node-1")),
+        node("meshbox-dataplane~node-1", [("NODE_NAME", "node-1")]),
+    );
+    let client = XdsClient::start(channel, options);
+    let reviews = "Kubernetes//Pod/bookinfo/reviews-v1-5b8f6c7d9-p7r4s";
+    let state = wait_for(&client, "the initial sync", |s| s.is_synced()).await;
+    assert_eq!(
+        listed_policies(&state, reviews),
+        ["bookinfo/reviews-from-productpage"]
+    );
+    let strict = "istio-system/istio_converted_static_strict";
+    let converted = "bookinfo/converted_peer_authentication_reviews-ports";
+
+    // Namespace-wide STRICT: every bookinfo workload lists the static policy.
+    let file = cp.config.join("peer-authentication.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: bookinfo}\nspec: {mtls: {mode: STRICT}}\n",
+    )
+    .unwrap();
+    let state = wait_for(&client, "the static STRICT policy", |s| {
+        listed_policies(s, reviews).contains(&strict.to_string())
+            && s.authorizations.contains_key(strict)
+    })
+    .await;
+    assert_eq!(
+        listed_policies(&state, reviews),
+        ["bookinfo/reviews-from-productpage", strict]
+    );
+    let static_policy = &state.authorizations[strict].resource;
+    assert_eq!(static_policy.action, Action::Deny as i32);
+    assert_eq!(static_policy.scope, Scope::WorkloadSelector as i32);
+    assert_eq!(static_policy.rules.len(), 1);
+
+    // A workload policy exempting a port: reviews lists its converted form
+    // instead.
+    std::fs::write(
+        &file,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: bookinfo}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: reviews-ports, namespace: bookinfo}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  portLevelMtls:\n    9080: {mode: PERMISSIVE}\n",
+    )
+    .unwrap();
+    let state = wait_for(&client, "the converted workload policy", |s| {
+        listed_policies(s, reviews).contains(&converted.to_string())
+            && s.authorizations.contains_key(converted)
+    })
+    .await;
+    assert_eq!(
+        listed_policies(&state, reviews),
+        [converted, "bookinfo/reviews-from-productpage"]
+    );
+    let port_policy = &state.authorizations[converted].resource;
+    assert_eq!(port_policy.action, Action::Deny as i32);
+    assert_eq!(port_policy.rules.len(), 1);
+    assert_eq!(
+        port_policy.rules[0].clauses[0].matches[0].not_destination_ports,
+        [9080]
+    );
+
+    // The REST API names where the converted policies came from.
+    let (status, body) = curl(&cp, &[], "/api/v1/policies");
+    assert_eq!(status, 200);
+    let policies: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let by_name = |name: &str| {
+        policies
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {policies:#}"))
+    };
+    let p = by_name("converted_peer_authentication_reviews-ports");
+    assert_eq!(
+        p["convertedFrom"],
+        serde_json::json!([{"kind": "PeerAuthentication", "namespace": "bookinfo", "name": "reviews-ports"}])
+    );
+    assert_eq!(
+        p["rules"][0][0][0]["notDestinationPorts"],
+        serde_json::json!([9080])
+    );
+    assert!(
+        by_name("reviews-from-productpage")
+            .get("convertedFrom")
+            .is_none()
+    );
+
+    // Removing the file removes every trace.
+    std::fs::remove_file(&file).unwrap();
+    let state = wait_for(&client, "the removal", |s| {
+        !s.authorizations.contains_key(strict)
+            && !s.authorizations.contains_key(converted)
+            && listed_policies(s, reviews) == ["bookinfo/reviews-from-productpage"]
+    })
+    .await;
+    assert_eq!(
+        listed_policies(&state, reviews),
+        ["bookinfo/reviews-from-productpage"]
+    );
+}

@@ -415,7 +415,7 @@ fn the_demo_tells_its_story_and_leaves_nothing_behind() {
     // The policy: written, delivered, and the next request refused by the
     // web pods' dataplane for sleep's identity.
     has("node-b's dataplane has demo/deny-sleep");
-    let after_policy = section(&out, "node-b's dataplane has demo/deny-sleep", "[8/9]");
+    let after_policy = section(&out, "node-b's dataplane has demo/deny-sleep", "[8/10]");
     assert!(
         after_policy.contains("curl: ("),
         "the request was not refused: {after_policy}"
@@ -427,6 +427,33 @@ fn the_demo_tells_its_story_and_leaves_nothing_behind() {
             && denial.contains(r#"reason=DenyPolicyMatched("demo/deny-sleep")"#),
         "{denial}"
     );
+
+    // The PeerAuthentication: converted, listed on web-1, and legacy's
+    // plaintext refused and counted by web-1's dataplane.
+    let strict = "istio-system/istio_converted_static_strict";
+    has(&format!("web-1 lists {strict} on node-b's dataplane"));
+    has(&format!(
+        "{strict}: DENY WORKLOAD_SELECTOR [[[{{\"notPrincipals\": [\"*\"]}}]]]  <- PeerAuthentication demo/default"
+    ));
+    let after_strict = section(&out, "web-1 lists", "refused: legacy");
+    assert!(
+        after_strict.contains("curl: ("),
+        "legacy's plaintext was not refused: {after_strict}"
+    );
+    assert!(!after_strict.contains("hello from"), "{after_strict}");
+    assert!(
+        after_strict.contains(&format!("reason=DenyPolicyMatched(\"{strict}\")")),
+        "{after_strict}"
+    );
+    let refused: f64 = out
+        .lines()
+        .find(|l| l.contains("meshbox_proxy_connections_refused") && l.contains("policy_denied"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no policy_denied refusal counter: {after_strict}"));
+    // sleep's refused request counts too: at least one more for legacy.
+    assert!(refused >= 2.0, "{refused}: {after_strict}");
+    has("accepted once more: \"hello from web-1 on node-b, you are 10.55.1.20\"");
 
     // The certificate from the REST API verifies against the mesh root.
     has("reporter-chain.pem: OK");

@@ -295,6 +295,18 @@ pub struct PolicyView {
     /// A connection matches the policy when any rule matches; a rule when
     /// every clause matches; a clause when any of its matches matches.
     rules: Vec<Vec<Vec<serde_json::Value>>>,
+    /// The PeerAuthentications a converted policy stands for; absent for
+    /// AuthorizationPolicies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    converted_from: Vec<ObjectRef>,
+}
+
+/// A Kubernetes object by kind, namespace and name.
+#[derive(Debug, Serialize)]
+pub struct ObjectRef {
+    kind: String,
+    namespace: String,
+    name: String,
 }
 
 fn string_matches(ms: &[security::StringMatch]) -> Vec<String> {
@@ -348,7 +360,7 @@ fn match_view(m: &security::Match) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-fn policy_view(p: &Authorization) -> PolicyView {
+fn policy_view(p: &Authorization, origins: Vec<crate::model::ObjectKey>) -> PolicyView {
     PolicyView {
         name: p.name.clone(),
         namespace: p.namespace.clone(),
@@ -369,14 +381,31 @@ fn policy_view(p: &Authorization) -> PolicyView {
                     .collect()
             })
             .collect(),
+        converted_from: origins
+            .into_iter()
+            .map(|k| ObjectRef {
+                kind: k.kind.as_str().to_owned(),
+                namespace: k.namespace,
+                name: k.name,
+            })
+            .collect(),
     }
 }
 
 pub async fn list_policies(State(state): State<ApiState>) -> Json<Vec<PolicyView>> {
-    let policies: Vec<std::sync::Arc<Authorization>> = state
-        .store
-        .read(|index| index.authorizations().map(|(_, p)| p.clone()).collect());
-    Json(policies.iter().map(|p| policy_view(p)).collect())
+    type WithOrigins = (std::sync::Arc<Authorization>, Vec<crate::model::ObjectKey>);
+    let policies: Vec<WithOrigins> = state.store.read(|index| {
+        index
+            .authorizations()
+            .map(|(name, p)| (p.clone(), index.peer_authentication_origins(name)))
+            .collect()
+    });
+    Json(
+        policies
+            .into_iter()
+            .map(|(p, origins)| policy_view(&p, origins))
+            .collect(),
+    )
 }
 
 pub async fn list_waypoints(

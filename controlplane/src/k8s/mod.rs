@@ -1,5 +1,6 @@
 //! Kubernetes API types that meshbox reads but `k8s-openapi` does not ship:
-//! Istio's `security.istio.io/v1` `AuthorizationPolicy` and Gateway API's
+//! Istio's `security.istio.io/v1` `AuthorizationPolicy` and
+//! `PeerAuthentication` (also read as `v1beta1`) and Gateway API's
 //! `gateway.networking.k8s.io/v1` `Gateway`.
 //!
 //! They are plain serde structs holding only the fields the control plane
@@ -9,6 +10,7 @@
 
 mod authorization_policy;
 mod gateway;
+mod peer_authentication;
 
 pub use authorization_policy::{
     AuthorizationPolicy, AuthorizationPolicySpec, Condition, ExtensionProvider, Operation,
@@ -17,6 +19,9 @@ pub use authorization_policy::{
 pub use gateway::{
     AllowedRoutes, Gateway, GatewaySpec, GatewaySpecAddress, GatewayStatus, GatewayStatusAddress,
     Listener, RouteGroupKind, RouteNamespaces,
+};
+pub use peer_authentication::{
+    MutualTls, PeerAuthentication, PeerAuthenticationSpec, PeerAuthenticationV1beta1,
 };
 
 use serde::{Deserialize, Deserializer};

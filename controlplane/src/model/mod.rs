@@ -17,6 +17,7 @@
 //! [`Changes`] lists exactly the resources whose value really changed.
 
 mod namespace;
+mod peer_authentication;
 mod policy;
 mod selector;
 mod service;
@@ -40,12 +41,14 @@ use meshbox_proto::workload::Address;
 use serde::Serialize;
 
 use self::namespace::NamespaceState;
+use self::peer_authentication::PeerAuthState;
 use self::policy::PolicyState;
 use self::selector::PairIndex;
 use self::service::{ServiceState, SliceState};
 use self::waypoint::{GatewayDerived, GatewayState};
 use self::workload::{PodDerived, PodState};
 
+pub use self::peer_authentication::{CONVERTED_PREFIX, STATIC_STRICT_POLICY};
 pub use self::policy::{TranslatedPolicy, translate_policy};
 pub use self::waypoint::WaypointFor;
 
@@ -83,6 +86,7 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     Gateway(crate::k8s::Gateway),
     AuthorizationPolicy(crate::k8s::AuthorizationPolicy),
+    PeerAuthentication(crate::k8s::PeerAuthentication),
 }
 
 impl Object {
@@ -94,6 +98,7 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Gateway(_) => Kind::Gateway,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 
@@ -108,6 +113,7 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::Gateway(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::PeerAuthentication(o) => &o.metadata,
         };
         ObjectKey::from_meta(self.kind(), meta)
     }
@@ -122,6 +128,7 @@ pub enum Kind {
     EndpointSlice,
     Gateway,
     AuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl Kind {
@@ -133,6 +140,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Gateway => "Gateway",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 }
@@ -188,6 +196,10 @@ impl ObjectKey {
 
     pub fn authorization_policy(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self::new(Kind::AuthorizationPolicy, namespace, name)
+    }
+
+    pub fn peer_authentication(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self::new(Kind::PeerAuthentication, namespace, name)
     }
 
     fn from_meta(kind: Kind, meta: &ObjectMeta) -> Option<Self> {
@@ -346,6 +358,7 @@ pub struct MeshIndex {
     slices: HashMap<Key, SliceState>,
     gateways: HashMap<Key, GatewayState>,
     policies: HashMap<Key, PolicyState>,
+    peer_auths: HashMap<Key, PeerAuthState>,
 
     // Indexes over inputs.
     pods_by_ns: HashMap<String, BTreeSet<String>>,
@@ -359,6 +372,7 @@ pub struct MeshIndex {
     policy_selectors: PairIndex,
     /// Selector-less (namespace-wide) policies that produce a resource.
     namespace_policies: HashMap<String, BTreeSet<String>>,
+    peer_auths_by_ns: HashMap<String, BTreeSet<String>>,
     pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
     services_by_vip: HashMap<IpAddr, BTreeSet<Key>>,
     /// node → identity → number of pods holding it there.
@@ -395,12 +409,14 @@ impl MeshIndex {
             slices: HashMap::new(),
             gateways: HashMap::new(),
             policies: HashMap::new(),
+            peer_auths: HashMap::new(),
             pods_by_ns: HashMap::new(),
             services_by_ns: HashMap::new(),
             pod_labels: PairIndex::default(),
             service_selectors: PairIndex::default(),
             policy_selectors: PairIndex::default(),
             namespace_policies: HashMap::new(),
+            peer_auths_by_ns: HashMap::new(),
             pods_by_ip: HashMap::new(),
             services_by_vip: HashMap::new(),
             identities_by_node: HashMap::new(),
@@ -601,6 +617,7 @@ impl MeshIndex {
             Object::EndpointSlice(o) => self.ingest_slice(nsname, &o),
             Object::Gateway(o) => self.ingest_gateway(nsname, &o),
             Object::AuthorizationPolicy(o) => self.ingest_policy(nsname, &o),
+            Object::PeerAuthentication(o) => self.ingest_peer_authentication(nsname, &o),
         }
     }
 
@@ -613,6 +630,7 @@ impl MeshIndex {
             Kind::EndpointSlice => self.remove_slice(&nsname),
             Kind::Gateway => self.remove_gateway(&nsname),
             Kind::AuthorizationPolicy => self.remove_policy(&nsname),
+            Kind::PeerAuthentication => self.remove_peer_authentication(&nsname),
         }
     }
 
@@ -628,6 +646,10 @@ impl MeshIndex {
         out.extend(namespaced(
             Kind::AuthorizationPolicy,
             &mut self.policies.keys(),
+        ));
+        out.extend(namespaced(
+            Kind::PeerAuthentication,
+            &mut self.peer_auths.keys(),
         ));
         out
     }

@@ -271,6 +271,7 @@ impl MeshIndex {
 
         let mut authorization_policies: Vec<String> =
             policies.iter().map(Key::slash_name).collect();
+        authorization_policies.extend(self.peer_auth_policies(&key.ns, &pod.labels));
         authorization_policies.sort();
         let workload = Workload {
             uid: uid.clone(),

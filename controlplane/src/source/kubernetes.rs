@@ -4,8 +4,10 @@
 //! Watchers relist and back off on their own after errors; a relist is
 //! applied as "these are now all the objects of this kind", so deletions
 //! missed while disconnected are caught. The Gateway API and Istio's
-//! AuthorizationPolicy CRDs are optional: while one is not installed its
-//! watcher is parked (checked again every minute) and everything else works.
+//! AuthorizationPolicy and PeerAuthentication CRDs are optional: while one is
+//! not installed its watcher is parked (checked again every minute) and
+//! everything else works. PeerAuthentication is read as `v1`, or as
+//! `v1beta1` where the installed CRD does not serve `v1` (Istio before 1.22).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde::de::DeserializeOwned;
 
-use crate::k8s::{AuthorizationPolicy, Gateway};
+use crate::k8s::{AuthorizationPolicy, Gateway, PeerAuthentication, PeerAuthenticationV1beta1};
 use crate::model::{Kind, Object};
 use crate::store::MeshStore;
 
@@ -62,7 +64,7 @@ impl InitialSync {
 /// Starts a watcher per kind. Returns a handle that completes once every
 /// watcher has delivered its first complete listing.
 pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
-    let sync = InitialSync::new(6);
+    let sync = InitialSync::new(7);
     spawn_watch::<Namespace>(
         client.clone(),
         store.clone(),
@@ -104,14 +106,91 @@ pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
         Object::Gateway,
     );
     spawn_watch::<AuthorizationPolicy>(
-        client,
-        store,
+        client.clone(),
+        store.clone(),
         sync.clone(),
         true,
         Kind::AuthorizationPolicy,
         Object::AuthorizationPolicy,
     );
+    spawn_peer_authentication_watch(client, store, sync.clone());
     sync
+}
+
+/// Whether a CRD's list endpoint answers.
+enum Probe {
+    Installed,
+    Absent,
+    Failed,
+}
+
+async fn probe<K>(api: &Api<K>, kind: &str) -> Probe
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
+{
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Probe::Installed,
+        Err(kube::Error::Api(e)) if e.code == 404 => Probe::Absent,
+        Err(e) => {
+            tracing::warn!(%kind, error = %e, "probing the CRD failed");
+            Probe::Failed
+        }
+    }
+}
+
+/// Like an optional [`spawn_watch`], trying `v1` first and then `v1beta1`.
+fn spawn_peer_authentication_watch(client: kube::Client, store: Arc<MeshStore>, sync: InitialSync) {
+    tokio::spawn(async move {
+        let v1: Api<PeerAuthentication> = Api::all(client.clone());
+        let v1beta1: Api<PeerAuthenticationV1beta1> = Api::all(client);
+        let kind = "PeerAuthentication".to_string();
+        let mut first_sync = Some(sync);
+        loop {
+            let newer = probe(&v1, &kind).await;
+            // v1beta1 only matters where v1 is not served.
+            let older = match newer {
+                Probe::Absent => probe(&v1beta1, &kind).await,
+                _ => Probe::Failed,
+            };
+            match (newer, older) {
+                (Probe::Installed, _) => {
+                    tracing::info!(%kind, version = "v1", "watching");
+                    watch(
+                        v1,
+                        kind,
+                        store,
+                        first_sync,
+                        Kind::PeerAuthentication,
+                        Object::PeerAuthentication,
+                    )
+                    .await;
+                    return;
+                }
+                (Probe::Absent, Probe::Installed) => {
+                    tracing::info!(%kind, version = "v1beta1", "watching");
+                    watch(
+                        v1beta1,
+                        kind,
+                        store,
+                        first_sync,
+                        Kind::PeerAuthentication,
+                        |o| Object::PeerAuthentication(o.0),
+                    )
+                    .await;
+                    return;
+                }
+                (Probe::Absent, Probe::Absent) => {
+                    if let Some(sync) = first_sync.take() {
+                        tracing::warn!(%kind, "CRD not installed; carrying on without it");
+                        // An absent CRD counts as synced: there is nothing to list.
+                        sync.done();
+                    }
+                }
+                _ => {}
+            }
+            tokio::time::sleep(CRD_RECHECK).await;
+        }
+    });
 }
 
 fn spawn_watch<K>(

@@ -244,6 +244,10 @@ fn push_object(out: &mut ParsedManifest, value: serde_json::Value) -> Result<(),
         ("security.istio.io", "AuthorizationPolicy") => {
             Object::AuthorizationPolicy(typed("AuthorizationPolicy", value)?)
         }
+        // v1 and v1beta1 have the same shape.
+        ("security.istio.io", "PeerAuthentication") => {
+            Object::PeerAuthentication(typed("PeerAuthentication", value)?)
+        }
         _ => {
             out.ignored
                 .push(format!("{}/{}", meta.api_version, meta.kind));
@@ -284,6 +288,46 @@ items:
         let parsed = parse_manifest(text).unwrap();
         assert_eq!(parsed.objects.len(), 2);
         assert_eq!(parsed.ignored, ["apps/v1/Deployment"]);
+    }
+
+    #[test]
+    fn reads_peer_authentication_in_both_versions_with_numeric_port_keys() {
+        let text = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: mesh, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  mtls:
+  portLevelMtls:
+    9090: {mode: PERMISSIVE}
+"#;
+        let parsed = parse_manifest(text).unwrap();
+        let pas: Vec<&crate::k8s::PeerAuthentication> = parsed
+            .objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::PeerAuthentication(pa) => Some(pa),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pas.len(), 2, "{:?}", parsed.ignored);
+        assert_eq!(
+            pas[0].spec.mtls.as_ref().and_then(|m| m.mode.as_deref()),
+            Some("STRICT")
+        );
+        let ports: Vec<(&str, Option<&str>)> = pas[1]
+            .spec
+            .port_level_mtls
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.mode.as_deref()))
+            .collect();
+        assert_eq!(ports, [("9090", Some("PERMISSIVE"))]);
     }
 
     #[test]

@@ -780,3 +780,114 @@ fn proxy_state_is_a_policy_lookup() {
         denied(Reason::UnknownPolicy("app/p".into()))
     );
 }
+
+// ----- PeerAuthentication, as the control plane converts it -----
+
+/// `istio-system/istio_converted_static_strict`: DENY without identity.
+fn static_strict() -> pb::Authorization {
+    authz(
+        "istio-system",
+        "istio_converted_static_strict",
+        pb::Scope::WorkloadSelector,
+        pb::Action::Deny,
+        single(pb::Match {
+            not_principals: vec![presence()],
+            ..Default::default()
+        }),
+    )
+}
+
+fn to_port(conn: ConnectionInfo, port: u16) -> ConnectionInfo {
+    ConnectionInfo {
+        dst: std::net::SocketAddr::new(conn.dst.ip(), port),
+        ..conn
+    }
+}
+
+#[test]
+fn converted_peer_authentications_refuse_plaintext_where_strict() {
+    let decide = |policies: &[pb::Authorization], listed: &[&str], conn: ConnectionInfo| {
+        authorize(&conn, &dest(listed), &store(policies)).outcome
+    };
+    let strict_key = "istio-system/istio_converted_static_strict";
+
+    // STRICT: plaintext refused by the static policy, mTLS let through; a
+    // workload that does not list it is not affected.
+    let policies = [static_strict()];
+    assert_eq!(
+        decide(&policies, &[strict_key], plain()),
+        denied(Reason::DenyPolicyMatched(strict_key.into()))
+    );
+    assert_eq!(
+        decide(&policies, &[strict_key], tls()),
+        allowed(Reason::NoAllowPolicy)
+    );
+    assert_eq!(
+        decide(&policies, &[], plain()),
+        allowed(Reason::NoAllowPolicy)
+    );
+
+    // STRICT with port 9090 PERMISSIVE: one rule, "no identity AND not 9090".
+    let exempt = authz(
+        "app",
+        "converted_peer_authentication_server",
+        pb::Scope::WorkloadSelector,
+        pb::Action::Deny,
+        vec![pb::Rule {
+            clauses: vec![
+                pb::Clause {
+                    matches: vec![pb::Match {
+                        not_principals: vec![presence()],
+                        ..Default::default()
+                    }],
+                },
+                pb::Clause {
+                    matches: vec![pb::Match {
+                        not_destination_ports: vec![9090],
+                        ..Default::default()
+                    }],
+                },
+            ],
+        }],
+    );
+    let key = "app/converted_peer_authentication_server";
+    let policies = [static_strict(), exempt];
+    assert_eq!(
+        decide(&policies, &[key], to_port(plain(), 8080)),
+        denied(Reason::DenyPolicyMatched(key.into()))
+    );
+    assert_eq!(
+        decide(&policies, &[key], to_port(plain(), 9090)),
+        allowed(Reason::NoAllowPolicy)
+    );
+    assert_eq!(
+        decide(&policies, &[key], to_port(tls(), 8080)),
+        allowed(Reason::NoAllowPolicy)
+    );
+
+    // PERMISSIVE with port 5432 STRICT: one rule per STRICT port.
+    let strict_port = authz(
+        "app",
+        "converted_peer_authentication_server",
+        pb::Scope::WorkloadSelector,
+        pb::Action::Deny,
+        single(pb::Match {
+            not_principals: vec![presence()],
+            destination_ports: vec![5432],
+            ..Default::default()
+        }),
+    );
+    let policies = [strict_port];
+    assert_eq!(
+        decide(&policies, &[key], to_port(plain(), 5432)),
+        denied(Reason::DenyPolicyMatched(key.into()))
+    );
+    assert_eq!(
+        decide(&policies, &[key], to_port(plain(), 8080)),
+        allowed(Reason::NoAllowPolicy)
+    );
+    assert_eq!(
+        decide(&policies, &[key], to_port(tls(), 5432)),
+        allowed(Reason::NoAllowPolicy)
+    );
+}

@@ -76,7 +76,7 @@ fn selector(rng: &mut Rng) -> Value {
 
 fn random_object(rng: &mut Rng) -> Object {
     let ns = rng.pick(&NAMESPACES);
-    match rng.below(7) {
+    match rng.below(8) {
         0 => namespace(ns, labels(rng)),
         1 | 2 => {
             let name = format!("p{}", rng.below(6));
@@ -156,6 +156,33 @@ fn random_object(rng: &mut Rng) -> Object {
                 gw = set(gw, "/status/addresses", json!([{"value": "10.96.9.9"}]));
             }
             gateway_from(gw)
+        }
+        6 => {
+            let name = rng.pick(&["pa0", "pa1"]);
+            let modes = ["UNSET", "STRICT", "PERMISSIVE", "DISABLE", "bogus"];
+            let mut spec = serde_json::Map::new();
+            if rng.chance(50) {
+                spec.insert("selector".into(), json!({"matchLabels": selector(rng)}));
+            }
+            spec.insert("mtls".into(), json!({"mode": rng.pick(&modes)}));
+            if rng.chance(50) {
+                let mut ports = serde_json::Map::new();
+                for port in ["8080", "9090", "http"] {
+                    if rng.chance(50) {
+                        ports.insert(port.into(), json!({"mode": rng.pick(&modes)}));
+                    }
+                }
+                spec.insert("portLevelMtls".into(), Value::Object(ports));
+            }
+            let mut pa = json!({"metadata": {"name": name, "namespace": ns}, "spec": spec});
+            if rng.chance(70) {
+                pa = set(
+                    pa,
+                    "/metadata/creationTimestamp",
+                    json!(format!("2024-01-0{}T00:00:00Z", 1 + rng.below(3))),
+                );
+            }
+            peer_auth_from(pa)
         }
         _ => {
             let name = rng.pick(&["pol0", "pol1", "pol2"]);

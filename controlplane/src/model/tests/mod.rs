@@ -4,6 +4,7 @@
 
 mod consistency;
 mod index;
+mod peer_authentication;
 mod policies;
 mod services;
 mod waypoints;
@@ -175,6 +176,10 @@ pub(super) fn policy(ns: &str, name: &str, spec: Value) -> Object {
 
 pub(super) fn policy_obj(ns: &str, name: &str, spec: Value) -> crate::k8s::AuthorizationPolicy {
     from(json!({"metadata": {"name": name, "namespace": ns}, "spec": spec}))
+}
+
+pub(super) fn peer_auth_from(v: Value) -> Object {
+    Object::PeerAuthentication(from(v))
 }
 
 pub(super) fn apply_all(idx: &mut MeshIndex, objs: Vec<Object>) -> Changes {
