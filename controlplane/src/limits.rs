@@ -8,10 +8,16 @@
 //! tasks or file descriptors for long.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -46,6 +52,7 @@ struct RequestLabels {
 pub struct LimitMetrics {
     connections_refused: Family<ConnectionLabels, Counter>,
     requests_refused: Family<RequestLabels, Counter>,
+    grpc_refused: Family<RequestLabels, Counter>,
 }
 
 impl LimitMetrics {
@@ -61,12 +68,23 @@ impl LimitMetrics {
             "REST requests refused by a limit before their handler ran to the end, by reason",
             metrics.requests_refused.clone(),
         );
+        registry.register(
+            "meshbox_grpc_requests_refused",
+            "Unary gRPC calls (CA, capture reports, enrollment) refused before their message was read, by reason",
+            metrics.grpc_refused.clone(),
+        );
         metrics
     }
 
     pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
         self.connections_refused
             .get_or_create(&ConnectionLabels { listener, reason })
+            .inc();
+    }
+
+    pub fn grpc_refused(&self, reason: &'static str) {
+        self.grpc_refused
+            .get_or_create(&RequestLabels { reason })
             .inc();
     }
 
@@ -164,6 +182,143 @@ impl Drop for PeerSlot {
                 open.remove(&self.ip);
             }
         }
+    }
+}
+
+/// A unary gRPC service behind two checks made before its message is read:
+/// the caller's token, from the headers (tonic would read and decode the
+/// whole message, up to its size limit, before the handler could refuse
+/// it), and a deadline for the message to arrive. The service still
+/// authenticates the caller itself (it needs the caller, not a yes); a
+/// second check costs an HMAC locally, and nothing in Kubernetes mode,
+/// where reviews are cached.
+#[derive(Clone)]
+pub struct AuthFirst<S> {
+    inner: S,
+    auth: Arc<crate::auth::Authenticator>,
+    body_read_timeout: Duration,
+    metrics: LimitMetrics,
+}
+
+impl<S> AuthFirst<S> {
+    pub fn new(
+        inner: S,
+        auth: Arc<crate::auth::Authenticator>,
+        body_read_timeout: Duration,
+        metrics: LimitMetrics,
+    ) -> Self {
+        Self {
+            inner,
+            auth,
+            body_read_timeout,
+            metrics,
+        }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for AuthFirst<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, B> tower::Service<http::Request<B>> for AuthFirst<S>
+where
+    S: tower::Service<
+            http::Request<DeadlineBody<B>>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The clone is the one that is not ready yet; the ready one serves
+        // this call (tower's rule for services called from a future).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        let metrics = self.metrics.clone();
+        let timeout = self.body_read_timeout;
+        Box::pin(async move {
+            // A header that is not ASCII is no credential at all.
+            let header = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.to_str().unwrap_or_default().to_owned());
+            if let Err(e) = auth.authenticate_header(header.as_deref()).await {
+                metrics.grpc_refused("unauthenticated");
+                return Ok(crate::ca::grpc::auth_status(e).into_http());
+            }
+            let request = request.map(|body| DeadlineBody::new(body, timeout, metrics));
+            inner.call(request).await
+        })
+    }
+}
+
+/// A request body that fails once `timeout` has passed before it ended.
+pub struct DeadlineBody<B> {
+    inner: Pin<Box<B>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    metrics: LimitMetrics,
+}
+
+impl<B> DeadlineBody<B> {
+    fn new(inner: B, timeout: Duration, metrics: LimitMetrics) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            metrics,
+        }
+    }
+}
+
+/// The error a [`DeadlineBody`] ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the request message did not arrive within {}", humantime::format_duration(*.0))]
+pub struct BodyTimedOut(Duration);
+
+impl<B> Body for DeadlineBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(frame) = self.inner.as_mut().poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.metrics.grpc_refused("body_timeout");
+            return Poll::Ready(Some(Err(Box::new(BodyTimedOut(self.timeout)))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

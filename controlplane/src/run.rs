@@ -20,7 +20,7 @@ use crate::ca::grpc::CaGrpc;
 use crate::ca::{CertificateIssuer, NodeRoster, RateLimit};
 use crate::capture::{CaptureGrpc, CaptureReports, EnrollmentGrpc};
 use crate::cluster;
-use crate::limits::{self, ConnectionLimits};
+use crate::limits::{self, AuthFirst, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::model::MeshConfig;
 use crate::serving::{ServingCertificate, ServingNames, serve_plain_with, serve_tls_with};
@@ -122,7 +122,8 @@ pub struct RunConfig {
     /// Longest an HTTP/1 client may take to send a request's headers.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
-    /// Longest a REST request body may take to arrive (answered with 408).
+    /// Longest a request body may take to arrive: REST (answered with 408)
+    /// and the unary gRPC calls (CA, capture reports, enrollment).
     /// The largest body accepted is a 64 KiB CSR, well under a second on any
     /// working link.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -275,14 +276,27 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     );
     let capture = Arc::new(CaptureReports::default());
-    let grpc_routes = tonic::service::Routes::new(CaGrpc::server(issuer.clone(), auth.clone()))
-        .add_service(xds.service())
-        .add_service(CaptureGrpc::server(
-            capture.clone(),
-            auth.clone(),
-            store.clone(),
-        ))
-        .add_service(EnrollmentGrpc::server(auth.clone(), store.clone()));
+    // The unary services check the token before their message is read, and
+    // bound the time it may take to arrive; xDS streams authenticate on open.
+    let grpc_routes = tonic::service::Routes::new(AuthFirst::new(
+        CaGrpc::server(issuer.clone(), auth.clone()),
+        auth.clone(),
+        config.body_read_timeout,
+        metrics.limits.clone(),
+    ))
+    .add_service(xds.service())
+    .add_service(AuthFirst::new(
+        CaptureGrpc::server(capture.clone(), auth.clone(), store.clone()),
+        auth.clone(),
+        config.body_read_timeout,
+        metrics.limits.clone(),
+    ))
+    .add_service(AuthFirst::new(
+        EnrollmentGrpc::server(auth.clone(), store.clone()),
+        auth.clone(),
+        config.body_read_timeout,
+        metrics.limits.clone(),
+    ));
     let grpc_app = grpc_routes.into_axum_router();
     let rest_app = api::router(ApiState {
         issuer: issuer.clone(),

@@ -364,3 +364,120 @@ fn rotating_the_token_key_revokes_every_token_at_restart() {
     let new = cp.token_for_identity(id);
     assert_eq!(post_csr(&cp, Some(&new), &csr, "").0, 200);
 }
+
+#[tokio::test]
+async fn grpc_calls_without_a_valid_token_are_refused_before_their_message() {
+    use meshbox_proto::ca::IstioCertificateRequest;
+    use meshbox_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+    use meshbox_proto::capture::EnrollmentRequest;
+    use meshbox_proto::capture::enrollment_service_client::EnrollmentServiceClient;
+    let cp = ControlPlane::start(&[], &[]);
+    let channel = grpc_channel(&cp).connect().await.unwrap();
+    // Larger than each service accepts: read first, it would be refused for
+    // its size; checked first, for its (missing or bad) token.
+    for token in [None, Some("Bearer forged")] {
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr: "A".repeat(200 * 1024),
+            validity_duration: 3600,
+            metadata: None,
+        });
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.parse().unwrap());
+        }
+        let status = IstioCertificateServiceClient::new(channel.clone())
+            .create_certificate(request)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+    let status = EnrollmentServiceClient::new(channel.clone())
+        .lookup(EnrollmentRequest {
+            namespace: "default".into(),
+            name: "x".repeat(10_000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert_eq!(
+        metric(
+            &cp,
+            "meshbox_grpc_requests_refused_total",
+            "reason=\"unauthenticated\""
+        ),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_grpc_message_fails_after_the_body_read_timeout() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+    let cp = ControlPlane::start(&[], &["--body-read-timeout", "1s"]);
+    let token = cp.token_for_identity("spiffe://cluster.local/ns/default/sa/web");
+    let tls = connect_with(&cp, cp.grpc.port(), b"h2").await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    let request = http::Request::post(
+        "https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate",
+    )
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("authorization", format!("Bearer {token}"))
+    .body(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
+    .unwrap();
+    // A gRPC message of 1000 bytes announced, 2 sent, then silence.
+    tx.send(Ok(Frame::data(Bytes::from_static(&[
+        0, 0, 0, 3, 0xe8, 0x0a, 0x05,
+    ]))))
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    let headers = response.headers().clone();
+    let trailers = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("no end within 10 s")
+        .unwrap()
+        .trailers()
+        .cloned()
+        .unwrap_or_default();
+    let took = started.elapsed();
+    let field = |name: &str| {
+        headers
+            .get(name)
+            .or_else(|| trailers.get(name))
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    assert!(!field("grpc-status").is_empty() && field("grpc-status") != "0");
+    // grpc-message is percent-encoded.
+    let message = field("grpc-message").replace("%20", " ");
+    assert!(message.contains("did not arrive within 1s"), "{message:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    drop(tx);
+    assert_eq!(
+        metric(
+            &cp,
+            "meshbox_grpc_requests_refused_total",
+            "reason=\"body_timeout\""
+        ),
+        1.0
+    );
+}
