@@ -513,8 +513,9 @@ Where to look next:
   kubectl --context $CONTEXT -n $SYSTEM_NS logs ds/meshbox-dataplane -c dataplane -f   # access logs of one node
   kubectl --context $CONTEXT -n $SYSTEM_NS port-forward svc/meshbox-controlplane $REST_PORT:15014
   kubectl --context $CONTEXT -n $DEMO_NS get configmap istio-ca-root-cert -o jsonpath='{.data.root-cert\.pem}' > root-cert.pem
-  curl --cacert root-cert.pem https://localhost:$REST_PORT/api/v1/workloads?namespace=$DEMO_NS
-  curl --cacert root-cert.pem https://localhost:$REST_PORT/api/v1/dataplanes      # xDS streams, capture state
+  TOKEN=\$(kubectl --context $CONTEXT -n $DEMO_NS create token client --audience istio-ca --duration 10m)   # reads need a token in Kubernetes mode
+  curl --cacert root-cert.pem -H "Authorization: Bearer \$TOKEN" https://localhost:$REST_PORT/api/v1/workloads?namespace=$DEMO_NS
+  curl --cacert root-cert.pem -H "Authorization: Bearer \$TOKEN" https://localhost:$REST_PORT/api/v1/dataplanes      # xDS streams, capture state
   kubectl --context $CONTEXT -n $DEMO_NS exec deploy/client -- curl -s http://server/hostname
 Remove it all: $0 down
 EOF

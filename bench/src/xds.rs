@@ -260,7 +260,12 @@ async fn run_one(
     let server = Arc::new(XdsServer::new(
         Arc::new(XdsAuth(Arc::new(Authenticator::Local(tokens)))),
         &mut registry,
-        XdsOptions::default(),
+        // Every client streams with the one token above, which the default
+        // per-caller cap would refuse past 64 streams.
+        XdsOptions {
+            max_streams_per_caller: usize::MAX,
+            ..XdsOptions::default()
+        },
     ));
     let (addr, serving, tls) = serve(&server, &state.0, plaintext).await?;
     // Stop serving when this run ends, whatever way it ends.

@@ -15,6 +15,8 @@
 //! - [`auth`]: bearer tokens, minted locally or checked with TokenReview;
 //! - [`api`]: the REST API on 15014;
 //! - [`serving`]: the TLS listeners and their self-renewing certificate;
+//! - [`limits`]: what a client may hold before it is authenticated
+//!   (connections per peer, header and body read time);
 //! - [`run`]: wiring all of it together for `controlplane run`.
 //!
 //! Everything cryptographic lives in the `meshbox-certs` crate; this crate
@@ -26,6 +28,7 @@ pub mod ca;
 pub mod capture;
 pub mod cluster;
 pub mod k8s;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod run;

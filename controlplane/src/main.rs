@@ -22,6 +22,17 @@ enum Command {
     /// Print (or write to a file) a bearer token this control plane accepts
     /// (standalone mode).
     Token(TokenArgs),
+    /// Replace the token signing key with a new one (standalone mode): every
+    /// token minted so far stops working once the control plane restarts.
+    /// Then mint new tokens with `token`.
+    RotateTokenKey(RotateArgs),
+}
+
+#[derive(clap::Args)]
+struct RotateArgs {
+    /// The control plane's state directory (holds the token signing key).
+    #[arg(long, env = "MESHBOX_STATE_DIR")]
+    state_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -36,7 +47,8 @@ struct TokenArgs {
     /// A token for a node proxy: it may get certificates for pods on this node.
     #[arg(long, group = "subject")]
     node: Option<String>,
-    /// How long the token is valid (e.g. 90m, 24h, 7d).
+    /// How long the token is valid (e.g. 90m, 24h, 7d; at most 1y: a leaked
+    /// token must die on its own; rotate-token-key revokes all sooner).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     ttl: Duration,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
@@ -59,6 +71,15 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(run(*config))
+        }
+        Command::RotateTokenKey(args) => {
+            LocalTokens::rotate(&args.state_dir).context("rotating the token signing key")?;
+            eprintln!(
+                "new token signing key in {}: restart the control plane to revoke every \
+                 token minted before, then mint new ones with `controlplane token`",
+                args.state_dir.display()
+            );
+            Ok(())
         }
         Command::Token(args) => {
             let tokens = LocalTokens::load_or_create(&args.state_dir, &args.trust_domain)

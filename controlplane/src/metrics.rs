@@ -9,6 +9,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::limits::LimitMetrics;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ViaLabels {
     via: &'static str,
@@ -73,6 +75,7 @@ impl CaMetrics {
 pub struct Metrics {
     registry: Registry,
     pub ca: CaMetrics,
+    pub limits: LimitMetrics,
 }
 
 impl Metrics {
@@ -81,8 +84,13 @@ impl Metrics {
     pub fn new(more: impl FnOnce(&mut Registry)) -> Arc<Self> {
         let mut registry = Registry::default();
         let ca = CaMetrics::register(&mut registry);
+        let limits = LimitMetrics::register(&mut registry);
         more(&mut registry);
-        Arc::new(Self { registry, ca })
+        Arc::new(Self {
+            registry,
+            ca,
+            limits,
+        })
     }
 
     /// The OpenMetrics text exposition.

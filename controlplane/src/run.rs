@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use meshbox_certs::ca::{CaPolicy, CertificateAuthority};
 use tokio::net::TcpListener;
 
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiOptions, ApiState};
 use crate::auth::Authenticator;
 use crate::auth::Caller;
 use crate::auth::local::LocalTokens;
@@ -20,9 +20,10 @@ use crate::ca::grpc::CaGrpc;
 use crate::ca::{CertificateIssuer, NodeRoster, RateLimit};
 use crate::capture::{CaptureGrpc, CaptureReports, EnrollmentGrpc};
 use crate::cluster;
+use crate::limits::{self, AuthFirst, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::model::MeshConfig;
-use crate::serving::{ServingCertificate, ServingNames, serve_plain, serve_tls};
+use crate::serving::{ServingCertificate, ServingNames, serve_plain_with, serve_tls_with};
 use crate::source::{self, manifests::ManifestFolder};
 use crate::store::MeshStore;
 use crate::xds::{Peer, StreamAuthenticator, XdsOptions, XdsServer};
@@ -110,6 +111,33 @@ pub struct RunConfig {
     /// How log lines are written.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Most connections one source IP may hold open on each listener (15012,
+    /// 15014, the plaintext port); more are closed at accept.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_CONNECTIONS_PER_PEER)]
+    pub max_connections_per_peer: usize,
+    /// Most xDS streams one authenticated caller (a node, or a workload
+    /// identity) may have open at once.
+    #[arg(long, default_value_t = crate::xds::DEFAULT_MAX_STREAMS_PER_CALLER)]
+    pub max_xds_streams_per_caller: usize,
+    /// Longest an HTTP/1 client may take to send a request's headers.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Longest a request body may take to arrive: REST (answered with 408)
+    /// and the unary gRPC calls (CA, capture reports, enrollment).
+    /// The largest body accepted is a 64 KiB CSR, well under a second on any
+    /// working link.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Duration,
+    /// Require a valid bearer token on the REST API's read-only inspection
+    /// endpoints. Default: on in Kubernetes mode, off in standalone mode.
+    #[arg(
+        long,
+        env = "MESHBOX_REQUIRE_TOKEN_FOR_READS",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub require_token_for_reads: Option<bool>,
 }
 
 /// Where the mesh model's input comes from, decided once at start-up.
@@ -124,6 +152,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     meshbox_certs::spiffe::check_trust_domain(&config.trust_domain).context("--trust-domain")?;
     if config.max_cert_ttl.is_zero() || config.default_cert_ttl.is_zero() {
         bail!("--max-cert-ttl and --default-cert-ttl must be positive");
+    }
+    if config.header_read_timeout.is_zero() || config.body_read_timeout.is_zero() {
+        bail!("--header-read-timeout and --body-read-timeout must be positive");
+    }
+    if config.max_connections_per_peer == 0 {
+        bail!("--max-connections-per-peer must be at least 1");
     }
 
     let source = match &config.config_dir {
@@ -203,7 +237,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         xds = Some(XdsServer::new(
             Arc::new(XdsAuth(auth.clone())),
             registry,
-            XdsOptions::default(),
+            XdsOptions {
+                max_streams_per_caller: config.max_xds_streams_per_caller,
+                ..XdsOptions::default()
+            },
         ));
     });
     let xds = Arc::new(xds.context("the xDS server was not built")?);
@@ -222,15 +259,44 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let serving = ServingCertificate::start(ca.clone(), names, config.serving_cert_ttl)
         .context("issuing the serving certificate")?;
 
+    // Kubernetes mode: 15014 is reachable from every pod through the
+    // Service, and what it lists (pod IPs, identities, nodes, dataplane
+    // addresses) is reconnaissance. Standalone mode is a development setup
+    // whose quick start reads with plain curl.
+    let require_token_for_reads = config
+        .require_token_for_reads
+        .unwrap_or(matches!(source, Source::Kubernetes(_)));
+    tracing::info!(
+        require_token_for_reads,
+        "REST inspection endpoints {}",
+        if require_token_for_reads {
+            "need a bearer token"
+        } else {
+            "are open to anyone who reaches the REST port"
+        }
+    );
     let capture = Arc::new(CaptureReports::default());
-    let grpc_routes = tonic::service::Routes::new(CaGrpc::server(issuer.clone(), auth.clone()))
-        .add_service(xds.service())
-        .add_service(CaptureGrpc::server(
-            capture.clone(),
-            auth.clone(),
-            store.clone(),
-        ))
-        .add_service(EnrollmentGrpc::server(auth.clone(), store.clone()));
+    // The unary services check the token before their message is read, and
+    // bound the time it may take to arrive; xDS streams authenticate on open.
+    let grpc_routes = tonic::service::Routes::new(AuthFirst::new(
+        CaGrpc::server(issuer.clone(), auth.clone()),
+        auth.clone(),
+        config.body_read_timeout,
+        metrics.limits.clone(),
+    ))
+    .add_service(xds.service())
+    .add_service(AuthFirst::new(
+        CaptureGrpc::server(capture.clone(), auth.clone(), store.clone()),
+        auth.clone(),
+        config.body_read_timeout,
+        metrics.limits.clone(),
+    ))
+    .add_service(AuthFirst::new(
+        EnrollmentGrpc::server(auth.clone(), store.clone()),
+        auth.clone(),
+        config.body_read_timeout,
+        metrics.limits.clone(),
+    ));
     let grpc_app = grpc_routes.into_axum_router();
     let rest_app = api::router(ApiState {
         issuer: issuer.clone(),
@@ -240,6 +306,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         store: store.clone(),
         xds: xds.clone(),
         capture,
+        options: ApiOptions {
+            body_read_timeout: config.body_read_timeout,
+            require_token_for_reads,
+        },
     });
 
     let grpc_listener = bind(config.grpc_addr).await?;
@@ -249,12 +319,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         serving.server_config(ca.roots(), &config.trust_domain, &[b"h2", b"http/1.1"])?;
     tracing::info!(addr = %grpc_listener.local_addr()?, "serving xDS and CA (gRPC over TLS)");
     tracing::info!(addr = %rest_listener.local_addr()?, "serving the REST API (HTTPS)");
-    tokio::spawn(serve_tls(grpc_listener, grpc_tls, grpc_app.clone()));
-    tokio::spawn(serve_tls(rest_listener, rest_tls, rest_app));
+    let limits = |listener| ConnectionLimits {
+        listener,
+        max_per_peer: config.max_connections_per_peer,
+        header_read_timeout: config.header_read_timeout,
+        metrics: metrics.limits.clone(),
+    };
+    tokio::spawn(serve_tls_with(
+        grpc_listener,
+        grpc_tls,
+        grpc_app.clone(),
+        limits("grpc"),
+    ));
+    tokio::spawn(serve_tls_with(
+        rest_listener,
+        rest_tls,
+        rest_app,
+        limits("rest"),
+    ));
     if let Some(addr) = config.xds_plaintext_addr {
         let listener = bind(addr).await?;
         tracing::warn!(addr = %listener.local_addr()?, "serving xDS and CA WITHOUT TLS (development only)");
-        tokio::spawn(serve_plain(listener, grpc_app));
+        tokio::spawn(serve_plain_with(listener, grpc_app, limits("plaintext")));
     }
 
     let housekeeping = issuer.clone();
@@ -446,5 +532,41 @@ mod tests {
             LogFormat::Text
         );
         assert!(parse(&["--log-format", "jsno"]).is_err());
+    }
+
+    #[test]
+    fn limit_flags_have_their_defaults_and_parse() {
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.max_connections_per_peer, 64);
+        assert_eq!(defaults.max_xds_streams_per_caller, 64);
+        assert_eq!(defaults.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(defaults.body_read_timeout, Duration::from_secs(10));
+        // Unset: decided by the mode (on in Kubernetes, off standalone).
+        assert_eq!(defaults.require_token_for_reads, None);
+        for (args, want) in [
+            (&["--require-token-for-reads"][..], Some(true)),
+            (&["--require-token-for-reads=true"][..], Some(true)),
+            (&["--require-token-for-reads=false"][..], Some(false)),
+            (&["--require-token-for-reads", "off"][..], Some(false)),
+        ] {
+            assert_eq!(
+                parse(args).unwrap().require_token_for_reads,
+                want,
+                "{args:?}"
+            );
+        }
+        assert!(parse(&["--require-token-for-reads=maybe"]).is_err());
+        let set = parse(&[
+            "--max-connections-per-peer",
+            "3",
+            "--body-read-timeout",
+            "2s",
+            "--header-read-timeout",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(set.max_connections_per_peer, 3);
+        assert_eq!(set.body_read_timeout, Duration::from_secs(2));
+        assert_eq!(set.header_read_timeout, Duration::from_millis(500));
     }
 }

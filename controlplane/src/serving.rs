@@ -13,10 +13,12 @@ use hyper_util::service::TowerToHyperService;
 use meshbox_certs::{CertificateAuthority, SpiffeId};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::TcpConnectInfo;
 use tower::ServiceExt;
+
+use crate::limits::{ConnectionLimits, PeerConnections, PeerSlot};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,22 +148,33 @@ fn issue(
 pub struct PeerIdentity(pub Option<SpiffeId>);
 
 /// Serves `app` (HTTP/1.1 and HTTP/2, gRPC included) over TLS on `listener`
-/// until the process ends. Handshakes run in their own tasks, so a slow or
-/// silent client never holds up the others.
+/// until the process ends, with no cap on connections per peer (see
+/// [`serve_tls_with`]).
 pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: axum::Router) {
+    serve_tls_with(listener, tls, app, ConnectionLimits::unlimited("tls")).await
+}
+
+/// Serves `app` over TLS on `listener` until the process ends. A connection
+/// from a peer that already holds `limits.max_per_peer` is closed at accept,
+/// before the handshake. Handshakes run in their own tasks, so a slow or
+/// silent client never holds up the others.
+pub async fn serve_tls_with(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    limits: ConnectionLimits,
+) {
     let acceptor = TlsAcceptor::from(tls);
+    let peers = PeerConnections::new(limits.max_per_peer);
+    let header_read_timeout = limits.header_read_timeout;
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some((tcp, peer, slot)) = accept(&listener, &peers, &limits).await else {
+            continue;
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().ok();
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -183,27 +196,72 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ap
                     .and_then(|certs| certs.first())
                     .and_then(meshbox_certs::tls::spiffe_id_of),
             );
-            serve_connection(stream, peer, local, identity, app).await;
+            serve_connection(stream, peer, local, identity, app, header_read_timeout).await;
         });
     }
 }
 
-/// Serves `app` without TLS (the development-only plaintext port).
+/// Serves `app` without TLS (the development-only plaintext port), with no
+/// cap on connections per peer.
 pub async fn serve_plain(listener: TcpListener, app: axum::Router) {
+    serve_plain_with(listener, app, ConnectionLimits::unlimited("plaintext")).await
+}
+
+/// Serves `app` without TLS, with `limits` as in [`serve_tls_with`].
+pub async fn serve_plain_with(listener: TcpListener, app: axum::Router, limits: ConnectionLimits) {
+    let peers = PeerConnections::new(limits.max_per_peer);
     loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let Some((tcp, peer, slot)) = accept(&listener, &peers, &limits).await else {
             continue;
         };
         let app = app.clone();
         let local = tcp.local_addr().ok();
-        tokio::spawn(serve_connection(
-            tcp,
-            peer,
-            local,
-            PeerIdentity::default(),
-            app,
-        ));
+        let header_read_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            serve_connection(
+                tcp,
+                peer,
+                local,
+                PeerIdentity::default(),
+                app,
+                header_read_timeout,
+            )
+            .await;
+        });
+    }
+}
+
+/// Accepts one connection and takes its peer's slot. `None` when accepting
+/// failed (after a short pause, so a full file table does not spin) or the
+/// peer is over its cap (the connection is closed right away, unread).
+async fn accept(
+    listener: &TcpListener,
+    peers: &Arc<PeerConnections>,
+    limits: &ConnectionLimits,
+) -> Option<(TcpStream, SocketAddr, PeerSlot)> {
+    let (tcp, peer) = match listener.accept().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(listener = limits.listener, error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return None;
+        }
+    };
+    match peers.try_acquire(peer.ip()) {
+        Some(slot) => Some((tcp, peer, slot)),
+        None => {
+            limits
+                .metrics
+                .connection_refused(limits.listener, "per_peer_limit");
+            tracing::debug!(
+                listener = limits.listener,
+                %peer,
+                max = limits.max_per_peer,
+                "connection refused: the peer holds the most connections allowed"
+            );
+            None
+        }
     }
 }
 
@@ -218,6 +276,7 @@ async fn serve_connection<S>(
     local: Option<SocketAddr>,
     identity: PeerIdentity,
     app: axum::Router,
+    header_read_timeout: Duration,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -237,7 +296,10 @@ async fn serve_connection<S>(
         req
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())

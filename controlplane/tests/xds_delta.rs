@@ -570,6 +570,95 @@ async fn huge_subscribe_list_is_refused() {
     );
 }
 
+#[tokio::test]
+async fn too_many_initial_resource_versions_are_refused() {
+    let h = Harness::with_options(XdsOptions {
+        max_initial_resource_versions: 3,
+        ..XdsOptions::default()
+    })
+    .await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    let held = |n: usize| -> HashMap<String, String> {
+        (0..n)
+            .map(|i| (uid(&format!("w{i}")), "v".to_string()))
+            .collect()
+    };
+    let mut s = h.stream().await;
+    let mut at_bound = wildcard(ADDRESS);
+    at_bound.initial_resource_versions = held(3);
+    s.send(at_bound).await;
+    let r = s.recv().await;
+    assert_eq!(r.removed_resources.len(), 3, "what it held is gone");
+
+    let mut s = h.stream().await;
+    let mut over = wildcard(ADDRESS);
+    over.initial_resource_versions = held(4);
+    s.send(over).await;
+    let status = s.recv_error().await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("lists 4 resources; at most 3"),
+        "{}",
+        status.message()
+    );
+}
+
+/// A leaked node token cannot make the server keep unbounded streams: past
+/// the per-caller cap (the default, as `controlplane run` uses it) streams
+/// are refused before any state is kept, other callers are unaffected, and
+/// a closed stream makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_cannot_open_unbounded_streams() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    let token = h.token();
+    let channel = h.channel();
+    let mut open = Vec::new();
+    let refused = loop {
+        match RawStream::open(channel.clone(), Some(&token)).await {
+            Ok(stream) => open.push(stream),
+            Err(status) => break status,
+        }
+        assert!(open.len() < 1000, "1000 streams accepted from one caller");
+    };
+    let max = meshbox_controlplane::xds::DEFAULT_MAX_STREAMS_PER_CALLER;
+    assert_eq!(open.len(), max);
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(
+        refused.message(),
+        format!(
+            "node:{NODE} already has {max} xDS streams open, the most one caller may have; close one first"
+        )
+    );
+    assert_eq!(h.metric("meshbox_xds_connected_clients", ""), max as f64);
+    assert_eq!(
+        h.metric(
+            "meshbox_xds_streams_refused_total",
+            "reason=\"too_many_streams\""
+        ),
+        1.0
+    );
+    // Another node, on the same connection, is served.
+    let mut other = RawStream::open(channel.clone(), Some(&h.token_for_node("worker-2")))
+        .await
+        .unwrap();
+    other.send(wildcard(ADDRESS)).await;
+    assert_eq!(other.recv().await.resources.len(), 1);
+    // Closing one of the first caller's streams gives its place back.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match RawStream::open(channel.clone(), Some(&token)).await {
+            Ok(_) => break,
+            Err(status) if Instant::now() < deadline => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("no room after a stream closed: {status:?}"),
+        }
+    }
+}
+
 /// Every way a token can fail, through the real verifier behind the real
 /// `XdsAuth`: each stream refused with its own status and message, before
 /// anything is sent.

@@ -31,7 +31,7 @@ impl Caller {
 }
 
 /// Why a token was refused. Messages never include the token itself.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
     #[error("no bearer token: send 'Authorization: Bearer <token>'")]
     Missing,

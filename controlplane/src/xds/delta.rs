@@ -48,6 +48,7 @@ pub(crate) struct Limits {
     pub max_names_per_request: usize,
     pub max_name_len: usize,
     pub max_subscriptions: usize,
+    pub max_initial_resource_versions: usize,
 }
 
 /// Checks a request's shape before any of it is applied, so a bad request
@@ -57,6 +58,14 @@ pub(crate) fn validate(req: &DeltaDiscoveryRequest, limits: &Limits) -> Result<(
         return Err(Status::invalid_argument(
             "type_url is required on an aggregated (ADS) stream",
         ));
+    }
+    // Counted before any name is looked at: the count alone decides.
+    if req.initial_resource_versions.len() > limits.max_initial_resource_versions {
+        return Err(Status::invalid_argument(format!(
+            "initial_resource_versions lists {} resources; at most {} are accepted",
+            req.initial_resource_versions.len(),
+            limits.max_initial_resource_versions
+        )));
     }
     for (what, names) in [
         ("resource_names_subscribe", &req.resource_names_subscribe),
@@ -106,6 +115,16 @@ fn check_name(name: &str, limits: &Limits) -> Result<(), Status> {
             limits.max_name_len
         ))),
     }
+}
+
+/// Whether the first request of a type subscribes to everything. Envoy: a
+/// first request that names nothing at all is a wildcard subscription
+/// (legacy form); "*" is the explicit form. Istio's ztunnel subscribes and
+/// unsubscribes "*" in one request to mean "nothing yet" (on-demand only).
+fn first_request_is_wildcard(req: &DeltaDiscoveryRequest) -> bool {
+    let names = |list: &Vec<String>| list.iter().any(|n| n == WILDCARD);
+    (req.resource_names_subscribe.is_empty() && req.resource_names_unsubscribe.is_empty())
+        || (names(&req.resource_names_subscribe) && !names(&req.resource_names_unsubscribe))
 }
 
 /// A de-duplicated FIFO of names.
@@ -333,28 +352,70 @@ impl TypeState {
         cache: &Cache,
         limits: &Limits,
     ) -> Result<Handled, Status> {
-        let ack = if req.response_nonce.is_empty() {
-            Ack::None
+        let nonce = if req.response_nonce.is_empty() {
+            None
         } else {
             match self.classify(&req.response_nonce) {
                 Nonce::Unknown => return Ok(Handled::UnknownNonce),
-                Nonce::Stale => Ack::Stale,
-                Nonce::Outstanding(seq) => self.acknowledge(seq, req.error_detail.as_ref()),
+                known => Some(known),
             }
+        };
+        // Refused before anything is applied, the ACK included, so a refused
+        // request leaves this state exactly as it was.
+        let subscribed = self.subscriptions_after(req);
+        if subscribed > limits.max_subscriptions {
+            return Err(Status::invalid_argument(format!(
+                "this request would leave {subscribed} names subscribed for {} on one stream; at most {} are allowed",
+                self.kind.type_url(),
+                limits.max_subscriptions,
+            )));
+        }
+        let ack = match nonce {
+            None => Ack::None,
+            Some(Nonce::Outstanding(seq)) => self.acknowledge(seq, req.error_detail.as_ref()),
+            Some(_) => Ack::Stale,
         };
         if self.started {
             self.change_subscriptions(req, cache);
         } else {
             self.start(req, cache);
         }
-        if self.subs.len() > limits.max_subscriptions {
-            return Err(Status::invalid_argument(format!(
-                "more than {} names subscribed for {} on one stream",
-                limits.max_subscriptions,
-                self.kind.type_url()
-            )));
-        }
         Ok(Handled::Applied(ack))
+    }
+
+    /// How many names would be subscribed after applying `req` (the same
+    /// rules as [`Self::start`] and [`Self::change_subscriptions`]), without
+    /// changing anything.
+    fn subscriptions_after(&self, req: &DeltaDiscoveryRequest) -> usize {
+        let subscribe = req
+            .resource_names_subscribe
+            .iter()
+            .map(String::as_str)
+            .filter(|n| *n != WILDCARD);
+        let unsubscribe: HashSet<&str> = req
+            .resource_names_unsubscribe
+            .iter()
+            .map(String::as_str)
+            .filter(|n| *n != WILDCARD)
+            .collect();
+        let mut added: HashSet<&str> = HashSet::new();
+        if self.started {
+            // Subscriptions are added first, then removals applied.
+            added.extend(subscribe.filter(|n| !self.subs.contains(*n)));
+            let removed = unsubscribe
+                .iter()
+                .filter(|n| self.subs.contains(**n) || added.contains(**n))
+                .count();
+            return self.subs.len() + added.len() - removed;
+        }
+        // First request: a name both subscribed and unsubscribed is not
+        // subscribed; an on-demand client stays subscribed to what it
+        // reports holding.
+        added.extend(subscribe.filter(|n| !unsubscribe.contains(n)));
+        if !first_request_is_wildcard(req) {
+            added.extend(req.initial_resource_versions.keys().map(String::as_str));
+        }
+        self.subs.len() + added.len()
     }
 
     fn classify(&self, nonce: &str) -> Nonce {
@@ -426,13 +487,7 @@ impl TypeState {
             .map(String::as_str)
             .filter(|n| !unsubscribed.contains(n))
             .collect();
-        // Envoy: a first request that names nothing at all is a wildcard
-        // subscription (legacy form); "*" is the explicit form. Istio's
-        // ztunnel subscribes and unsubscribes "*" in one request to mean
-        // "nothing yet" (on-demand only).
-        self.wildcard = (req.resource_names_subscribe.is_empty()
-            && req.resource_names_unsubscribe.is_empty())
-            || names.contains(&WILDCARD);
+        self.wildcard = first_request_is_wildcard(req);
         for (name, version) in &req.initial_resource_versions {
             let name = self.intern(name, cache);
             if !self.wildcard {
@@ -915,6 +970,7 @@ mod tests {
         max_names_per_request: 10,
         max_name_len: 64,
         max_subscriptions: 20,
+        max_initial_resource_versions: 5,
     };
 
     fn put(cache: &mut Cache, uid: &str, ip: [u8; 4], tag: &str) {
@@ -1216,5 +1272,111 @@ mod tests {
         assert_eq!(names(&r), vec!["b"]);
         assert_eq!(r.removed_resources, vec!["gone"]);
         assert!(t.build(&cache, 2, 1 << 20, true).unwrap().0.is_none());
+    }
+
+    fn many(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}{i}")).collect()
+    }
+
+    fn refs(names: &[String]) -> Vec<&str> {
+        names.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn the_subscription_limit_is_checked_before_anything_is_applied() {
+        let cache = Cache::new(100);
+        let mut t = TypeState::new(Kind::Address);
+        let first = many("a", 18);
+        t.on_request(&req(&refs(&first), &[]), &cache, &LIMITS)
+            .unwrap();
+        t.build(&cache, 1, 1 << 20, true).unwrap().0.unwrap();
+        let before = t.summary(&cache);
+        // Acks response 1 and asks for 3 more: 21 > 20.
+        let more = many("b", 3);
+        let mut over = req(&refs(&more), &[]);
+        over.response_nonce = "1".into();
+        let status = t.on_request(&over, &cache, &LIMITS).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("at most 20"),
+            "{}",
+            status.message()
+        );
+        let after = t.summary(&cache);
+        assert_eq!(after.subscribed, 18, "nothing was subscribed");
+        assert_eq!(after.pending, before.pending, "nothing was queued");
+        assert_eq!(after.last_acked_version, None, "the ACK was not applied");
+        assert!(
+            matches!(
+                t.on_request(
+                    &{
+                        let mut ack = req(&[], &[]);
+                        ack.response_nonce = "1".into();
+                        ack
+                    },
+                    &cache,
+                    &LIMITS
+                ),
+                Ok(Handled::Applied(Ack::Acked { nonce: 1, .. }))
+            ),
+            "response 1 is still waiting for its ACK"
+        );
+        // Swapping names at the limit is fine: removals count.
+        let swap = many("c", 2);
+        t.on_request(&req(&refs(&swap), &["a0", "a1"]), &cache, &LIMITS)
+            .unwrap();
+        t.on_request(&req(&["d0", "d1"], &["a2", "a3"]), &cache, &LIMITS)
+            .unwrap();
+        assert_eq!(t.summary(&cache).subscribed, 18);
+        let two = many("e", 2);
+        t.on_request(&req(&refs(&two), &[]), &cache, &LIMITS)
+            .unwrap();
+        assert_eq!(t.summary(&cache).subscribed, 20);
+        assert!(t.on_request(&req(&["f"], &[]), &cache, &LIMITS).is_err());
+        // A name subscribed and unsubscribed in one request ends unsubscribed.
+        t.on_request(&req(&["f"], &["f", "e0"]), &cache, &LIMITS)
+            .unwrap();
+        assert_eq!(t.summary(&cache).subscribed, 19);
+    }
+
+    #[test]
+    fn a_first_request_over_the_limit_starts_nothing() {
+        let cache = Cache::new(100);
+        let mut t = TypeState::new(Kind::Address);
+        // An on-demand client reconnecting stays subscribed to what it
+        // holds: 15 held + 6 named = 21 > 20.
+        let mut first = req(&refs(&many("n", 6)), &[]);
+        first.initial_resource_versions = many("held", 15)
+            .into_iter()
+            .map(|n| (n, "v".to_string()))
+            .collect();
+        assert!(t.on_request(&first, &cache, &LIMITS).is_err());
+        assert!(!t.started());
+        assert_eq!(t.summary(&cache).subscribed, 0);
+        // The same on a wildcard stream holds no subscriptions.
+        first.resource_names_subscribe.push("*".into());
+        t.on_request(&first, &cache, &LIMITS).unwrap();
+        assert_eq!(t.summary(&cache).subscribed, 6);
+    }
+
+    #[test]
+    fn too_many_initial_resource_versions_are_refused_unread() {
+        let mut r = req(&[], &[]);
+        r.initial_resource_versions = many("n", 5)
+            .into_iter()
+            .map(|n| (n, "v".to_string()))
+            .collect();
+        assert!(validate(&r, &LIMITS).is_ok());
+        // One more, with a name that would itself be refused: the count is
+        // what is reported.
+        r.initial_resource_versions
+            .insert("bad name".into(), "v".into());
+        let status = validate(&r, &LIMITS).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("lists 6 resources; at most 5"),
+            "{}",
+            status.message()
+        );
     }
 }

@@ -71,6 +71,13 @@ pub trait StreamAuthenticator: Send + Sync + 'static {
     async fn authenticate(&self, authorization: Option<&str>) -> Result<Peer, tonic::Status>;
 }
 
+/// [`XdsOptions::max_streams_per_caller`]'s default. A node proxy needs one
+/// stream, plus a few while a reconnect overlaps a stream the server has not
+/// yet seen die; a workload identity is shared by every replica running a
+/// dedicated-mode dataplane. 64 covers both and still stops one leaked token
+/// from opening thousands.
+pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 64;
+
 /// Tuning of the server. The defaults suit a mesh of tens of thousands of
 /// resources and hundreds of clients.
 #[derive(Debug, Clone)]
@@ -103,6 +110,12 @@ pub struct XdsOptions {
     /// Largest request message accepted (a reconnecting client lists every
     /// resource it holds in `initial_resource_versions`).
     pub max_request_bytes: usize,
+    /// Most entries in one request's `initial_resource_versions` (a
+    /// reconnecting client lists every resource it holds there).
+    pub max_initial_resource_versions: usize,
+    /// Most streams one authenticated caller may have open at once; more are
+    /// refused with `RESOURCE_EXHAUSTED` before any state is kept for them.
+    pub max_streams_per_caller: usize,
 }
 
 impl Default for XdsOptions {
@@ -117,6 +130,9 @@ impl Default for XdsOptions {
             max_name_len: 1024,
             max_subscriptions: 100_000,
             max_request_bytes: 32 * 1024 * 1024,
+            // As many as one stream may subscribe to by name.
+            max_initial_resource_versions: 100_000,
+            max_streams_per_caller: DEFAULT_MAX_STREAMS_PER_CALLER,
         }
     }
 }

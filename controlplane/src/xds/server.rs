@@ -238,6 +238,20 @@ async fn open_stream(
             return Err(status);
         }
     };
+    if !shared.acquire_stream(&peer.caller) {
+        shared.metrics.stream_refused("too_many_streams");
+        let max = shared.options.max_streams_per_caller;
+        warn!(
+            remote = ?remote,
+            caller = peer.caller,
+            max,
+            "xDS stream refused: the caller has the most streams allowed open"
+        );
+        return Err(Status::resource_exhausted(format!(
+            "{} already has {max} xDS streams open, the most one caller may have; close one first",
+            peer.caller
+        )));
+    }
     let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
     let status = Arc::new(StreamStatus::new(
         id,
@@ -251,6 +265,7 @@ async fn open_stream(
     let registration = Registration {
         shared: shared.clone(),
         id,
+        caller: peer.caller.clone(),
     };
     let (tx, rx) = mpsc::channel(shared.options.client_queue_depth.max(1));
     let span = tracing::info_span!(
@@ -273,16 +288,18 @@ async fn open_stream(
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
-/// Removes a stream from the status list and the gauge, however its task
-/// ends.
+/// Removes a stream from the status list, the gauge and its caller's count,
+/// however its task ends.
 struct Registration {
     shared: Arc<Shared>,
     id: u64,
+    caller: String,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.shared.streams().remove(&self.id);
+        self.shared.release_stream(&self.caller);
         self.shared.metrics.stream_closed();
     }
 }

@@ -3,7 +3,7 @@
 //! and `stream` (which serves one), so the two do not import each other for
 //! it: `server` starts `stream`, and `stream` knows nothing of `server`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub limits: Limits,
     pub auth: Arc<dyn StreamAuthenticator>,
     streams: Mutex<BTreeMap<u64, Arc<StreamStatus>>>,
+    /// Open streams per caller key; callers with none are not kept.
+    per_caller: Mutex<HashMap<String, usize>>,
     pub next_stream: AtomicU64,
 }
 
@@ -41,6 +43,7 @@ impl Shared {
             max_names_per_request: options.max_names_per_request,
             max_name_len: options.max_name_len,
             max_subscriptions: options.max_subscriptions,
+            max_initial_resource_versions: options.max_initial_resource_versions,
         };
         Self {
             cache: RwLock::new(Cache::new(options.change_log_capacity)),
@@ -50,6 +53,7 @@ impl Shared {
             limits,
             auth,
             streams: Mutex::new(BTreeMap::new()),
+            per_caller: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
         }
     }
@@ -62,6 +66,35 @@ impl Shared {
     /// Write access to the cache, for `XdsServer::update` only.
     pub(crate) fn write_cache(&self) -> RwLockWriteGuard<'_, Cache> {
         self.cache.write()
+    }
+
+    /// Counts one more stream for `caller`; false (and nothing counted)
+    /// when it already has `max_streams_per_caller`. Every `true` must be
+    /// matched by one [`Self::release_stream`].
+    pub(crate) fn acquire_stream(&self, caller: &str) -> bool {
+        let mut per_caller = self.per_caller.lock();
+        if let Some(open) = per_caller.get_mut(caller) {
+            if *open >= self.options.max_streams_per_caller {
+                return false;
+            }
+            *open += 1;
+            return true;
+        }
+        if self.options.max_streams_per_caller == 0 {
+            return false;
+        }
+        per_caller.insert(caller.to_owned(), 1);
+        true
+    }
+
+    pub(crate) fn release_stream(&self, caller: &str) {
+        let mut per_caller = self.per_caller.lock();
+        if let Some(open) = per_caller.get_mut(caller) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                per_caller.remove(caller);
+            }
+        }
     }
 
     /// The open streams, by id.
