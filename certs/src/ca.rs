@@ -144,8 +144,13 @@ impl CertificateAuthority {
             path: state_dir.to_owned(),
             source,
         })?;
-        write_atomically(&key_path, key_pem.as_bytes(), 0o600)?;
-        write_atomically(&cert_path, cert_pem.as_bytes(), 0o644)?;
+        // Both written in full before either takes its name: a disk that
+        // fills up in between would otherwise leave a key without its
+        // certificate, which every later start refuses to load.
+        let key = stage(&key_path, key_pem.as_bytes(), 0o600)?;
+        let cert = stage(&cert_path, cert_pem.as_bytes(), 0o644)?;
+        key.commit()?;
+        cert.commit()?;
         tracing::info!(path = %cert_path.display(), "created a new root CA");
         Ok(ca)
     }
@@ -531,21 +536,55 @@ fn parse<'a>(der: &'a CertificateDer<'static>) -> Result<X509Certificate<'a>, Ca
 /// Writes via a temporary file and a rename, so a crash never leaves half a
 /// key behind.
 pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
+    stage(path, contents, mode)?.commit()
+}
+
+/// A file written in full beside its final path; [`Staged::commit`] gives
+/// it that name. Dropped before that (a later step failed), it is removed,
+/// so a failed write leaves nothing behind, not even a partial copy.
+struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+fn stage(path: &Path, contents: &[u8], mode: u32) -> Result<Staged, CaError> {
+    let staged = Staged {
+        tmp: path.with_extension("tmp"),
+        path: path.to_owned(),
+        committed: false,
+    };
     let err = |source| CaError::Write {
         path: path.to_owned(),
         source,
     };
-    {
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-        let mut file = options.open(&tmp).map_err(err)?;
-        file.write_all(contents).map_err(err)?;
-        file.sync_all().map_err(err)?;
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    let mut file = options.open(&staged.tmp).map_err(err)?;
+    file.write_all(contents).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    Ok(staged)
+}
+
+impl Staged {
+    fn commit(mut self) -> Result<(), CaError> {
+        fs::rename(&self.tmp, &self.path).map_err(|source| CaError::Write {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.committed = true;
+        Ok(())
     }
-    fs::rename(&tmp, path).map_err(err)
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -626,6 +665,29 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o077, 0, "root key must not be readable by others");
         }
+    }
+
+    /// The certificate cannot be written (here a directory holds its
+    /// temporary name; in the field, the disk is full): the start fails and
+    /// leaves no key without a certificate, so the next start, once the
+    /// cause is gone, makes a root as the first one would have.
+    #[test]
+    fn a_failed_first_start_leaves_no_half_a_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        fs::create_dir_all(dir.join("root-cert.tmp")).unwrap();
+        let Err(error) = CertificateAuthority::load_or_create(&dir, None, policy()) else {
+            panic!("the certificate cannot be written, yet the start succeeded");
+        };
+        assert!(error.to_string().contains(ROOT_CERT_FILE), "{error}");
+        let left: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, ["root-cert.tmp"], "only the obstacle is left");
+        fs::remove_dir(dir.join("root-cert.tmp")).unwrap();
+        CertificateAuthority::load_or_create(&dir, None, policy()).expect("starts once it can");
     }
 
     /// Writes an Istio-style cacerts folder: root -> intermediate.
