@@ -9,7 +9,8 @@
 
 #![allow(dead_code)]
 
-mod sibling;
+pub mod netns;
+pub mod sibling;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
@@ -196,6 +197,12 @@ pub struct DataplaneSpec<'a> {
 
 impl Dataplane {
     pub fn start(mesh: &Mesh, spec: DataplaneSpec<'_>) -> Self {
+        Self::start_with_env(mesh, spec, &[])
+    }
+
+    /// [`start`](Self::start) with `env` added to the process's environment
+    /// (e.g. libfaketime's, to skew one node's clock).
+    pub fn start_with_env(mesh: &Mesh, spec: DataplaneSpec<'_>, env: &[(&str, &str)]) -> Self {
         let ip: IpAddr = spec.ip.parse().unwrap();
         let identity = format!(
             "spiffe://cluster.local/ns/{}/sa/{}",
@@ -235,6 +242,7 @@ impl Dataplane {
             .env("RUST_LOG", "info")
             .env_remove("XDS_ADDRESS")
             .env_remove("CA_ADDRESS")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // In-pod mode opens its proxy listeners inside each pod, on the
