@@ -1648,6 +1648,21 @@ async fn case8a_clock_of_one_node_ahead() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case8b_clock_of_one_node_behind_within_the_allowance() {
+    if !can_run(&[TCPDUMP, (LIBFAKETIME, "faketime")]) {
+        return;
+    }
+    let mut row = Row::new(
+        "8b",
+        "node-b's clock 90 s behind (within the 2 min Istio backdates certificates by)",
+        "traffic between the skewed and the unskewed node works both ways",
+    );
+    let lab = skewed_lab(9, "-90s", -90, true).await;
+    let sealed = across_the_skew(&lab).await;
+    row.result = format!("both directions served; {sealed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case8c_clock_of_one_node_far_behind() {
     if !can_run(&[TCPDUMP, (LIBFAKETIME, "faketime")]) {
         return;
