@@ -33,6 +33,8 @@ pub enum IdentityError {
     Key(String),
     #[error("no certificate for {0} yet")]
     Pending(SpiffeId),
+    #[error("the certificate for {0} expired and could not be renewed")]
+    Expired(SpiffeId),
 }
 
 /// A certificate and its key for one identity.
@@ -150,7 +152,10 @@ impl CertificateManager {
     }
 
     /// The current certificate for `identity`, waiting for the first one.
-    /// A refusal is returned as is; the next call tries again.
+    /// A refusal is returned as is; the next call tries again. An expired
+    /// one is an error at once: renewal starts at half its lifetime, so it
+    /// expired because renewals kept failing, and waiting for the next try
+    /// would only hold the caller's connection before refusing it.
     pub async fn get(
         self: &Arc<Self>,
         identity: &SpiffeId,
@@ -160,7 +165,7 @@ impl CertificateManager {
             if let Some(result) = rx.borrow_and_update().clone() {
                 match result {
                     Ok(cert) if !cert.is_expired() => return Ok(cert),
-                    Ok(_) => {}
+                    Ok(_) => return Err(IdentityError::Expired(identity.clone())),
                     Err(e) => return Err(e),
                 }
             }
@@ -295,6 +300,8 @@ mod tests {
         ttl: Duration,
         calls: AtomicUsize,
         failing: std::sync::atomic::AtomicBool,
+        /// How long a failing request takes (a CA that does not answer).
+        failing_after: Duration,
     }
 
     #[tonic::async_trait]
@@ -303,6 +310,7 @@ mod tests {
             self.calls.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(20)).await;
             if self.failing.load(Ordering::SeqCst) {
+                tokio::time::sleep(self.failing_after).await;
                 return Err(IdentityError::Unavailable("CA down".into()));
             }
             let key = WorkloadKey::generate().unwrap();
@@ -322,6 +330,7 @@ mod tests {
             ttl,
             calls: AtomicUsize::new(0),
             failing: false.into(),
+            failing_after: Duration::ZERO,
         })
     }
 
@@ -390,6 +399,41 @@ mod tests {
         manager.forget(&web);
         assert!(manager.current(&web).is_none());
         assert!(manager.snapshot().is_empty());
+    }
+
+    // Real time: expiry reads the wall clock. The CA goes down and takes
+    // 3 s to fail each request, so the renewal that started at half-life is
+    // still in flight when the certificate expires; a caller must not wait
+    // for it.
+    #[tokio::test]
+    async fn an_expired_certificate_is_refused_at_once_while_the_ca_is_down() {
+        let mut ca = fake(Duration::from_secs(3));
+        Arc::get_mut(&mut ca).unwrap().failing_after = Duration::from_secs(3);
+        let manager = CertificateManager::new(ca.clone());
+        let web = id("web");
+        let first = manager.get(&web).await.unwrap();
+        ca.failing.store(true, Ordering::SeqCst);
+        let until_expiry = first
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep(until_expiry + Duration::from_millis(50)).await;
+        let asked = std::time::Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(10), manager.get(&web))
+            .await
+            .expect("an answer within 10 s");
+        assert!(
+            matches!(
+                got,
+                Err(IdentityError::Expired(_) | IdentityError::Unavailable(_))
+            ),
+            "{got:?}"
+        );
+        assert!(
+            asked.elapsed() < Duration::from_millis(200),
+            "refused only after {:?}",
+            asked.elapsed()
+        );
     }
 
     #[tokio::test]
