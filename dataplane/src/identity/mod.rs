@@ -418,22 +418,12 @@ mod tests {
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         tokio::time::sleep(until_expiry + Duration::from_millis(50)).await;
-        let asked = std::time::Instant::now();
+        // Waiting for the renewal in flight would answer with its failure
+        // (Unavailable) about 1.5 s later; the expiry itself is the answer.
         let got = tokio::time::timeout(Duration::from_secs(10), manager.get(&web))
             .await
             .expect("an answer within 10 s");
-        assert!(
-            matches!(
-                got,
-                Err(IdentityError::Expired(_) | IdentityError::Unavailable(_))
-            ),
-            "{got:?}"
-        );
-        assert!(
-            asked.elapsed() < Duration::from_millis(200),
-            "refused only after {:?}",
-            asked.elapsed()
-        );
+        assert!(matches!(got, Err(IdentityError::Expired(_))), "{got:?}");
     }
 
     #[tokio::test]
