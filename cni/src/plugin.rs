@@ -28,6 +28,9 @@ use tracing::{info, warn};
 
 use crate::{CaptureCommand, CaptureRequest, CaptureResponse, DEFAULT_SOCKET, probe, request};
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// The CNI versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 

@@ -25,6 +25,8 @@ pub mod auth;
 pub mod ca;
 pub mod capture;
 pub mod cluster;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod k8s;
 pub mod metrics;
 pub mod model;
