@@ -12,6 +12,8 @@
 
 pub mod ca;
 pub mod csr;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pem;
 pub mod spiffe;
 pub mod tls;

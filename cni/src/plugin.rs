@@ -17,6 +17,7 @@
 //!
 //! Nothing but the result goes to stdout; logs go to stderr.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,9 @@ use serde_json::value::RawValue;
 use tracing::{info, warn};
 
 use crate::{CaptureCommand, CaptureRequest, CaptureResponse, DEFAULT_SOCKET, probe, request};
+
+#[doc(hidden)]
+pub mod fuzzing;
 
 /// The CNI versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -267,14 +271,20 @@ impl NetConf {
     fn result(&self) -> Vec<u8> {
         let mut out = match &self.prev_result {
             Some(raw) => {
-                let value: serde_json::Value =
-                    serde_json::from_str(raw.get()).unwrap_or(serde_json::Value::Null);
-                match value {
+                // Each member is kept as the runtime wrote it: read into a
+                // `serde_json::Value`, a number it cannot hold exactly was
+                // rewritten (2^64 came out as 1.8446744073709552e19) or, out
+                // of f64's range, made the whole result go out unversioned.
+                let members: Option<BTreeMap<String, Box<RawValue>>> =
+                    serde_json::from_str(raw.get()).ok();
+                match members {
                     // A result must say its version; add it if the runtime
                     // left it out, change nothing else.
-                    serde_json::Value::Object(mut map) if !map.contains_key("cniVersion") => {
-                        map.insert("cniVersion".into(), self.cni_version.clone().into());
-                        serde_json::to_vec(&map).expect("a JSON value serializes")
+                    Some(mut members) if !members.contains_key("cniVersion") => {
+                        let version = serde_json::value::to_raw_value(&self.cni_version)
+                            .expect("a string serializes");
+                        members.insert("cniVersion".into(), version);
+                        serde_json::to_vec(&members).expect("raw JSON values serialize")
                     }
                     _ => raw.get().as_bytes().to_vec(),
                 }
@@ -606,6 +616,14 @@ mod tests {
 
         let c = conf(r#"{"cniVersion":"0.4.0","prevResult":{"ips":[]}}"#);
         assert_eq!(c.result(), b"{\"cniVersion\":\"0.4.0\",\"ips\":[]}\n");
+        // Found by the cni_stdin fuzz target: numbers a f64 cannot hold
+        // exactly are passed on as written, and the version is still added.
+        let c =
+            conf(r#"{"cniVersion":"1.0.0","prevResult":{"mtu":18446744073709551616,"x":1e400}}"#);
+        assert_eq!(
+            c.result(),
+            b"{\"cniVersion\":\"1.0.0\",\"mtu\":18446744073709551616,\"x\":1e400}\n"
+        );
         let c = conf(r#"{"cniVersion":"0.4.0"}"#);
         assert_eq!(c.result(), b"{\"cniVersion\":\"0.4.0\"}\n");
         assert!(c.pod_ips().unwrap().is_empty());

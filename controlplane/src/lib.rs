@@ -27,6 +27,8 @@ pub mod auth;
 pub mod ca;
 pub mod capture;
 pub mod cluster;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod k8s;
 pub mod limits;
 pub mod metrics;

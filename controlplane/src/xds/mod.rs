@@ -27,6 +27,8 @@
 mod cache;
 mod codec;
 mod delta;
+#[doc(hidden)]
+pub mod fuzzing;
 mod metrics;
 mod resource;
 mod server;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use meshbox_certs::SpiffeId;
 use parking_lot::Mutex;
 use rustls::ServerConfig;
@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::connect_head::{ConnectHeadError, connect_target};
 use super::relay::tcp_to_hbone;
 use super::socket::canonical;
 use super::tunnel::{self, HboneStream, ReadAhead};
@@ -241,19 +242,15 @@ async fn accept_connect(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) -> Option<Accepted> {
-    if req.method() != Method::CONNECT {
+    let head = connect_target(&req);
+    if head == Err(ConnectHeadError::NotConnect) {
         warn!(src.addr = %peer.addr, src.identity = %peer.identity, method = %req.method(), "inbound HBONE request is not CONNECT; refusing");
         ctx.telemetry
             .refused(Direction::Inbound, RefusalReason::NotConnect);
         refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
         return None;
     }
-    let target = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        .map(canonical);
-    let Some(target) = target else {
+    let Ok(target) = head else {
         warn!(src.addr = %peer.addr, src.identity = %peer.identity, uri = %req.uri(), "inbound CONNECT without an ip:port authority; refusing");
         ctx.telemetry
             .refused(Direction::Inbound, RefusalReason::BadAuthority);

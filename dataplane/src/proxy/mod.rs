@@ -19,6 +19,7 @@
 //! a policy error refuses the connection; nothing is ever forwarded around
 //! the mesh in plaintext.
 
+pub mod connect_head;
 pub mod inbound;
 pub mod outbound;
 pub mod plaintext;

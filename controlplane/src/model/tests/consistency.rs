@@ -1,18 +1,20 @@
-//! Randomised check of the incremental machinery: after any sequence of
-//! applies and deletes, the index must equal one built from scratch from the
-//! same objects, and the reported changes, replayed, must reproduce it.
+//! Property test of the incremental machinery (proptest, so a failure
+//! shrinks to a short sequence): after any sequence of applies, deletes and
+//! relists, the index must equal one built from scratch from the same
+//! objects, and the reported changes, replayed, must reproduce it.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use meshbox_certs::SpiffeId;
+use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::*;
 use crate::model::ObjectKey;
 
-/// xorshift64*: deterministic, so a failure names its seed.
+/// xorshift64*: turns one seed into one object's many small choices.
 struct Rng(u64);
 
 impl Rng {
@@ -259,28 +261,69 @@ fn assert_same_as_fresh(idx: &MeshIndex, world: &BTreeMap<ObjectKey, Object>, co
     }
 }
 
-#[test]
-fn incremental_equals_fresh_build() {
-    for seed in 1..=6u64 {
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+/// One change the model ingests. Objects come from [`random_object`] with
+/// a seed, so a shrunk failure names a short sequence of small seeds.
+#[derive(Clone, Debug)]
+enum Op {
+    /// Add or update the object the seed makes.
+    Apply(u64),
+    /// Delete the object at this position of the world (in key order).
+    Delete(prop::sample::Index),
+    /// A relist: the world becomes exactly the objects these seeds make.
+    Relist(Vec<u64>),
+}
+
+fn object_from(seed: u64) -> Object {
+    random_object(&mut Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => any::<u64>().prop_map(Op::Apply),
+        3 => any::<prop::sample::Index>().prop_map(Op::Delete),
+        1 => prop::collection::vec(any::<u64>(), 0..16).prop_map(Op::Relist),
+    ]
+}
+
+proptest! {
+    // Each case replays up to 150 changes with a full rebuild every 40:
+    // 128 cases keep the test to a few seconds in a debug build.
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// After any sequence of applies, deletes and relists, the index equals
+    /// one built from scratch from the same objects, the changes it reported,
+    /// replayed, reproduce what it serves, and relisting the same world
+    /// changes nothing.
+    #[test]
+    fn incremental_equals_fresh_build(ops in prop::collection::vec(op(), 1..150)) {
         let mut idx = index();
         let mut world: BTreeMap<ObjectKey, Object> = BTreeMap::new();
         let mut mirror = snapshot(&idx);
-        for step in 0..400 {
-            let changes = if rng.chance(25) && !world.is_empty() {
-                let key = world
-                    .keys()
-                    .nth(rng.below(world.len()))
-                    .expect("key")
-                    .clone();
-                world.remove(&key);
-                idx.delete(key)
-            } else {
-                let obj = random_object(&mut rng);
-                world.insert(obj.key().expect("named"), obj.clone());
-                idx.apply(obj)
+        for (step, op) in ops.iter().enumerate() {
+            let changes = match op {
+                Op::Apply(seed) => {
+                    let obj = object_from(*seed);
+                    world.insert(obj.key().expect("named"), obj.clone());
+                    idx.apply(obj)
+                }
+                Op::Delete(at) => {
+                    let Some(key) = world.keys().nth(at.index(world.len().max(1))).cloned() else {
+                        continue;
+                    };
+                    world.remove(&key);
+                    idx.delete(key)
+                }
+                Op::Relist(seeds) => {
+                    world = seeds
+                        .iter()
+                        .map(|seed| {
+                            let obj = object_from(*seed);
+                            (obj.key().expect("named"), obj)
+                        })
+                        .collect();
+                    idx.replace_all(world.values().cloned().collect())
+                }
             };
-            // Replaying the reported changes must give the served state.
             for (k, v) in changes.addresses {
                 match v {
                     Some(v) => mirror.0.insert(k, v),
@@ -293,19 +336,14 @@ fn incremental_equals_fresh_build() {
                     None => mirror.1.remove(&k),
                 };
             }
-            let context = format!("seed {seed} step {step}");
+            let context = format!("step {step} ({op:?})");
             assert_eq!(mirror, snapshot(&idx), "{context}: replayed changes");
             if step % 40 == 39 {
                 assert_same_as_fresh(&idx, &world, &context);
-                // Relisting the same world changes nothing.
-                let relist = idx.replace_all(world.values().cloned().collect());
-                assert!(
-                    relist.is_empty(),
-                    "{context}: relist changed {:?}",
-                    summary(&relist)
-                );
             }
         }
-        assert_same_as_fresh(&idx, &world, &format!("seed {seed} end"));
+        assert_same_as_fresh(&idx, &world, "end");
+        let relist = idx.replace_all(world.values().cloned().collect());
+        assert!(relist.is_empty(), "relist changed {:?}", summary(&relist));
     }
 }
