@@ -27,6 +27,7 @@ pub fn delta_request(data: &[u8]) -> bool {
         max_names_per_request: options.max_names_per_request,
         max_name_len: options.max_name_len,
         max_subscriptions: options.max_subscriptions,
+        max_initial_resource_versions: options.max_initial_resource_versions,
     };
     if validate(&req, &limits).is_err() {
         return false;
@@ -44,6 +45,7 @@ pub fn delta_request(data: &[u8]) -> bool {
         assert!(names.len() <= limits.max_names_per_request);
         assert!(names.iter().all(name_ok), "accepted a bad name");
     }
+    assert!(req.initial_resource_versions.len() <= limits.max_initial_resource_versions);
     assert!(req.initial_resource_versions.keys().all(name_ok));
 
     let Some(kind) = Kind::from_type_url(&req.type_url) else {
