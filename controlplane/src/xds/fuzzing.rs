@@ -27,6 +27,7 @@ pub fn delta_request(data: &[u8]) -> bool {
         max_names_per_request: options.max_names_per_request,
         max_name_len: options.max_name_len,
         max_subscriptions: options.max_subscriptions,
+        max_initial_resource_versions: options.max_initial_resource_versions,
     };
     if validate(&req, &limits).is_err() {
         return false;
