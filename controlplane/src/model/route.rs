@@ -69,6 +69,10 @@ pub enum RuleOutcome {
     Answer500,
 }
 
+/// How a value is compared. What the enforcing proxy must honour, from
+/// Gateway API: `PathPrefix` compares whole path elements (`/api` takes
+/// `/api` and `/api/v1`, not `/apis`), and a `RegularExpression` must match
+/// the whole value, as Envoy's safe regex does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum MatchKind {
     Exact,
