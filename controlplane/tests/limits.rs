@@ -229,6 +229,7 @@ const INSPECTION: &[&str] = &[
     "/api/v1/services/default/web",
     "/api/v1/policies",
     "/api/v1/waypoints",
+    "/api/v1/routes",
     "/api/v1/status",
     "/api/v1/dataplanes",
     "/api/v1/certificates",

@@ -184,6 +184,116 @@ fn edits_to_the_folder_are_served_and_broken_files_keep_the_last_good_state() {
     );
 }
 
+/// A 90/10 split of `reviews` (which has a waypoint in the example), one
+/// backend that does not exist and one filter meshbox does not support.
+const REVIEWS_ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: reviews-split
+  namespace: bookinfo
+spec:
+  parentRefs:
+  - group: \"\"
+    kind: Service
+    name: reviews
+    port: 9080
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /reviews}
+      headers:
+      - {name: X-Canary, value: \"yes\"}
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: X-Routed-By, value: meshbox}]
+    backendRefs:
+    - {name: reviews, port: 9080, weight: 90}
+    - {name: reviews-v9, port: 9080, weight: 10}
+    timeouts: {request: 10s}
+  - matches:
+    - path: {type: Exact, value: /old}
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}}
+    backendRefs:
+    - {name: reviews, port: 9080}
+";
+
+#[test]
+fn an_http_route_in_the_folder_is_shown_checked_with_its_problems() {
+    if !have_tool("curl") {
+        return;
+    }
+    let mut files = example_manifests();
+    files.push(("routes.yaml".to_owned(), REVIEWS_ROUTE.to_owned()));
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_str()))
+        .collect();
+    let cp = ControlPlane::start(&refs, &[]);
+
+    let routes = get(&cp, "/api/v1/routes");
+    assert_eq!(routes.as_array().unwrap().len(), 1, "{routes:#}");
+    let route = &routes[0];
+    assert_eq!(route["namespace"], "bookinfo");
+    assert_eq!(route["name"], "reviews-split");
+    assert_eq!(
+        route["parents"],
+        serde_json::json!([{
+            "namespace": "bookinfo", "name": "reviews", "port": 9080,
+            "consumer": false, "found": true, "waypoint": "bookinfo/reviews-waypoint"
+        }])
+    );
+    let split = &route["rules"][0];
+    assert_eq!(split["outcome"], "route");
+    assert_eq!(split["matches"][0]["path"]["value"], "/reviews");
+    assert_eq!(split["matches"][0]["headers"][0]["name"], "x-canary");
+    assert_eq!(
+        split["requestHeaderModifier"]["set"][0],
+        serde_json::json!({"name": "x-routed-by", "value": "meshbox"})
+    );
+    assert_eq!(split["timeouts"]["requestMs"], 10_000);
+    assert_eq!(split["backends"][0]["weight"], 90);
+    assert!(split["backends"][0].get("error").is_none(), "{split:#}");
+    assert_eq!(split["backends"][1]["weight"], 10);
+    assert_eq!(split["backends"][1]["error"], "backend not found");
+    assert_eq!(route["rules"][1]["outcome"], "answer500");
+
+    // The same problems are in /status, with the route named.
+    let status = get(&cp, "/api/v1/status");
+    let route_problems: Vec<&str> = status["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["kind"] == "HTTPRoute" && o["name"] == "reviews-split")
+        .map(|o| o["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(route_problems.len(), 2, "{status:#}");
+    assert!(
+        route_problems
+            .iter()
+            .any(|m| m.contains("bookinfo/reviews-v9: backend not found")),
+        "{route_problems:?}"
+    );
+    assert!(
+        route_problems
+            .iter()
+            .any(|m| m.contains("\"RequestRedirect\" is not supported")),
+        "{route_problems:?}"
+    );
+
+    // The namespace filter, and removal with the file.
+    assert_eq!(
+        get(&cp, "/api/v1/routes?namespace=legacy"),
+        serde_json::json!([])
+    );
+    std::fs::remove_file(cp.config.join("routes.yaml")).unwrap();
+    eventually(&cp, "/api/v1/routes", "removed route", |v| {
+        v.as_array().unwrap().is_empty()
+    });
+}
+
 #[test]
 fn run_without_a_cluster_or_folder_says_how_to_run_standalone() {
     let state = temp_dir("nocluster");

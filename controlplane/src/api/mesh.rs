@@ -1,5 +1,6 @@
 //! Read-only views of the mesh model, as the dataplanes see it:
-//! `/api/v1/workloads`, `/services`, `/policies`, `/waypoints`, `/status`.
+//! `/api/v1/workloads`, `/services`, `/policies`, `/waypoints`, `/routes`,
+//! `/status`.
 //!
 //! Each handler copies what it needs under a short read lock and formats
 //! after releasing it. Lists are sorted, so output is stable.
@@ -412,6 +413,19 @@ pub async fn list_waypoints(
     State(state): State<ApiState>,
 ) -> Json<Vec<crate::model::WaypointInfo>> {
     Json(state.store.read(|index| index.waypoints()))
+}
+
+/// HTTPRoutes, checked against the Services and waypoints known now. Shown
+/// only: no waypoint enforces them yet.
+pub async fn list_routes(
+    State(state): State<ApiState>,
+    Query(filter): Query<NamespaceFilter>,
+) -> Json<Vec<crate::model::RouteInfo>> {
+    let mut routes = state.store.read(|index| index.routes());
+    if let Some(ns) = filter.namespace {
+        routes.retain(|r| r.namespace == ns);
+    }
+    Json(routes)
 }
 
 #[derive(Serialize)]

@@ -45,7 +45,7 @@ pub struct ApiOptions {
     /// reading it (after the caller is authenticated).
     pub body_read_timeout: Duration,
     /// Whether the read-only inspection endpoints (workloads, services,
-    /// policies, waypoints, status, dataplanes, recent issuances) need a
+    /// policies, waypoints, routes, status, dataplanes, recent issuances) need a
     /// valid bearer token. Health, readiness, metrics, the OpenAPI document
     /// and the CA root stay open either way: probes and Prometheus carry no
     /// token, and the root is public by nature.
@@ -73,6 +73,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/policies", get(mesh::list_policies))
         .route("/api/v1/waypoints", get(mesh::list_waypoints))
+        .route("/api/v1/routes", get(mesh::list_routes))
         .route("/api/v1/status", get(mesh::status))
         .route("/api/v1/dataplanes", get(dataplanes))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -1,7 +1,7 @@
 //! Kubernetes API types that meshbox reads but `k8s-openapi` does not ship:
 //! Istio's `security.istio.io/v1` `AuthorizationPolicy` and
 //! `PeerAuthentication` (also read as `v1beta1`) and Gateway API's
-//! `gateway.networking.k8s.io/v1` `Gateway`.
+//! `gateway.networking.k8s.io/v1` `Gateway` and `HTTPRoute`.
 //!
 //! They are plain serde structs holding only the fields the control plane
 //! uses; unknown fields are ignored so newer CRD versions still parse. Each
@@ -10,6 +10,7 @@
 
 mod authorization_policy;
 mod gateway;
+mod http_route;
 mod peer_authentication;
 
 pub use authorization_policy::{
@@ -19,6 +20,11 @@ pub use authorization_policy::{
 pub use gateway::{
     AllowedRoutes, Gateway, GatewaySpec, GatewaySpecAddress, GatewayStatus, GatewayStatusAddress,
     Listener, RouteGroupKind, RouteNamespaces,
+};
+pub use http_route::{
+    HttpBackendRef, HttpHeader, HttpHeaderFilter, HttpPathMatch, HttpRoute, HttpRouteFilter,
+    HttpRouteMatch, HttpRouteRule, HttpRouteSpec, HttpRouteStatus, HttpRouteTimeouts,
+    HttpValueMatch, OtherFields, ParentReference, RouteCondition, RouteParentStatus,
 };
 pub use peer_authentication::{
     MutualTls, PeerAuthentication, PeerAuthenticationSpec, PeerAuthenticationV1beta1,

@@ -19,6 +19,7 @@
 mod namespace;
 mod peer_authentication;
 mod policy;
+mod route;
 mod selector;
 mod service;
 mod waypoint;
@@ -43,6 +44,7 @@ use serde::Serialize;
 use self::namespace::NamespaceState;
 use self::peer_authentication::PeerAuthState;
 use self::policy::PolicyState;
+use self::route::RouteState;
 use self::selector::PairIndex;
 use self::service::{ServiceState, SliceState};
 use self::waypoint::{GatewayDerived, GatewayState};
@@ -50,6 +52,10 @@ use self::workload::{PodDerived, PodState};
 
 pub use self::peer_authentication::{CONVERTED_PREFIX, STATIC_STRICT_POLICY};
 pub use self::policy::{TranslatedPolicy, translate_policy};
+pub use self::route::{
+    CheckedBackend, CheckedMatch, CheckedRule, HeaderModifier, HeaderSetting, MatchKind, PathMatch,
+    RouteInfo, RouteParentInfo, RuleOutcome, Timeouts, ValueMatch, parse_duration_ms,
+};
 pub use self::waypoint::WaypointFor;
 
 /// Mesh-wide settings that shape every derived resource.
@@ -87,6 +93,7 @@ pub enum Object {
     Gateway(crate::k8s::Gateway),
     AuthorizationPolicy(crate::k8s::AuthorizationPolicy),
     PeerAuthentication(crate::k8s::PeerAuthentication),
+    HttpRoute(crate::k8s::HttpRoute),
 }
 
 impl Object {
@@ -99,6 +106,7 @@ impl Object {
             Object::Gateway(_) => Kind::Gateway,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::HttpRoute(_) => Kind::HttpRoute,
         }
     }
 
@@ -114,6 +122,7 @@ impl Object {
             Object::Gateway(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::PeerAuthentication(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
         };
         ObjectKey::from_meta(self.kind(), meta)
     }
@@ -129,6 +138,8 @@ pub enum Kind {
     Gateway,
     AuthorizationPolicy,
     PeerAuthentication,
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute,
 }
 
 impl Kind {
@@ -141,6 +152,7 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::HttpRoute => "HTTPRoute",
         }
     }
 }
@@ -200,6 +212,10 @@ impl ObjectKey {
 
     pub fn peer_authentication(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self::new(Kind::PeerAuthentication, namespace, name)
+    }
+
+    pub fn http_route(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self::new(Kind::HttpRoute, namespace, name)
     }
 
     fn from_meta(kind: Kind, meta: &ObjectMeta) -> Option<Self> {
@@ -359,6 +375,7 @@ pub struct MeshIndex {
     gateways: HashMap<Key, GatewayState>,
     policies: HashMap<Key, PolicyState>,
     peer_auths: HashMap<Key, PeerAuthState>,
+    routes: HashMap<Key, RouteState>,
 
     // Indexes over inputs.
     pods_by_ns: HashMap<String, BTreeSet<String>>,
@@ -373,6 +390,8 @@ pub struct MeshIndex {
     /// Selector-less (namespace-wide) policies that produce a resource.
     namespace_policies: HashMap<String, BTreeSet<String>>,
     peer_auths_by_ns: HashMap<String, BTreeSet<String>>,
+    /// Service → the HTTPRoutes attached to it (whether or not it exists).
+    routes_by_service: HashMap<Key, BTreeSet<Key>>,
     pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
     services_by_vip: HashMap<IpAddr, BTreeSet<Key>>,
     /// node → identity → number of pods holding it there.
@@ -410,6 +429,7 @@ impl MeshIndex {
             gateways: HashMap::new(),
             policies: HashMap::new(),
             peer_auths: HashMap::new(),
+            routes: HashMap::new(),
             pods_by_ns: HashMap::new(),
             services_by_ns: HashMap::new(),
             pod_labels: PairIndex::default(),
@@ -417,6 +437,7 @@ impl MeshIndex {
             policy_selectors: PairIndex::default(),
             namespace_policies: HashMap::new(),
             peer_auths_by_ns: HashMap::new(),
+            routes_by_service: HashMap::new(),
             pods_by_ip: HashMap::new(),
             services_by_vip: HashMap::new(),
             identities_by_node: HashMap::new(),
@@ -597,6 +618,14 @@ impl MeshIndex {
                     message: m.clone(),
                 })
             })
+            .chain(self.route_statuses().flat_map(|(key, msgs)| {
+                msgs.into_iter().map(move |message| ObjectStatus {
+                    kind: key.kind,
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    message,
+                })
+            }))
             .collect();
         out.sort();
         out
@@ -618,6 +647,7 @@ impl MeshIndex {
             Object::Gateway(o) => self.ingest_gateway(nsname, &o),
             Object::AuthorizationPolicy(o) => self.ingest_policy(nsname, &o),
             Object::PeerAuthentication(o) => self.ingest_peer_authentication(nsname, &o),
+            Object::HttpRoute(o) => self.ingest_route(nsname, &o),
         }
     }
 
@@ -631,6 +661,7 @@ impl MeshIndex {
             Kind::Gateway => self.remove_gateway(&nsname),
             Kind::AuthorizationPolicy => self.remove_policy(&nsname),
             Kind::PeerAuthentication => self.remove_peer_authentication(&nsname),
+            Kind::HttpRoute => self.remove_route(&nsname),
         }
     }
 
@@ -651,6 +682,7 @@ impl MeshIndex {
             Kind::PeerAuthentication,
             &mut self.peer_auths.keys(),
         ));
+        out.extend(namespaced(Kind::HttpRoute, &mut self.routes.keys()));
         out
     }
 

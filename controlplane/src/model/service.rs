@@ -63,6 +63,11 @@ pub(super) struct ServiceState {
 }
 
 impl ServiceState {
+    /// Whether the Service exposes `port` (a service port, not a target).
+    pub(super) fn has_port(&self, port: u32) -> bool {
+        self.ports.iter().any(|p| p.port == port)
+    }
+
     fn from_service(svc: &Service) -> Self {
         let spec = svc.spec.as_ref();
         let mut problems = Vec::new();

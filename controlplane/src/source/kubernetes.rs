@@ -3,10 +3,10 @@
 //!
 //! Watchers relist and back off on their own after errors; a relist is
 //! applied as "these are now all the objects of this kind", so deletions
-//! missed while disconnected are caught. The Gateway API and Istio's
-//! AuthorizationPolicy and PeerAuthentication CRDs are optional: while one is
-//! not installed its watcher is parked (checked again every minute) and
-//! everything else works. PeerAuthentication is read as `v1`, or as
+//! missed while disconnected are caught. The Gateway API (Gateway,
+//! HTTPRoute) and Istio's AuthorizationPolicy and PeerAuthentication CRDs
+//! are optional: while one is not installed its watcher is parked (checked
+//! again every minute) and everything else works. PeerAuthentication is read as `v1`, or as
 //! `v1beta1` where the installed CRD does not serve `v1` (Istio before 1.22).
 
 use std::fmt::Debug;
@@ -23,7 +23,9 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde::de::DeserializeOwned;
 
-use crate::k8s::{AuthorizationPolicy, Gateway, PeerAuthentication, PeerAuthenticationV1beta1};
+use crate::k8s::{
+    AuthorizationPolicy, Gateway, HttpRoute, PeerAuthentication, PeerAuthenticationV1beta1,
+};
 use crate::model::{Kind, Object};
 use crate::store::MeshStore;
 
@@ -64,7 +66,7 @@ impl InitialSync {
 /// Starts a watcher per kind. Returns a handle that completes once every
 /// watcher has delivered its first complete listing.
 pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
-    let sync = InitialSync::new(7);
+    let sync = InitialSync::new(8);
     spawn_watch::<Namespace>(
         client.clone(),
         store.clone(),
@@ -104,6 +106,14 @@ pub fn start(client: kube::Client, store: Arc<MeshStore>) -> InitialSync {
         true,
         Kind::Gateway,
         Object::Gateway,
+    );
+    spawn_watch::<HttpRoute>(
+        client.clone(),
+        store.clone(),
+        sync.clone(),
+        true,
+        Kind::HttpRoute,
+        Object::HttpRoute,
     );
     spawn_watch::<AuthorizationPolicy>(
         client.clone(),

@@ -241,6 +241,7 @@ fn push_object(out: &mut ParsedManifest, value: serde_json::Value) -> Result<(),
             Object::EndpointSlice(typed("EndpointSlice", value)?)
         }
         ("gateway.networking.k8s.io", "Gateway") => Object::Gateway(typed("Gateway", value)?),
+        ("gateway.networking.k8s.io", "HTTPRoute") => Object::HttpRoute(typed("HTTPRoute", value)?),
         ("security.istio.io", "AuthorizationPolicy") => {
             Object::AuthorizationPolicy(typed("AuthorizationPolicy", value)?)
         }

@@ -78,7 +78,7 @@ fn selector(rng: &mut Rng) -> Value {
 
 fn random_object(rng: &mut Rng) -> Object {
     let ns = rng.pick(&NAMESPACES);
-    match rng.below(8) {
+    match rng.below(9) {
         0 => namespace(ns, labels(rng)),
         1 | 2 => {
             let name = format!("p{}", rng.below(6));
@@ -186,6 +186,34 @@ fn random_object(rng: &mut Rng) -> Object {
             }
             peer_auth_from(pa)
         }
+        7 => {
+            let mut parent =
+                json!({"group": "", "kind": "Service", "name": rng.pick(&["s0", "s1", "wp0"])});
+            if rng.chance(30) {
+                parent["namespace"] = json!(rng.pick(&NAMESPACES));
+            }
+            let backends: Vec<Value> = (0..rng.below(3))
+                .map(|_| {
+                    json!({
+                        "name": rng.pick(&["s0", "s1", "s2", "gone"]),
+                        "port": rng.pick(&[80, 81]),
+                        "weight": rng.below(3),
+                    })
+                })
+                .collect();
+            let path = rng.pick(&[json!("/"), json!("/api"), json!("(")]);
+            let kind = rng.pick(&["PathPrefix", "RegularExpression"]);
+            Object::HttpRoute(from(json!({
+                "metadata": {"name": rng.pick(&["r0", "r1"]), "namespace": ns},
+                "spec": {
+                    "parentRefs": [parent],
+                    "rules": [{
+                        "matches": [{"path": {"type": kind, "value": path}}],
+                        "backendRefs": backends
+                    }]
+                }
+            })))
+        }
         _ => {
             let name = rng.pick(&["pol0", "pol1", "pol2"]);
             let mut spec = serde_json::Map::new();
@@ -239,6 +267,16 @@ fn assert_same_as_fresh(idx: &MeshIndex, world: &BTreeMap<ObjectKey, Object>, co
     assert_eq!(a.1, b.1, "{context}: authorizations");
     assert_eq!(idx.statuses(), fresh.statuses(), "{context}: statuses");
     assert_eq!(idx.waypoints(), fresh.waypoints(), "{context}: waypoints");
+    assert_eq!(idx.routes(), fresh.routes(), "{context}: routes");
+    for ns in NAMESPACES {
+        for svc in ["s0", "s1", "wp0"] {
+            assert_eq!(
+                idx.service_routes(ns, svc),
+                fresh.service_routes(ns, svc),
+                "{context}: routes of {ns}/{svc}"
+            );
+        }
+    }
     for ip in IPS.iter().chain(&["10.96.0.1", "10.96.0.2"]) {
         let ip: IpAddr = ip.parse().expect("ip");
         assert_eq!(

@@ -6,6 +6,7 @@ mod consistency;
 mod index;
 mod peer_authentication;
 mod policies;
+mod routes;
 mod services;
 mod waypoints;
 mod workloads;
