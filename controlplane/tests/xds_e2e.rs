@@ -26,16 +26,22 @@ async fn wait_for(client: &XdsClient, what: &str, check: impl Fn(&XdsState) -> b
     }
 }
 
-#[tokio::test]
-async fn a_dataplane_syncs_over_tls_and_follows_folder_edits() {
-    meshbox_certs::install_crypto_provider();
-    let cp = start_bookinfo();
-    let channel = grpc_channel(&cp).connect_lazy();
+/// A dataplane's xDS client for node-1 (the node four of the example pods
+/// run on), over TLS with a node token.
+fn node_1_client(cp: &ControlPlane) -> XdsClient {
+    let channel = grpc_channel(cp).connect_lazy();
     let options = ClientOptions::new(
         Credentials::Bearer(cp.token_for_node("node-1")),
         node("meshbox-dataplane~node-1", [("NODE_NAME", "node-1")]),
     );
-    let client = XdsClient::start(channel, options);
+    XdsClient::start(channel, options)
+}
+
+#[tokio::test]
+async fn a_dataplane_syncs_over_tls_and_follows_folder_edits() {
+    meshbox_certs::install_crypto_provider();
+    let cp = start_bookinfo();
+    let client = node_1_client(&cp);
 
     let state = wait_for(&client, "the initial sync", |s| s.is_synced()).await;
     let reviews = "Kubernetes//Pod/bookinfo/reviews-v1-5b8f6c7d9-p7r4s";
@@ -135,12 +141,7 @@ async fn peer_authentications_reach_the_dataplane_as_converted_policies() {
 
     meshbox_certs::install_crypto_provider();
     let cp = start_bookinfo();
-    let channel = grpc_channel(&cp).connect_lazy();
-    let options = ClientOptions::new(
-        Credentials::Bearer(cp.token_for_node("node-1")),
-        node("meshbox-dataplane~node-1", [("NODE_NAME", "node-1")]),
-    );
-    let client = XdsClient::start(channel, options);
+    let client = node_1_client(&cp);
     let reviews = "Kubernetes//Pod/bookinfo/reviews-v1-5b8f6c7d9-p7r4s";
     let state = wait_for(&client, "the initial sync", |s| s.is_synced()).await;
     assert_eq!(

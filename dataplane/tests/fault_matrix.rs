@@ -1344,18 +1344,7 @@ async fn case6_node_dataplane_restarted_during_a_cni_add() {
 
 fn controlplane_binary() -> PathBuf {
     let dir = Path::new(BIN).parent().unwrap();
-    support::sibling::sibling_binary(
-        dir,
-        "controlplane",
-        "meshbox-controlplane",
-        &[
-            "controlplane/src",
-            "controlplane/Cargo.toml",
-            "certs/src",
-            "certs/Cargo.toml",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    support::sibling::controlplane_binary(dir).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `controlplane run` on `state`: `Err(output)` when it exited (non-zero
@@ -1376,19 +1365,7 @@ fn run_controlplane(config: &Path, state: &Path) -> Result<String, String> {
         .expect("controlplane starts");
     let output = Arc::new(std::sync::Mutex::new(String::new()));
     let mut readers = Vec::new();
-    for pipe in [
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for pipe in support::output_pipes(&mut child) {
         let output = output.clone();
         readers.push(std::thread::spawn(move || {
             use std::io::BufRead;

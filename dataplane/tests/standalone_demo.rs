@@ -63,21 +63,7 @@ fn prerequisites() -> Result<PathBuf, String> {
         .parent()
         .ok_or("no directory around the dataplane binary")?;
     // The controlplane binary is another package's.
-    sibling::sibling_binary(
-        dir,
-        "controlplane",
-        "meshbox-controlplane",
-        &[
-            "controlplane/src",
-            "controlplane/Cargo.toml",
-            "certs/src",
-            "certs/Cargo.toml",
-            "proto/src",
-            "proto/proto",
-            "proto/build.rs",
-            "proto/Cargo.toml",
-        ],
-    )?;
+    sibling::controlplane_binary(dir)?;
     Ok(dir.to_path_buf())
 }
 

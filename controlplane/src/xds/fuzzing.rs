@@ -1,5 +1,7 @@
 //! The Delta xDS request check, for the fuzz targets and the corpus replay
-//! test (see `crate::fuzzing`). Not part of the crate's API.
+//! test, which reach it through the crate's fuzzing entry points (it lives
+//! here because it drives this module's private request check and state).
+//! Not part of the crate's API.
 
 use std::sync::Arc;
 

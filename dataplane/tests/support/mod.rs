@@ -42,6 +42,22 @@ pub fn cni_plugin() -> PathBuf {
     .unwrap_or_else(|error| panic!("{error}"))
 }
 
+/// A spawned child's piped stdout and stderr, each to be read on a thread
+/// of its own.
+pub fn output_pipes(
+    child: &mut std::process::Child,
+) -> impl Iterator<Item = Box<dyn std::io::Read + Send>> {
+    let stdout = child
+        .stdout
+        .take()
+        .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>);
+    stdout.into_iter().chain(stderr)
+}
+
 /// A fresh directory, removed on drop.
 pub fn temp_dir(name: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -260,19 +276,7 @@ impl Dataplane {
         let mut child = cmd.spawn().expect("dataplane starts");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let name = spec.pod.to_owned();
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for pipe in output_pipes(&mut child) {
             let logs = logs.clone();
             let name = name.clone();
             std::thread::spawn(move || {

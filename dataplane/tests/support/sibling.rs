@@ -8,6 +8,26 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+/// The `controlplane` binary in `dir`, checked against everything it is
+/// built from (its crate, and the certs and proto crates it links).
+pub fn controlplane_binary(dir: &Path) -> Result<PathBuf, String> {
+    sibling_binary(
+        dir,
+        "controlplane",
+        "meshbox-controlplane",
+        &[
+            "controlplane/src",
+            "controlplane/Cargo.toml",
+            "certs/src",
+            "certs/Cargo.toml",
+            "proto/src",
+            "proto/proto",
+            "proto/build.rs",
+            "proto/Cargo.toml",
+        ],
+    )
+}
+
 /// `dir/name`, built from `package`, provided it exists and is newer than
 /// every file under `sources` (paths from the repository root). List only
 /// what goes into the binary: test or bench sources would look newer
