@@ -621,23 +621,7 @@ async fn same_node_service_vips_malicious_pods_probes_and_the_cni_chain() {
     assert_eq!(denied.raw_os_error(), Some(nix::libc::EPERM), "{denied}");
 
     // From here on only `sleep` may reach the echo pods.
-    mesh.write_manifest(
-        "allow.yaml",
-        &policy(
-            "only-sleep",
-            "ALLOW",
-            "echo",
-            "cluster.local/ns/default/sa/sleep",
-        ),
-    );
-    let written = Instant::now();
-    while !answer(&mallory, "10.67.0.2:8080").await.is_empty() {
-        assert!(
-            written.elapsed() < Duration::from_secs(30),
-            "the ALLOW policy never took effect"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    allow_only_sleep(&mesh, &mallory).await;
     assert_eq!(
         answer(&client, "10.67.0.2:8080").await,
         "server sees 10.67.0.1"
@@ -794,17 +778,9 @@ async fn same_node_service_vips_malicious_pods_probes_and_the_cni_chain() {
     );
 }
 
-/// A pod that can add an address to its own interface (root in its own
-/// namespace) takes its neighbour's IP and sends from it, under a policy
-/// that lets only the neighbour in. Its identity is the pod whose
-/// namespace the connection was captured in, and that pod does not hold
-/// the address: refused at once and counted, nothing leaves the node.
-async fn spoofed_neighbour_address_is_refused(
-    mesh: &Mesh,
-    node_a: &Dataplane,
-    node_b: &Dataplane,
-    mallory: &Netns,
-) {
+/// Writes the ALLOW policy that lets only `sleep` reach the echo pods, and
+/// waits until mallory is refused.
+async fn allow_only_sleep(mesh: &Mesh, mallory: &Netns) {
     mesh.write_manifest(
         "allow.yaml",
         &policy(
@@ -822,6 +798,20 @@ async fn spoofed_neighbour_address_is_refused(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A pod that can add an address to its own interface (root in its own
+/// namespace) takes its neighbour's IP and sends from it, under a policy
+/// that lets only the neighbour in. Its identity is the pod whose
+/// namespace the connection was captured in, and that pod does not hold
+/// the address: refused at once and counted, nothing leaves the node.
+async fn spoofed_neighbour_address_is_refused(
+    mesh: &Mesh,
+    node_a: &Dataplane,
+    node_b: &Dataplane,
+    mallory: &Netns,
+) {
+    allow_only_sleep(mesh, mallory).await;
     // On `lo`, so the bridge never learns a second owner of the client's
     // address; the capture rules see the connection all the same.
     ip(&[
