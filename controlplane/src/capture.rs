@@ -15,13 +15,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use meshbox_proto::capture::capture_status_service_server::{
+use meshbox_proto::meshbox::capture_status_service_server::{
     CaptureStatusService, CaptureStatusServiceServer,
 };
-use meshbox_proto::capture::enrollment_service_server::{
+use meshbox_proto::meshbox::enrollment_service_server::{
     EnrollmentService, EnrollmentServiceServer,
 };
-use meshbox_proto::capture::{
+use meshbox_proto::meshbox::{
     CaptureReport, CaptureReportResponse, EnrollmentRequest, EnrollmentResponse,
 };
 use meshbox_proto::istio::workload::address;
@@ -244,7 +244,7 @@ impl EnrollmentService for EnrollmentGrpc {
 
 #[cfg(test)]
 mod tests {
-    use meshbox_proto::capture::PodCapture;
+    use meshbox_proto::meshbox::PodCapture;
 
     use super::*;
     use crate::model::MeshConfig;

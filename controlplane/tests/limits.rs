@@ -370,8 +370,8 @@ fn rotating_the_token_key_revokes_every_token_at_restart() {
 async fn grpc_calls_without_a_valid_token_are_refused_before_their_message() {
     use meshbox_proto::ca::IstioCertificateRequest;
     use meshbox_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
-    use meshbox_proto::capture::EnrollmentRequest;
-    use meshbox_proto::capture::enrollment_service_client::EnrollmentServiceClient;
+    use meshbox_proto::meshbox::EnrollmentRequest;
+    use meshbox_proto::meshbox::enrollment_service_client::EnrollmentServiceClient;
     let cp = ControlPlane::start(&[], &[]);
     let channel = grpc_channel(&cp).connect().await.unwrap();
     // Larger than each service accepts: read first, it would be refused for

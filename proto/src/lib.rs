@@ -3,8 +3,10 @@
 //! The packages, message names and field numbers follow Istio's published
 //! ambient APIs (the workload and authorization xDS resources, the CA service)
 //! and Envoy's delta xDS protocol, so a stock Istio ztunnel and meshbox can talk
-//! to each other; `capture.proto` is meshbox's own small addition (node
-//! dataplanes report which pods they captured). This crate holds types only: no behaviour lives here.
+//! to each other. `capture.proto` and `waypoint.proto` are meshbox's own
+//! additions: node dataplanes report which pods they captured, and waypoints
+//! get their L7 policies and routes. This crate holds types only: no
+//! behaviour lives here.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -36,8 +38,10 @@ pub mod istio {
     }
 }
 
-/// meshbox's own API: node dataplanes report pod capture state.
-pub mod capture {
+/// meshbox's own API: node dataplanes report pod capture state
+/// (`capture.proto`), and waypoints get their L7 policies and routes
+/// (`waypoint.proto`).
+pub mod meshbox {
     tonic::include_proto!("meshbox.v1");
 }
 
@@ -50,3 +54,7 @@ pub use istio::workload;
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of the `istio.security.Authorization` xDS resource.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// Type URL of the `meshbox.v1.WaypointPolicy` xDS resource (waypoints only).
+pub const WAYPOINT_POLICY_TYPE_URL: &str = "type.googleapis.com/meshbox.v1.WaypointPolicy";
+/// Type URL of the `meshbox.v1.WaypointRoute` xDS resource (waypoints only).
+pub const WAYPOINT_ROUTE_TYPE_URL: &str = "type.googleapis.com/meshbox.v1.WaypointRoute";

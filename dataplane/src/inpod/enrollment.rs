@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use meshbox_proto::capture::EnrollmentRequest;
-use meshbox_proto::capture::enrollment_service_client::EnrollmentServiceClient;
+use meshbox_proto::meshbox::EnrollmentRequest;
+use meshbox_proto::meshbox::enrollment_service_client::EnrollmentServiceClient;
 use tonic::transport::Channel;
 use tracing::debug;
 

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshbox_proto::capture::capture_status_service_client::CaptureStatusServiceClient;
-use meshbox_proto::capture::{CaptureReport, PodCapture};
+use meshbox_proto::meshbox::capture_status_service_client::CaptureStatusServiceClient;
+use meshbox_proto::meshbox::{CaptureReport, PodCapture};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info};
