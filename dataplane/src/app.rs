@@ -300,8 +300,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 }
 
 /// A lazily connected channel to a control-plane endpoint, over TLS when
-/// the address is https, every socket marked.
-async fn channel(endpoint: &Endpoint, sockets: Sockets) -> anyhow::Result<Channel> {
+/// the address is https, every socket marked. The waypoint uses it too.
+pub async fn channel(endpoint: &Endpoint, sockets: Sockets) -> anyhow::Result<Channel> {
     let uri: Uri = endpoint
         .uri
         .parse()

@@ -382,7 +382,10 @@ impl Config {
     }
 }
 
-fn endpoint(
+/// A control-plane endpoint from its address and root-certificate settings
+/// (`var`/`root_var` name them in errors): `https://` needs a root, `http://`
+/// refuses one. The waypoint takes its endpoints the same way.
+pub fn endpoint(
     var: &'static str,
     root_var: &'static str,
     uri: String,

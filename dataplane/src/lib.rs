@@ -24,6 +24,8 @@
 //!   used by [`proxy`]'s sockets and by [`inpod`];
 //! - [`telemetry`]: access logs and Istio's `istio_tcp_*` metrics;
 //! - [`token`]: the bearer-token file shown to the control plane;
+//! - [`process`]: logging, limits and signals of a proxy process (the
+//!   waypoint's too);
 //! - [`admin`]: `/config_dump`, `/metrics`, `/healthz/ready`.
 
 pub mod admin;
@@ -34,6 +36,7 @@ pub mod identity;
 pub mod inpod;
 pub mod mesh;
 pub mod netns;
+pub mod process;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;

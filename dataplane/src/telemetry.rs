@@ -99,7 +99,8 @@ struct TcpLabels {
     connection_security_policy: &'static str,
 }
 
-const UNKNOWN: &str = "unknown";
+/// What Istio's labels say when a value is not known.
+pub const UNKNOWN: &str = "unknown";
 
 fn or_unknown(s: &str) -> String {
     if s.is_empty() {
@@ -109,8 +110,10 @@ fn or_unknown(s: &str) -> String {
     }
 }
 
-/// `(workload, canonical service, canonical revision, namespace, cluster)`.
-fn workload_labels(w: Option<&Workload>) -> [String; 5] {
+/// `(workload, canonical service, canonical revision, namespace, cluster)`:
+/// a workload's part of Istio's standard labels (the waypoint's HTTP
+/// metrics use it too).
+pub fn workload_labels(w: Option<&Workload>) -> [String; 5] {
     match w {
         Some(w) => [
             or_unknown(if w.workload_name.is_empty() {

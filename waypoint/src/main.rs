@@ -1,9 +1,14 @@
-//! `waypoint`: the meshbox L7 waypoint proxy. Not serving yet (issue 16):
-//! only the authorization engine in the library exists.
-
-use std::process::ExitCode;
+//! `waypoint`: the meshbox L7 waypoint proxy.
 
 use clap::{Parser, Subcommand};
+use meshbox_dataplane::config::LogFormat;
+use meshbox_dataplane::process::{init_logging, raise_open_files_limit, wait_for_signal};
+use meshbox_waypoint::config::{Config, Settings};
+use tracing::info;
+
+/// jemalloc, as in the dataplane: many small per-request allocations.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(
@@ -18,20 +23,35 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy (not available yet).
-    Run,
+    /// Run the proxy.
+    Run {
+        #[command(flatten)]
+        settings: Settings,
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
 }
 
-fn main() -> ExitCode {
+fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        // Refuse rather than start something that looks like a waypoint and
-        // passes no traffic: a Gateway pointed at it would black-hole.
-        Command::Run => {
-            eprintln!(
-                "waypoint: not yet serving: see issue 16 (the proxy is being built; \
-                 only its L7 authorization engine exists so far)"
-            );
-            ExitCode::FAILURE
+        Command::Run {
+            settings,
+            log_format,
+        } => {
+            init_logging(log_format);
+            let config = Config::from_settings(&settings)?;
+            let drain_timeout = config.drain_timeout;
+            raise_open_files_limit();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async move {
+                    let running = meshbox_waypoint::app::start(config).await?;
+                    wait_for_signal().await?;
+                    info!("shutting down");
+                    running.drain(drain_timeout).await;
+                    Ok(())
+                })
         }
     }
 }

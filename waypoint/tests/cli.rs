@@ -1,4 +1,5 @@
-//! The `waypoint` binary as a user or a Deployment runs it, before it serves.
+//! The `waypoint` binary as a user or a Deployment starts it, before it
+//! serves (serving is tested end to end in dataplane/tests/waypoint.rs).
 
 use std::process::Command;
 
@@ -10,14 +11,38 @@ fn waypoint(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn run_refuses_to_pretend_to_serve() {
+fn run_names_what_is_missing_or_wrong_and_serves_nothing() {
     let out = waypoint(&["run"]);
-    assert!(
-        !out.status.success(),
-        "`waypoint run` must fail until it serves"
-    );
+    assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not yet serving: see issue 16"), "{stderr}");
+    for flag in ["--xds-address", "--namespace", "--gateway"] {
+        assert!(stderr.contains(flag), "{flag} not named: {stderr}");
+    }
+    // Bad values are refused before anything is bound or dialed.
+    let out = waypoint(&[
+        "run",
+        "--xds-address",
+        "https://127.0.0.1:1",
+        "--namespace",
+        "default",
+        "--gateway",
+        "wp",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("XDS_ROOT_CA"), "{stderr}");
+    let out = waypoint(&[
+        "run",
+        "--xds-address",
+        "http://127.0.0.1:1",
+        "--namespace",
+        "Default",
+        "--gateway",
+        "wp",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("namespace \"Default\""), "{stderr}");
 }
 
 #[test]

@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 pub use address::{GatewayAddress, GatewayTarget, HBONE_PORT, ip_from_bytes};
 pub use policies::{PolicyLookup, PolicyStore};
 pub use policy::{ConnectionInfo, Policy, PolicyError};
-pub use route::{Route, RouteError, ServiceInfo, Transport, Upstream};
+pub use route::{Route, RouteError, ServiceInfo, Transport, Upstream, direct};
 pub use service::{HealthPolicy, IpFamilies, LbMode, LbScope, LoadBalancing, NetworkIp, Service};
 pub use sync::{Applied, validator};
 pub use workload::{HealthStatus, Locality, Protocol, Workload};

@@ -205,7 +205,38 @@ impl ProxyState {
         if svc.load_balancing.mode == LbMode::Passthrough {
             return Ok(Route::Passthrough(target));
         }
-        let port = target.port();
+        self.endpoint_of(entry, source, target.port(), target.is_ipv6())
+            .map(Route::Upstream)
+    }
+
+    /// At a waypoint: an endpoint of the service `key` for its `port`,
+    /// chosen as for any client (round robin, health, locality relative to
+    /// `source`, the waypoint's own workload), and never the service's
+    /// waypoint: the caller is that waypoint.
+    pub fn service_endpoint(
+        &self,
+        key: &str,
+        port: u16,
+        source: &Workload,
+    ) -> Result<Upstream, RouteError> {
+        let entry = self
+            .services
+            .get(key)
+            .ok_or_else(|| RouteError::NoHealthyEndpoint {
+                service: key.to_owned(),
+                port,
+            })?;
+        self.endpoint_of(entry, source, port, false)
+    }
+
+    fn endpoint_of(
+        &self,
+        entry: &ServiceEntry,
+        source: &Workload,
+        port: u16,
+        prefer_v6: bool,
+    ) -> Result<Upstream, RouteError> {
+        let svc = &entry.service;
         let Some(&svc_target) = svc.ports.get(&port) else {
             // Like kube-proxy: a VIP port the service does not declare leads
             // nowhere. Passing it through would leave the mesh.
@@ -219,7 +250,7 @@ impl ProxyState {
         // resolved for that workload); then the service's numeric target.
         // With neither, the endpoint does not serve this port and is skipped.
         let pick = self
-            .pick_endpoint(entry, source, target.is_ipv6(), |w| {
+            .pick_endpoint(entry, source, prefer_v6, |w| {
                 w.services
                     .get(&key)
                     .and_then(|ports| ports.get(&port))
@@ -230,11 +261,7 @@ impl ProxyState {
                 service: key.clone(),
                 port,
             })?;
-        Ok(Route::Upstream(direct(
-            &pick.workload,
-            pick.addr,
-            Some(svc),
-        )))
+        Ok(direct(&pick.workload, pick.addr, Some(svc)))
     }
 
     fn resolve_waypoint(
@@ -387,8 +414,9 @@ impl ProxyState {
     }
 }
 
-/// A connection straight to a workload at `addr` (its IP and the app port).
-fn direct(w: &Arc<Workload>, addr: SocketAddr, service: Option<&Service>) -> Upstream {
+/// A connection straight to a workload at `addr` (its IP and the app port);
+/// also what a waypoint uses for a request addressed to a workload it serves.
+pub fn direct(w: &Arc<Workload>, addr: SocketAddr, service: Option<&Service>) -> Upstream {
     let (connect_to, transport) = match w.protocol {
         Protocol::Hbone => (
             SocketAddr::new(addr.ip(), HBONE_PORT),

@@ -79,5 +79,8 @@ pub fn validator() -> Validator {
         ResourceRef::Authorization(a) => Policy::from_proto(name, a)
             .map(|_| ())
             .map_err(|e| format!("{name}: {e}")),
+        // A node proxy never subscribes to waypoint types; the waypoint
+        // checks them with its own validator.
+        ResourceRef::WaypointPolicy(_) | ResourceRef::WaypointRoute(_) => Ok(()),
     })
 }

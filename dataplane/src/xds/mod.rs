@@ -3,7 +3,8 @@
 //! It keeps one `DeltaAggregatedResources` stream open to a control plane
 //! (ours or a stock istiod) over a tonic [`Channel`] the caller built (TLS
 //! and addresses are the caller's business), subscribes to `Address` and
-//! `Authorization` (wildcard, or on demand by name / `network/IP`), ACKs
+//! `Authorization` (wildcard, or on demand by name / `network/IP`), and for
+//! a waypoint to meshbox's `WaypointPolicy` and `WaypointRoute`, ACKs
 //! every response or NACKs it when decoding or the caller's validation
 //! fails, and keeps what it received in an [`XdsState`] published through a
 //! `watch` channel. When the stream breaks it reconnects with exponential
@@ -84,12 +85,15 @@ impl std::fmt::Debug for ClientOptions {
 }
 
 impl ClientOptions {
-    /// Wildcard on both types, the given identity, default timings.
+    /// Wildcard on Istio's two types, the given identity, default timings.
     pub fn new(credentials: Credentials, node: Node) -> Self {
         Self {
             credentials,
             node,
-            wildcard: ResourceType::ALL.to_vec(),
+            wildcard: ResourceType::ALL
+                .into_iter()
+                .filter(|ty| ty.is_istio())
+                .collect(),
             validator: None,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(15),

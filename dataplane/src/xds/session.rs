@@ -53,7 +53,7 @@ pub(crate) struct Runner {
     options: ClientOptions,
     commands: mpsc::Receiver<Command>,
     state: watch::Sender<XdsState>,
-    subs: [Subscription; 2],
+    subs: [Subscription; state::TYPES],
     /// On-demand callers waiting for an answer, by type and name.
     waiting: HashMap<(ResourceType, String), Vec<oneshot::Sender<Answer>>>,
 }
@@ -88,7 +88,7 @@ impl Runner {
             let result = self.session(&mut received).await;
             self.state.send_modify(|s| {
                 s.connected = false;
-                s.synced = [false; 2];
+                s.synced = [false; state::TYPES];
                 if let Err(e) = &result {
                     s.last_error = Some(e.to_string());
                 }
@@ -198,6 +198,9 @@ impl Runner {
         let mut out = Vec::new();
         for ty in ResourceType::ALL {
             let sub = &self.subs[ty.index()];
+            if !ty.is_istio() && !sub.wildcard && sub.names.is_empty() {
+                continue;
+            }
             let names: Vec<String> = sub.names.iter().cloned().collect();
             let mut chunks = names.chunks(MAX_NAMES_PER_REQUEST);
             let first = chunks.next().unwrap_or_default();

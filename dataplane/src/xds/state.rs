@@ -8,26 +8,46 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use meshbox_proto::meshbox::{WaypointPolicy, WaypointRoute};
 use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::Address;
 use meshbox_proto::xds::{DeltaDiscoveryResponse, Resource};
 use prost::Message;
 
-/// The two resource types of Istio's workload API.
+/// The two resource types of Istio's workload API, and meshbox's two for
+/// waypoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceType {
     Address,
     Authorization,
+    WaypointPolicy,
+    WaypointRoute,
 }
 
+/// How many resource types there are.
+pub(crate) const TYPES: usize = 4;
+
 impl ResourceType {
-    pub const ALL: [ResourceType; 2] = [ResourceType::Address, ResourceType::Authorization];
+    pub const ALL: [ResourceType; TYPES] = [
+        ResourceType::Address,
+        ResourceType::Authorization,
+        ResourceType::WaypointPolicy,
+        ResourceType::WaypointRoute,
+    ];
 
     pub fn type_url(self) -> &'static str {
         match self {
             ResourceType::Address => meshbox_proto::ADDRESS_TYPE_URL,
             ResourceType::Authorization => meshbox_proto::AUTHORIZATION_TYPE_URL,
+            ResourceType::WaypointPolicy => meshbox_proto::WAYPOINT_POLICY_TYPE_URL,
+            ResourceType::WaypointRoute => meshbox_proto::WAYPOINT_ROUTE_TYPE_URL,
         }
+    }
+
+    /// Istio's own types, which every stream asks for (a stock istiod
+    /// knows no others, so meshbox's are asked for only when subscribed).
+    pub fn is_istio(self) -> bool {
+        matches!(self, ResourceType::Address | ResourceType::Authorization)
     }
 
     pub fn from_type_url(type_url: &str) -> Option<ResourceType> {
@@ -54,6 +74,8 @@ pub struct Received<T> {
 pub enum ResourceRef<'a> {
     Address(&'a Address),
     Authorization(&'a Authorization),
+    WaypointPolicy(&'a WaypointPolicy),
+    WaypointRoute(&'a WaypointRoute),
 }
 
 /// Decides whether a decoded resource is acceptable; `Err(reason)` rejects
@@ -67,14 +89,18 @@ pub struct XdsState {
     pub addresses: HashMap<String, Received<Address>>,
     /// Authorization resources by `{namespace}/{name}`.
     pub authorizations: HashMap<String, Received<Authorization>>,
+    /// Waypoint L7 policies by `{namespace}/{name}` (waypoints only).
+    pub waypoint_policies: HashMap<String, Received<WaypointPolicy>>,
+    /// Waypoint routes by `{namespace}/{name}` (waypoints only).
+    pub waypoint_routes: HashMap<String, Received<WaypointRoute>>,
     /// A stream is open.
     pub connected: bool,
     /// Per type (indexed like [`ResourceType::ALL`]): a response arrived
     /// on the current stream, so what is held reflects the server.
-    pub synced: [bool; 2],
+    pub synced: [bool; TYPES],
     /// Per type: subscribed in full (wildcard). Only these gate
     /// [`XdsState::is_synced`]; an on-demand type starts empty on purpose.
-    pub wildcard: [bool; 2],
+    pub wildcard: [bool; TYPES],
     /// Streams opened so far (1 after the first connect).
     pub streams: u64,
     /// Responses received so far.
@@ -106,6 +132,8 @@ impl XdsState {
         match ty {
             ResourceType::Address => versions(&self.addresses),
             ResourceType::Authorization => versions(&self.authorizations),
+            ResourceType::WaypointPolicy => versions(&self.waypoint_policies),
+            ResourceType::WaypointRoute => versions(&self.waypoint_routes),
         }
     }
 
@@ -113,6 +141,8 @@ impl XdsState {
         match ty {
             ResourceType::Address => self.addresses.len(),
             ResourceType::Authorization => self.authorizations.len(),
+            ResourceType::WaypointPolicy => self.waypoint_policies.len(),
+            ResourceType::WaypointRoute => self.waypoint_routes.len(),
         }
     }
 
@@ -130,21 +160,22 @@ impl XdsState {
                 && !keep(name, aliases)
         };
         let mut dropped = Vec::new();
+        let mut retain = |name: &String, aliases: &[String]| {
+            let drop = gone(name, aliases);
+            if drop {
+                dropped.push(name.clone());
+            }
+            !drop
+        };
         match ty {
-            ResourceType::Address => self.addresses.retain(|n, r| {
-                let drop = gone(n, &r.aliases);
-                if drop {
-                    dropped.push(n.clone());
-                }
-                !drop
-            }),
-            ResourceType::Authorization => self.authorizations.retain(|n, r| {
-                let drop = gone(n, &r.aliases);
-                if drop {
-                    dropped.push(n.clone());
-                }
-                !drop
-            }),
+            ResourceType::Address => self.addresses.retain(|n, r| retain(n, &r.aliases)),
+            ResourceType::Authorization => self.authorizations.retain(|n, r| retain(n, &r.aliases)),
+            ResourceType::WaypointPolicy => {
+                self.waypoint_policies.retain(|n, r| retain(n, &r.aliases))
+            }
+            ResourceType::WaypointRoute => {
+                self.waypoint_routes.retain(|n, r| retain(n, &r.aliases))
+            }
         }
         dropped
     }
@@ -193,26 +224,32 @@ pub(crate) fn apply(
             Some(any) => match ty {
                 ResourceType::Address => decode::<Address>(&any.value).and_then(|a| {
                     check(validator, &name, ResourceRef::Address(&a))?;
-                    state.addresses.insert(
-                        name.clone(),
-                        Received {
-                            version,
-                            resource: Arc::new(a),
-                            aliases: aliases.clone(),
-                        },
-                    );
+                    state
+                        .addresses
+                        .insert(name.clone(), received(&version, &aliases, a));
                     Ok(())
                 }),
                 ResourceType::Authorization => decode::<Authorization>(&any.value).and_then(|a| {
                     check(validator, &name, ResourceRef::Authorization(&a))?;
-                    state.authorizations.insert(
-                        name.clone(),
-                        Received {
-                            version,
-                            resource: Arc::new(a),
-                            aliases: aliases.clone(),
-                        },
-                    );
+                    state
+                        .authorizations
+                        .insert(name.clone(), received(&version, &aliases, a));
+                    Ok(())
+                }),
+                ResourceType::WaypointPolicy => {
+                    decode::<WaypointPolicy>(&any.value).and_then(|p| {
+                        check(validator, &name, ResourceRef::WaypointPolicy(&p))?;
+                        state
+                            .waypoint_policies
+                            .insert(name.clone(), received(&version, &aliases, p));
+                        Ok(())
+                    })
+                }
+                ResourceType::WaypointRoute => decode::<WaypointRoute>(&any.value).and_then(|r| {
+                    check(validator, &name, ResourceRef::WaypointRoute(&r))?;
+                    state
+                        .waypoint_routes
+                        .insert(name.clone(), received(&version, &aliases, r));
                     Ok(())
                 }),
             },
@@ -230,6 +267,12 @@ pub(crate) fn apply(
             ResourceType::Authorization => {
                 state.authorizations.remove(&name);
             }
+            ResourceType::WaypointPolicy => {
+                state.waypoint_policies.remove(&name);
+            }
+            ResourceType::WaypointRoute => {
+                state.waypoint_routes.remove(&name);
+            }
         }
         applied.removed.push(name);
     }
@@ -239,6 +282,14 @@ pub(crate) fn apply(
         state.nacks += 1;
     }
     applied
+}
+
+fn received<T>(version: &str, aliases: &[String], resource: T) -> Received<T> {
+    Received {
+        version: version.to_owned(),
+        resource: Arc::new(resource),
+        aliases: aliases.to_vec(),
+    }
 }
 
 fn decode<T: Message + Default>(bytes: &[u8]) -> Result<T, String> {

@@ -42,6 +42,28 @@ pub fn cni_plugin() -> PathBuf {
     .unwrap_or_else(|error| panic!("{error}"))
 }
 
+/// The `waypoint` binary, from the `waypoint/` crate (see [`sibling`]): it
+/// links this crate, so it is stale whenever this crate's sources are newer.
+pub fn waypoint_binary() -> PathBuf {
+    let dir = Path::new(BIN)
+        .parent()
+        .expect("the dataplane binary is in a directory");
+    sibling::sibling_binary(
+        dir,
+        "waypoint",
+        "meshbox-waypoint",
+        &[
+            "waypoint/src",
+            "waypoint/Cargo.toml",
+            "dataplane/src",
+            "dataplane/Cargo.toml",
+            "certs/src",
+            "proto/proto",
+        ],
+    )
+    .unwrap_or_else(|error| panic!("{error}"))
+}
+
 /// A spawned child's piped stdout and stderr, each to be read on a thread
 /// of its own.
 pub fn output_pipes(
@@ -276,6 +298,66 @@ impl Dataplane {
         let mut child = cmd.spawn().expect("dataplane starts");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let name = spec.pod.to_owned();
+        for pipe in output_pipes(&mut child) {
+            let logs = logs.clone();
+            let name = name.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if std::env::var_os("MESHBOX_TEST_LOGS").is_some() {
+                        eprintln!("[{name}] {line}");
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        Self {
+            child,
+            ip,
+            ports,
+            name,
+            logs,
+        }
+    }
+
+    /// A `waypoint run` process for the Gateway `namespace/gateway`, HBONE
+    /// on `ip:15008`, with the token of the Gateway's service account (named
+    /// after it). It shares this handle: logs, readiness, admin, metrics
+    /// (no SOCKS5 port).
+    pub fn start_waypoint(
+        mesh: &Mesh,
+        ip: &str,
+        namespace: &str,
+        gateway: &str,
+        extra: &[&str],
+    ) -> Self {
+        let ip: IpAddr = ip.parse().unwrap();
+        let token = mesh.token_file(&format!(
+            "spiffe://cluster.local/ns/{namespace}/sa/{gateway}"
+        ));
+        let at = |port: u16| SocketAddr::new(ip, port).to_string();
+        let ports = free_ports::<4>(ip).map(|addr| addr.port());
+        let mut child = Command::new(waypoint_binary())
+            .arg("run")
+            .args(["--xds-address", &mesh.cp_url()])
+            .args(["--xds-root-ca", mesh.root_cert().to_str().unwrap()])
+            .args(["--auth-token", token.to_str().unwrap()])
+            .args(["--namespace", namespace, "--gateway", gateway])
+            .args(["--pod-name", &format!("{gateway}-0")])
+            .args(["--inbound-addr", &at(15008)])
+            .args(["--admin-addr", &at(ports[1])])
+            .args(["--metrics-addr", &at(ports[2])])
+            .args(["--readiness-addr", &at(ports[3])])
+            .args(extra)
+            .env("RUST_BACKTRACE", "1")
+            .env("RUST_LOG", "info")
+            .env_remove("XDS_ADDRESS")
+            .env_remove("CA_ADDRESS")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("waypoint starts");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let name = format!("waypoint {gateway}");
         for pipe in output_pipes(&mut child) {
             let logs = logs.clone();
             let name = name.clone();
@@ -897,5 +979,155 @@ pub mod hbone {
             }
         });
         Server { authorities }
+    }
+}
+
+/// An HTTP app (HTTP/1.1 and HTTP/2 by prior knowledge) that answers every
+/// request `200 {name} {method} {path-and-query}`, and echoes each request
+/// header whose name starts with `x-` as `echo-{name}`.
+pub async fn http_app(addr: SocketAddr, name: &str) -> tokio::task::JoinHandle<()> {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let name = name.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let name = name.clone();
+                    async move {
+                        let target = req
+                            .uri()
+                            .path_and_query()
+                            .map_or("/".to_owned(), |p| p.as_str().to_owned());
+                        let mut response = hyper::Response::new(Full::new(bytes::Bytes::from(
+                            format!("{name} {} {target}\n", req.method()),
+                        )));
+                        for (header, value) in req.headers() {
+                            if header.as_str().starts_with("x-")
+                                && let Ok(echo) = hyper::header::HeaderName::from_bytes(
+                                    format!("echo-{header}").as_bytes(),
+                                )
+                            {
+                                response.headers_mut().append(echo, value.clone());
+                            }
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// An HTTP client on one connection (any byte stream: a SOCKS5 tunnel
+/// through a dataplane, an HBONE stream).
+pub enum HttpClient {
+    Http1(hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>),
+}
+
+/// A response with its body read.
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl HttpClient {
+    pub async fn http1<T>(io: T) -> Self
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .expect("HTTP/1.1 handshake");
+        tokio::spawn(conn);
+        Self::Http1(sender)
+    }
+
+    pub async fn http2<T>(io: T) -> Self
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(io),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        tokio::spawn(conn);
+        Self::Http2(sender)
+    }
+
+    /// Sends one request (empty body unless `body` is given) and reads the
+    /// whole response.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Result<HttpResponse, String> {
+        use http_body_util::BodyExt;
+        let mut builder = hyper::Request::builder().method(method);
+        builder = match self {
+            Self::Http1(_) => builder.uri(path).header("host", "reviews"),
+            Self::Http2(_) => builder.uri(format!("http://reviews{path}")),
+        };
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.unwrap_or_default().to_owned(),
+            )))
+            .map_err(|e| e.to_string())?;
+        let response = match self {
+            Self::Http1(s) => {
+                s.ready().await.map_err(|e| e.to_string())?;
+                s.send_request(request).await
+            }
+            Self::Http2(s) => {
+                s.ready().await.map_err(|e| e.to_string())?;
+                s.send_request(request).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(HttpResponse {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    /// [`request`](Self::request) without a body, as `(status, body)`.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
+        let r = self
+            .request(method, path, headers, None)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        (r.status, r.body)
     }
 }

@@ -101,14 +101,25 @@ impl Decision {
 
 /// Decides one request against the policies that apply to its target.
 pub fn authorize<P: Borrow<Policy>>(request: &Request<'_>, policies: &[P]) -> Decision {
-    let facts = Facts::of(request);
+    decide(&Facts::of(request), policies)
+}
+
+/// Decides a connection that is not HTTP (proxied as TCP), as Istio does:
+/// `request` carries no method, path, host or headers, an ALLOW rule that
+/// needs any of them matches nothing, and a DENY rule is judged without
+/// them, so it denies more, never less.
+pub fn authorize_tcp<P: Borrow<Policy>>(request: &Request<'_>, policies: &[P]) -> Decision {
+    decide(&Facts::of_tcp(request), policies)
+}
+
+fn decide<P: Borrow<Policy>>(facts: &Facts<'_>, policies: &[P]) -> Decision {
     let with = |action: Action| {
         policies
             .iter()
             .map(Borrow::borrow)
             .filter(move |p| p.action == action)
     };
-    if let Some(p) = with(Action::Deny).find(|p| p.matches(&facts)) {
+    if let Some(p) = with(Action::Deny).find(|p| p.matches(facts)) {
         return Decision {
             verdict: Verdict::Deny,
             reason: Reason::DenyPolicyMatched(p.key()),
@@ -121,7 +132,7 @@ pub fn authorize<P: Borrow<Policy>>(request: &Request<'_>, policies: &[P]) -> De
             reason: Reason::NoAllowPolicy,
         };
     }
-    match allows.find(|p| p.matches(&facts)) {
+    match allows.find(|p| p.matches(facts)) {
         Some(p) => Decision {
             verdict: Verdict::Allow,
             reason: Reason::AllowPolicyMatched(p.key()),

@@ -180,9 +180,24 @@ impl Rule {
         if !self.unsupported.is_empty() {
             return action == Action::Deny;
         }
+        // Not HTTP: as Istio builds TCP rules, an ALLOW rule that needs
+        // HTTP attributes matches nothing, and a DENY one is judged without
+        // them (denying more).
+        if facts.tcp && action != Action::Deny && self.uses_http() {
+            return false;
+        }
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(facts)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(facts)))
             && self.when.iter().all(|w| w.matches(facts))
+    }
+}
+
+impl Rule {
+    fn uses_http(&self) -> bool {
+        self.to
+            .iter()
+            .any(|o| !(o.hosts.is_empty() && o.methods.is_empty() && o.paths.is_empty()))
+            || self.when.iter().any(|c| matches!(c, Condition::Header(..)))
     }
 }
 
@@ -195,6 +210,10 @@ struct Field<T> {
 }
 
 impl<T> Field<T> {
+    fn is_empty(&self) -> bool {
+        self.any_of.is_empty() && self.none_of.is_empty()
+    }
+
     fn matches(&self, hit: impl Fn(&T) -> bool) -> bool {
         (self.any_of.is_empty() || self.any_of.iter().any(&hit)) && !self.none_of.iter().any(&hit)
     }
@@ -240,12 +259,14 @@ struct Operation {
 impl Operation {
     fn matches(&self, facts: &Facts<'_>) -> bool {
         let request = facts.request;
-        self.hosts.matches(|m| m.matches(facts.host.as_bytes()))
-            && self.ports.matches(|&p| p == request.destination_port)
-            && self
-                .methods
-                .matches(|m| m.matches(request.method.as_bytes()))
-            && self.paths.matches(|m| m.matches(request.path.as_bytes()))
+        let http = !facts.tcp;
+        self.ports.matches(|&p| p == request.destination_port)
+            && (!http
+                || (self.hosts.matches(|m| m.matches(facts.host.as_bytes()))
+                    && self
+                        .methods
+                        .matches(|m| m.matches(request.method.as_bytes()))
+                    && self.paths.matches(|m| m.matches(request.path.as_bytes()))))
     }
 }
 
@@ -264,6 +285,7 @@ impl Condition {
         match self {
             // As Envoy's header matcher: an absent header meets no value and
             // so every notValue; `*` means present, even if empty.
+            Self::Header(..) if facts.tcp => true,
             Self::Header(name, field) => {
                 let value = facts.header(name);
                 field.matches(|m| value.as_deref().is_some_and(|v| m.matches_header(v)))

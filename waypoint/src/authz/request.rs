@@ -45,6 +45,8 @@ pub(crate) struct Facts<'a> {
     pub(crate) principal: Option<String>,
     /// Hosts match case-insensitively; patterns are lower-cased when compiled.
     pub(crate) host: String,
+    /// Not HTTP: method, path, host and headers mean nothing.
+    pub(crate) tcp: bool,
 }
 
 impl<'a> Facts<'a> {
@@ -61,6 +63,15 @@ impl<'a> Facts<'a> {
                 )
             }),
             host: request.host.to_ascii_lowercase(),
+            tcp: false,
+        }
+    }
+
+    /// Facts of a connection that is not HTTP.
+    pub(crate) fn of_tcp(request: &'a Request<'a>) -> Self {
+        Self {
+            tcp: true,
+            ..Self::of(request)
         }
     }
 
