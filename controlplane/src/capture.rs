@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use meshbox_proto::istio::workload::address;
 use meshbox_proto::meshbox::capture_status_service_server::{
     CaptureStatusService, CaptureStatusServiceServer,
 };
@@ -24,7 +25,6 @@ use meshbox_proto::meshbox::enrollment_service_server::{
 use meshbox_proto::meshbox::{
     CaptureReport, CaptureReportResponse, EnrollmentRequest, EnrollmentResponse,
 };
-use meshbox_proto::istio::workload::address;
 use parking_lot::Mutex;
 use serde::Serialize;
 use time::OffsetDateTime;
