@@ -120,8 +120,11 @@ trap 'KEEP_WORK=1; exit 130' INT TERM
 k() { kubectl --context "$CONTEXT" "$@"; }
 
 # kubectl apply/delete -k print kustomize's notice that the overlay uses
-# `bases` (kept for kustomize v2, see deploy/kind/kustomization.yaml).
-quiet_kustomize() { grep -v "Warning: 'bases' is deprecated" || true; }
+# `bases` and `patchesStrategicMerge` (kept for kustomize v2, see
+# deploy/kind/kustomization.yaml).
+quiet_kustomize() {
+	grep -v -e "Warning: 'bases' is deprecated" -e "Warning: 'patchesStrategicMerge' is deprecated" || true
+}
 
 now_utc() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 
