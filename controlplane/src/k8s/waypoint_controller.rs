@@ -9,6 +9,9 @@
 //!   the user's.
 //! - Reconciles on any change to a Gateway or to an object it owns (a
 //!   Deployment becoming available is one), and every [`RESYNC`] anyway.
+//! - An object already under the waypoint's name that this controller did
+//!   not make for this Gateway (a user's Service called like it, say) is
+//!   never taken over: the Gateway is refused in its status instead.
 //! - Deletion is Kubernetes' garbage collector's: everything carries an
 //!   owner reference to the Gateway. A Gateway being deleted gets nothing
 //!   applied, and a deleted one is no longer in the controller's cache, so
@@ -36,7 +39,8 @@ use serde::de::DeserializeOwned;
 use super::Gateway;
 use super::waypoint_deployer::{
     FIELD_MANAGER, GATEWAY_NAME_LABEL, MANAGED_BY, MANAGED_BY_LABEL, Plan, WaypointObjects,
-    WaypointSettings, deployed_status, invalid_status, observe, plan, status_apply_body,
+    WaypointSettings, deployed_status, foreign_object, invalid_status, observe, plan,
+    status_apply_body,
 };
 
 /// How often a waypoint is applied again with no change seen (drift a watch
@@ -44,6 +48,9 @@ use super::waypoint_deployer::{
 const RESYNC: Duration = Duration::from_secs(300);
 /// Retry delay after a failed reconcile.
 const RETRY: Duration = Duration::from_secs(15);
+/// How often a Gateway refused because of an object in the way is looked
+/// at again (deleting that object causes no event this controller sees).
+const RECHECK_REFUSED: Duration = Duration::from_secs(60);
 /// How often absent Gateway API CRDs are looked for again.
 const CRD_RECHECK: Duration = Duration::from_secs(60);
 
@@ -51,6 +58,14 @@ const CRD_RECHECK: Duration = Duration::from_secs(60);
 pub enum ReconcileError {
     #[error("applying {kind} {namespace}/{name}: {source}")]
     Apply {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("reading {kind} {namespace}/{name}: {source}")]
+    Read {
         kind: &'static str,
         namespace: String,
         name: String,
@@ -207,10 +222,7 @@ async fn reconcile(gateway: Arc<Gateway>, context: Arc<Context>) -> Result<Actio
             apply_status(&context, namespace, name, &status).await?;
             Ok(Action::await_change())
         }
-        Plan::Deploy(objects) => {
-            deploy(&gateway, &context, &objects).await?;
-            Ok(Action::requeue(RESYNC))
-        }
+        Plan::Deploy(objects) => deploy(&gateway, &context, &objects).await,
     }
 }
 
@@ -222,32 +234,55 @@ fn names(gateway: &Gateway) -> (&str, &str) {
     )
 }
 
+/// Why the object of kind `K` under the waypoint's name must not be
+/// applied, if it exists and is not ours (see [`foreign_object`]).
+async fn refusal<K>(api: &Api<K>, gateway: &Gateway) -> Result<Option<String>, ReconcileError>
+where
+    K: Resource<DynamicType = ()> + k8s_openapi::Resource + Clone + Debug + DeserializeOwned,
+{
+    let (namespace, name) = names(gateway);
+    let kind = <K as k8s_openapi::Resource>::KIND;
+    match api.get_metadata_opt(name).await {
+        Ok(None) => Ok(None),
+        Ok(Some(existing)) => Ok(foreign_object(kind, &existing.metadata, gateway)),
+        Err(source) => Err(ReconcileError::Read {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
+
 async fn deploy(
     gateway: &Gateway,
     context: &Context,
     objects: &WaypointObjects,
-) -> Result<(), ReconcileError> {
+) -> Result<Action, ReconcileError> {
     let (namespace, name) = names(gateway);
-    crate::cluster::publish_root(&context.client, namespace, &context.root_pem).await;
     let client = &context.client;
-    apply(
-        &Api::<ServiceAccount>::namespaced(client.clone(), namespace),
-        namespace,
-        &objects.service_account,
-    )
-    .await?;
-    let service = apply(
-        &Api::<Service>::namespaced(client.clone(), namespace),
-        namespace,
-        &objects.service,
-    )
-    .await?;
-    let deployment = apply(
-        &Api::<Deployment>::namespaced(client.clone(), namespace),
-        namespace,
-        &objects.deployment,
-    )
-    .await?;
+    let service_accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
+    let services = Api::<Service>::namespaced(client.clone(), namespace);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
+    let refused = match refusal(&service_accounts, gateway).await? {
+        Some(why) => Some(why),
+        None => match refusal(&services, gateway).await? {
+            Some(why) => Some(why),
+            None => refusal(&deployments, gateway).await?,
+        },
+    };
+    if let Some(message) = refused {
+        tracing::warn!(gateway = %gateway_ref(gateway), %message, "not deploying the waypoint");
+        let status = invalid_status(gateway, "Invalid", &message, &now());
+        if gateway.status.as_ref() != Some(&status) {
+            apply_status(context, namespace, name, &status).await?;
+        }
+        return Ok(Action::requeue(RECHECK_REFUSED));
+    }
+    crate::cluster::publish_root(client, namespace, &context.root_pem).await;
+    apply(&service_accounts, namespace, &objects.service_account).await?;
+    let service = apply(&services, namespace, &objects.service).await?;
+    let deployment = apply(&deployments, namespace, &objects.deployment).await?;
     let observed = observe(&service, &deployment);
     let status = deployed_status(gateway, &observed, &context.settings, &now());
     // Unchanged status is not sent: a Gateway's status write wakes every
@@ -260,7 +295,7 @@ async fn deploy(
         available_replicas = observed.available_replicas,
         "waypoint applied"
     );
-    Ok(())
+    Ok(Action::requeue(RESYNC))
 }
 
 #[cfg(test)]
@@ -289,17 +324,54 @@ mod tests {
         .unwrap()
     }
 
-    /// Serves the mock API server: answers every apply with the applied
-    /// object plus what the cluster would add (a cluster IP, an available
-    /// replica), and records (method, path, field manager, body).
+    fn not_found() -> Response<Body> {
+        let status = json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "not found", "reason": "NotFound", "code": 404
+        });
+        Response::builder()
+            .status(404)
+            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+            .unwrap()
+    }
+
+    /// Serves the mock API server: a GET finds nothing (the first deploy);
+    /// every apply is answered with the applied object plus what the
+    /// cluster would add (a cluster IP, an available replica); the patches
+    /// are recorded as (method, path, field manager, body).
     async fn serve(
+        handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+    ) -> Vec<(Method, String, String, Value)> {
+        serve_with(handle, Value::Null).await
+    }
+
+    /// Like [`serve`], but a GET of `existing`'s path answers its metadata.
+    async fn serve_with(
         mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        existing: Value,
     ) -> Vec<(Method, String, String, Value)> {
         let mut seen = Vec::new();
         while let Some((request, send)) = handle.next_request().await {
             let method = request.method().clone();
             let path = request.uri().path().to_owned();
             let query = request.uri().query().unwrap_or_default().to_owned();
+            if method == Method::GET {
+                if existing["path"] == path.as_str() {
+                    let meta = json!({
+                        "apiVersion": "meta.k8s.io/v1",
+                        "kind": "PartialObjectMetadata",
+                        "metadata": existing["metadata"],
+                    });
+                    send.send_response(
+                        Response::builder()
+                            .body(Body::from(serde_json::to_vec(&meta).unwrap()))
+                            .unwrap(),
+                    );
+                } else {
+                    send.send_response(not_found());
+                }
+                continue;
+            }
             let manager = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("fieldManager="))
@@ -406,6 +478,39 @@ mod tests {
         assert_eq!(seen.len(), 4);
     }
 
+    /// A Service the user made under the waypoint's name is neither
+    /// rewritten nor adopted: nothing is applied, and the status says why.
+    #[tokio::test]
+    async fn an_existing_object_that_is_not_ours_is_left_alone() {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(serve_with(
+            handle,
+            json!({
+                "path": "/api/v1/namespaces/shop/services/wp",
+                "metadata": {"name": "wp", "namespace": "shop", "labels": {"app": "wp"}},
+            }),
+        ));
+        let action = reconcile(Arc::new(gateway("istio-waypoint")), context(service))
+            .await
+            .unwrap();
+        assert_eq!(action, Action::requeue(RECHECK_REFUSED));
+        let seen = server.await.unwrap();
+        let paths: Vec<&str> = seen.iter().map(|(_, p, _, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/wp/status"]
+        );
+        let accepted = &seen[0].3["status"]["conditions"][0];
+        assert_eq!(accepted["status"], "False");
+        assert!(
+            accepted["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("Service shop/wp already exists"),
+            "{accepted}"
+        );
+    }
+
     #[tokio::test]
     async fn other_classes_and_deleted_gateways_cause_no_request() {
         for gw in [gateway("istio"), {
@@ -452,6 +557,10 @@ mod tests {
         let server = tokio::spawn(async move {
             let mut paths = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
+                if request.method() == Method::GET {
+                    send.send_response(not_found());
+                    continue;
+                }
                 paths.push(request.uri().path().to_owned());
                 let forbidden = json!({
                     "kind": "Status", "apiVersion": "v1", "status": "Failure",

@@ -440,6 +440,39 @@ fn deployment(
     }
 }
 
+/// Why an object that already exists under the waypoint's name must be left
+/// alone, or `None` when it is this controller's to apply: it carries our
+/// labels for this Gateway and no other controller owns it. A Service, say,
+/// that a user made under the same name would otherwise be rewritten to
+/// select the waypoint's pods, and deleted by the garbage collector with
+/// the Gateway. (One owned by an earlier Gateway of the same name, deleted
+/// and created again, is adopted.)
+pub fn foreign_object(kind: &str, existing: &ObjectMeta, gateway: &Gateway) -> Option<String> {
+    let name = gateway.metadata.name.as_deref().unwrap_or_default();
+    let namespace = gateway.metadata.namespace.as_deref().unwrap_or_default();
+    let label = |key: &str| existing.labels.as_ref().and_then(|l| l.get(key));
+    let ours = label(MANAGED_BY_LABEL).is_some_and(|v| v == MANAGED_BY)
+        && label(GATEWAY_NAME_LABEL).is_some_and(|v| v == name);
+    let controlled_elsewhere = existing
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.controller == Some(true))
+        .any(|o| {
+            !(o.kind == "Gateway"
+                && o.api_version.starts_with("gateway.networking.k8s.io/")
+                && o.name == name)
+        });
+    if ours && !controlled_elsewhere {
+        return None;
+    }
+    Some(format!(
+        "{kind} {namespace}/{name} already exists and was not made by meshbox for this Gateway; \
+         it is left alone and the waypoint is not deployed (rename the Gateway, or delete the \
+         {kind})"
+    ))
+}
+
 /// What the cluster reported in the applied Service and Deployment.
 pub fn observe(service: &Service, deployment: &Deployment) -> Observed {
     let spec = service.spec.as_ref();
@@ -1110,6 +1143,50 @@ mod tests {
         assert_eq!(body["status"]["conditions"][1]["type"], "Programmed");
         assert_eq!(body["status"]["conditions"][1]["observedGeneration"], 3);
         assert_eq!(body["status"]["conditions"][1]["lastTransitionTime"], NOW);
+    }
+
+    #[test]
+    fn existing_objects_are_applied_only_when_they_are_this_gateways() {
+        let gw = waypoint("istio-waypoint");
+        let objects = deployed(&gw);
+        // What we applied before (the same Gateway, or one of the same name
+        // deleted and created again) is ours to apply again.
+        assert_eq!(
+            foreign_object("Service", &objects.service.metadata, &gw),
+            None
+        );
+        let mut recreated = objects.deployment.metadata.clone();
+        if let Some(owners) = recreated.owner_references.as_mut() {
+            owners[0].uid = "an-earlier-uid".into();
+        }
+        assert_eq!(foreign_object("Deployment", &recreated, &gw), None);
+
+        let user_made: ObjectMeta = serde_json::from_value(json!({
+            "name": "reviews-waypoint", "namespace": "shop", "labels": {"app": "reviews"}
+        }))
+        .unwrap();
+        let refusal = foreign_object("Service", &user_made, &gw).expect("refused");
+        assert!(
+            refusal.contains("Service shop/reviews-waypoint"),
+            "{refusal}"
+        );
+        // Our labels copied onto an object another controller owns.
+        let mut other_owner = objects.service_account.metadata.clone();
+        other_owner.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            name: "x".into(),
+            uid: "x".into(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        }]);
+        assert!(foreign_object("ServiceAccount", &other_owner, &gw).is_some());
+        // Made by us for another Gateway (a label edited by hand).
+        let mut other_gateway = objects.service.metadata.clone();
+        if let Some(labels) = other_gateway.labels.as_mut() {
+            labels.insert(GATEWAY_NAME_LABEL.into(), "other".into());
+        }
+        assert!(foreign_object("Service", &other_gateway, &gw).is_some());
     }
 
     /// deploy/rendered/waypoint.yaml is exactly what the controller applies
