@@ -511,6 +511,104 @@ mod tests {
         );
     }
 
+    /// The whole controller against a mock API server: it waits for the
+    /// Gateway CRD, lists Gateways and, by label, only the objects it made,
+    /// and reconciles a listed waypoint Gateway (and not the other class).
+    #[tokio::test]
+    async fn the_controller_deploys_a_listed_waypoint_gateway_only() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        start(Context::new(
+            kube::Client::new(service, "default"),
+            settings(),
+            "ROOT PEM".into(),
+        ));
+        let gateways = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GatewayList",
+            "metadata": {"resourceVersion": "7"},
+            "items": [
+                {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                 "metadata": {"name": "ingress", "namespace": "shop", "uid": "u-0", "resourceVersion": "5"},
+                 "spec": {"gatewayClassName": "istio", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}},
+                {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                 "metadata": {"name": "wp", "namespace": "shop", "uid": "u-1", "resourceVersion": "6", "generation": 1},
+                 "spec": {"gatewayClassName": "istio-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}},
+            ],
+        });
+        let empty_metadata_list = json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadataList",
+            "metadata": {"resourceVersion": "7"},
+            "items": [],
+        });
+        let ok = |body: &Value| {
+            Response::builder()
+                .body(Body::from(serde_json::to_vec(body).unwrap()))
+                .unwrap()
+        };
+        // Watches are held open (never answered) so nothing relists.
+        let mut held = Vec::new();
+        let mut owned_selectors = Vec::new();
+        let mut patched = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let status = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/wp/status";
+        while !patched.iter().any(|p| p == status) {
+            let (request, send) = tokio::time::timeout_at(deadline, handle.next_request())
+                .await
+                .expect("the controller made its requests in time")
+                .expect("a request");
+            let method = request.method().clone();
+            let path = request.uri().path().to_owned();
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            match method {
+                Method::GET if query.contains("watch=true") => held.push(send),
+                Method::GET if path == "/apis/gateway.networking.k8s.io/v1/gateways" => {
+                    send.send_response(ok(&gateways))
+                }
+                Method::GET
+                    if [
+                        "/apis/apps/v1/deployments",
+                        "/api/v1/services",
+                        "/api/v1/serviceaccounts",
+                    ]
+                    .contains(&path.as_str()) =>
+                {
+                    owned_selectors.push(query.clone());
+                    send.send_response(ok(&empty_metadata_list));
+                }
+                // The takeover check: nothing exists yet.
+                Method::GET => send.send_response(not_found()),
+                Method::PATCH => {
+                    let body = request.into_body().collect_bytes().await.unwrap();
+                    patched.push(path);
+                    send.send_response(Response::builder().body(Body::from(body)).unwrap());
+                }
+                other => panic!("unexpected {other} {path}"),
+            }
+        }
+        assert_eq!(owned_selectors.len(), 3, "{owned_selectors:?}");
+        for query in &owned_selectors {
+            assert!(
+                query.contains(
+                    "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dmeshbox%2Cgateway.networking.k8s.io%2Fgateway-name"
+                ),
+                "{query}"
+            );
+        }
+        assert!(
+            patched
+                .iter()
+                .all(|p| p.contains("/namespaces/shop/") && !p.contains("ingress")),
+            "{patched:?}"
+        );
+        for object in ["serviceaccounts/wp", "services/wp", "deployments/wp"] {
+            assert!(
+                patched.iter().any(|p| p.ends_with(object)),
+                "{object}: {patched:?}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn other_classes_and_deleted_gateways_cause_no_request() {
         for gw in [gateway("istio"), {
