@@ -12,6 +12,9 @@
 //! - An object already under the waypoint's name that this controller did
 //!   not make for this Gateway (a user's Service called like it, say) is
 //!   never taken over: the Gateway is refused in its status instead.
+//! - A Gateway moved to another class after this controller deployed for it
+//!   (it wrote the status, as `managedFields` records) loses what was
+//!   deployed and the status fields written.
 //! - Deletion is Kubernetes' garbage collector's: everything carries an
 //!   owner reference to the Gateway. A Gateway being deleted gets nothing
 //!   applied, and a deleted one is no longer in the controller's cache, so
@@ -30,7 +33,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use kube::Resource;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use serde::Serialize;
@@ -223,6 +226,7 @@ async fn reconcile(gateway: Arc<Gateway>, context: Arc<Context>) -> Result<Actio
             Ok(Action::await_change())
         }
         Plan::Deploy(objects) => deploy(&gateway, &context, &objects).await,
+        Plan::Release => release(&gateway, &context).await,
     }
 }
 
@@ -252,6 +256,87 @@ where
             source,
         }),
     }
+}
+
+/// Deletes the object of kind `K` under the Gateway's name if this
+/// controller made it for this Gateway (and it is still the same object).
+async fn delete_if_ours<K>(api: &Api<K>, gateway: &Gateway) -> Result<(), ReconcileError>
+where
+    K: Resource<DynamicType = ()> + k8s_openapi::Resource + Clone + Debug + DeserializeOwned,
+{
+    let (namespace, name) = names(gateway);
+    let kind = <K as k8s_openapi::Resource>::KIND;
+    let error = |source| ReconcileError::Apply {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        source,
+    };
+    let Some(existing) = api.get_metadata_opt(name).await.map_err(error)? else {
+        return Ok(());
+    };
+    if foreign_object(kind, &existing.metadata, gateway).is_some() {
+        return Ok(());
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: existing.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => {
+            tracing::info!(gateway = %gateway_ref(gateway), %kind, "deleted: the Gateway is no longer a waypoint");
+            Ok(())
+        }
+        // Gone already, or replaced by another object since the read.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(error(e)),
+    }
+}
+
+/// Undoes [`deploy`] for a Gateway moved to another class: deletes what it
+/// deployed and gives up the status fields it wrote (an apply of nothing
+/// drops them, unless the new controller holds them too).
+async fn release(gateway: &Gateway, context: &Context) -> Result<Action, ReconcileError> {
+    let (namespace, name) = names(gateway);
+    let client = &context.client;
+    delete_if_ours(
+        &Api::<Deployment>::namespaced(client.clone(), namespace),
+        gateway,
+    )
+    .await?;
+    delete_if_ours(
+        &Api::<Service>::namespaced(client.clone(), namespace),
+        gateway,
+    )
+    .await?;
+    delete_if_ours(
+        &Api::<ServiceAccount>::namespaced(client.clone(), namespace),
+        gateway,
+    )
+    .await?;
+    let api: Api<Gateway> = Api::namespaced(client.clone(), namespace);
+    let nothing = serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name},
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(nothing),
+    )
+    .await
+    .map_err(|source| ReconcileError::Apply {
+        kind: "Gateway status",
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        source,
+    })?;
+    tracing::info!(gateway = %gateway_ref(gateway), "released: no longer of a waypoint class");
+    Ok(Action::await_change())
 }
 
 async fn deploy(
@@ -607,6 +692,93 @@ mod tests {
                 "{object}: {patched:?}"
             );
         }
+    }
+
+    /// A Gateway that moved from istio-waypoint to another class: what was
+    /// deployed for it goes (a user's object of the same name stays), and
+    /// the status it was given is withdrawn.
+    #[tokio::test]
+    async fn a_gateway_moved_to_another_class_loses_its_waypoint() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let gw: Gateway = serde_json::from_value(json!({
+            "metadata": {"name": "wp", "namespace": "shop", "uid": "u-1",
+                         "managedFields": [{"manager": FIELD_MANAGER, "operation": "Apply", "subresource": "status"}]},
+            "spec": {"gatewayClassName": "istio"},
+        }))
+        .unwrap();
+        let ours = deployed_objects_metadata(&gw);
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().clone();
+                let path = request.uri().path().to_owned();
+                let body = request.into_body().collect_bytes().await.unwrap();
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let response = match (&method, path.as_str()) {
+                    // Ours: the Deployment. A user's: the Service. None: the ServiceAccount.
+                    (&Method::GET, "/apis/apps/v1/namespaces/shop/deployments/wp") => json!({
+                        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": ours,
+                    }),
+                    (&Method::GET, "/api/v1/namespaces/shop/services/wp") => json!({
+                        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                        "metadata": {"name": "wp", "namespace": "shop", "uid": "user-svc"},
+                    }),
+                    (&Method::GET, _) => {
+                        send.send_response(not_found());
+                        continue;
+                    }
+                    (&Method::DELETE, _) => {
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})
+                    }
+                    _ => body.clone(),
+                };
+                seen.push((method, path, body));
+                send.send_response(
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&response).unwrap()))
+                        .unwrap(),
+                );
+            }
+            seen
+        });
+        let action = reconcile(Arc::new(gw), context(service)).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let seen = server.await.unwrap();
+        let writes: Vec<(Method, &str)> = seen
+            .iter()
+            .filter(|(m, _, _)| m != Method::GET)
+            .map(|(m, p, _)| (m.clone(), p.as_str()))
+            .collect();
+        assert_eq!(
+            writes,
+            [
+                (
+                    Method::DELETE,
+                    "/apis/apps/v1/namespaces/shop/deployments/wp"
+                ),
+                (
+                    Method::PATCH,
+                    "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/wp/status"
+                ),
+            ]
+        );
+        let delete = &seen.iter().find(|(m, _, _)| m == Method::DELETE).unwrap().2;
+        assert_eq!(delete["preconditions"]["uid"], "deployment-uid");
+        let status_apply = &seen.last().unwrap().2;
+        assert!(status_apply.get("status").is_none(), "{status_apply}");
+    }
+
+    /// The metadata the controller gives a Deployment for `gw`, as the API
+    /// server would return it (with a uid).
+    fn deployed_objects_metadata(gw: &Gateway) -> Value {
+        let mut as_waypoint = gw.clone();
+        as_waypoint.spec.gateway_class_name = "istio-waypoint".into();
+        let Plan::Deploy(objects) = plan(&as_waypoint, &settings()) else {
+            panic!("a deployment");
+        };
+        let mut meta = serde_json::to_value(&objects.deployment.metadata).unwrap();
+        meta["uid"] = json!("deployment-uid");
+        meta
     }
 
     #[tokio::test]

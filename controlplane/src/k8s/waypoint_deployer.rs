@@ -92,6 +92,10 @@ pub struct WaypointObjects {
 pub enum Plan {
     /// Not a waypoint class: none of our business.
     Ignore,
+    /// No longer of a waypoint class, but this controller wrote its status,
+    /// so it may still own a waypoint: remove what it deployed and the
+    /// conditions it wrote (the Gateway's new controller reports its own).
+    Release,
     /// Being deleted: Kubernetes' garbage collector removes what it owns;
     /// applying now would only race it.
     Deleting,
@@ -137,7 +141,15 @@ fn is_dns_label(name: &str) -> bool {
 /// Decides what a Gateway gets.
 pub fn plan(gateway: &Gateway, settings: &WaypointSettings) -> Plan {
     if !is_waypoint_class(gateway) {
-        return Plan::Ignore;
+        let meta = &gateway.metadata;
+        let addressable = [&meta.name, &meta.namespace, &meta.uid]
+            .iter()
+            .all(|field| field.as_deref().is_some_and(|s| !s.is_empty()));
+        return if written_by_us(gateway) && addressable && meta.deletion_timestamp.is_none() {
+            Plan::Release
+        } else {
+            Plan::Ignore
+        };
     }
     if gateway.metadata.deletion_timestamp.is_some() {
         return Plan::Deleting;
@@ -166,6 +178,17 @@ pub fn plan(gateway: &Gateway, settings: &WaypointSettings) -> Plan {
         service: service(name, namespace, uid, class),
         deployment: deployment(name, namespace, uid, class, settings),
     }))
+}
+
+/// Whether this controller has applied any of the Gateway's fields (its
+/// status), as the API server records in `managedFields`.
+fn written_by_us(gateway: &Gateway) -> bool {
+    gateway
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
 }
 
 fn owner(name: &str, uid: &str) -> OwnerReference {
@@ -698,6 +721,31 @@ mod tests {
                 "{class:?}"
             );
         }
+    }
+
+    /// A Gateway moved to another class is released only when this
+    /// controller wrote its status (so may have deployed for it).
+    #[test]
+    fn a_gateway_moved_to_another_class_is_released_if_we_deployed_for_it() {
+        let managed = |manager: &str| json!([{"manager": manager, "operation": "Apply", "apiVersion": "gateway.networking.k8s.io/v1", "subresource": "status"}]);
+        let moved = |fields: serde_json::Value| {
+            gateway(json!({
+                "metadata": {"name": "wp", "namespace": "shop", "uid": "u-1", "managedFields": fields},
+                "spec": {"gatewayClassName": "istio"},
+            }))
+        };
+        assert_eq!(
+            plan(&moved(managed(FIELD_MANAGER)), &settings()),
+            Plan::Release
+        );
+        assert_eq!(plan(&moved(managed("istiod")), &settings()), Plan::Ignore);
+        assert_eq!(plan(&moved(json!([])), &settings()), Plan::Ignore);
+        let mut deleting = moved(managed(FIELD_MANAGER));
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert_eq!(plan(&deleting, &settings()), Plan::Ignore);
     }
 
     #[test]
@@ -1248,7 +1296,7 @@ mod tests {
                     let status = invalid_status(&gw, reason, &message, NOW);
                     prop_assert!(status.conditions.iter().all(|c| c.status == "False"));
                 }
-                Plan::Ignore | Plan::Unusable(_) | Plan::Deleting => {}
+                Plan::Ignore | Plan::Release | Plan::Unusable(_) | Plan::Deleting => {}
             }
         });
     }
