@@ -20,6 +20,8 @@ use crate::ca::grpc::CaGrpc;
 use crate::ca::{CertificateIssuer, NodeRoster, RateLimit};
 use crate::capture::{CaptureGrpc, CaptureReports, EnrollmentGrpc};
 use crate::cluster;
+use crate::k8s::waypoint_controller;
+use crate::k8s::waypoint_deployer::WaypointSettings;
 use crate::limits::{self, AuthFirst, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::model::MeshConfig;
@@ -138,6 +140,24 @@ pub struct RunConfig {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub require_token_for_reads: Option<bool>,
+    /// Image of the waypoint Deployments created for Gateways of class
+    /// istio-waypoint or meshbox-waypoint (Kubernetes mode).
+    #[arg(
+        long,
+        env = "MESHBOX_WAYPOINT_IMAGE",
+        default_value = "meshbox/waypoint:dev"
+    )]
+    pub waypoint_image: String,
+    /// Deploy waypoints for waypoint Gateways (Kubernetes mode); off where
+    /// another controller (istiod) deploys them.
+    #[arg(
+        long,
+        env = "MESHBOX_DEPLOY_WAYPOINTS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub deploy_waypoints: bool,
 }
 
 /// Where the mesh model's input comes from, decided once at start-up.
@@ -229,6 +249,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 ca.roots_pem(),
                 config.namespace.clone(),
             );
+            if config.deploy_waypoints {
+                waypoint_controller::start(waypoint_controller::Context::new(
+                    client.clone(),
+                    waypoint_settings(&config),
+                    ca.roots_pem(),
+                ));
+            }
         }
     }
     let roster: Arc<dyn NodeRoster> = store.clone();
@@ -355,6 +382,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// What the waypoint Deployments get from the control plane's own flags:
+/// its Service's address, the token audience it checks, its mesh names.
+fn waypoint_settings(config: &RunConfig) -> WaypointSettings {
+    WaypointSettings {
+        image: config.waypoint_image.clone(),
+        xds_address: format!(
+            "https://{}.{}.svc:{}",
+            config.service_name,
+            config.namespace,
+            config.grpc_addr.port()
+        ),
+        token_audience: config
+            .token_audiences
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "istio-ca".into()),
+        cluster_id: config.cluster_id.clone(),
+        trust_domain: config.trust_domain.clone(),
+        cluster_domain: config.cluster_domain.clone(),
+    }
 }
 
 /// Authenticates xDS streams with the same tokens as the CA.
@@ -518,6 +567,45 @@ mod tests {
         }
         let defaults = parse(&[]).unwrap();
         assert_eq!(defaults.max_cert_ttl, Duration::from_secs(86400));
+    }
+
+    /// The waypoints reach the control plane at its Service, with the
+    /// token audience it checks, and run the configured image.
+    #[test]
+    fn waypoint_settings_follow_the_control_plane_flags() {
+        let defaults = parse(&[]).unwrap();
+        assert!(defaults.deploy_waypoints);
+        assert_eq!(
+            waypoint_settings(&defaults),
+            WaypointSettings {
+                image: "meshbox/waypoint:dev".into(),
+                xds_address: "https://meshbox-controlplane.meshbox-system.svc:15012".into(),
+                token_audience: "istio-ca".into(),
+                cluster_id: "Kubernetes".into(),
+                trust_domain: "cluster.local".into(),
+                cluster_domain: "cluster.local".into(),
+            }
+        );
+        let set = parse(&[
+            "--waypoint-image",
+            "registry.example/waypoint:1",
+            "--namespace",
+            "mesh",
+            "--service-name",
+            "cp",
+            "--grpc-addr",
+            "0.0.0.0:16012",
+            "--token-audience",
+            "mesh-ca",
+            "--deploy-waypoints",
+            "false",
+        ])
+        .unwrap();
+        assert!(!set.deploy_waypoints);
+        let settings = waypoint_settings(&set);
+        assert_eq!(settings.image, "registry.example/waypoint:1");
+        assert_eq!(settings.xds_address, "https://cp.mesh.svc:16012");
+        assert_eq!(settings.token_audience, "mesh-ca");
     }
 
     #[test]

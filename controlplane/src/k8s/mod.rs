@@ -7,11 +7,18 @@
 //! uses; unknown fields are ignored so newer CRD versions still parse. Each
 //! implements `k8s_openapi::Resource`/`Metadata` by hand so `kube::Api` can
 //! watch them without pulling `kube`'s derive machinery into this module.
+//!
+//! Also the waypoint controller of Kubernetes mode: [`waypoint_deployer`]
+//! (pure: a waypoint Gateway in, the ServiceAccount, Service and Deployment
+//! that run meshbox's waypoint for it and the Gateway's status out) and
+//! [`waypoint_controller`] (applies them, with kube-runtime).
 
 mod authorization_policy;
 mod gateway;
 mod http_route;
 mod peer_authentication;
+pub mod waypoint_controller;
+pub mod waypoint_deployer;
 
 pub use authorization_policy::{
     AuthorizationPolicy, AuthorizationPolicySpec, Condition, ExtensionProvider, Operation,
