@@ -231,6 +231,15 @@ fn random_object(rng: &mut Rng) -> Object {
                 json!([{"when": [{"key": "source.ip", "values": ["10.0.0.0/8"]}]}]),
             ];
             spec.insert("rules".into(), rng.pick(&choices));
+            if rng.chance(30) {
+                let service = rng.pick(&["s0", "s1"]);
+                let target = rng.pick(&[
+                    json!({"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "wp0"}),
+                    json!({"group": "gateway.networking.k8s.io", "kind": "GatewayClass", "name": "istio-waypoint"}),
+                    json!({"group": "", "kind": "Service", "name": service}),
+                ]);
+                spec.insert("targetRefs".into(), json!([target]));
+            }
             policy(ns, name, Value::Object(spec))
         }
     }
@@ -239,6 +248,8 @@ fn random_object(rng: &mut Rng) -> Object {
 type Snapshot = (
     BTreeMap<String, Arc<meshbox_proto::workload::Address>>,
     BTreeMap<String, Arc<meshbox_proto::security::Authorization>>,
+    BTreeMap<String, Arc<meshbox_proto::meshbox::WaypointPolicy>>,
+    BTreeMap<String, Arc<meshbox_proto::meshbox::WaypointRoute>>,
 );
 
 fn snapshot(idx: &MeshIndex) -> Snapshot {
@@ -249,7 +260,23 @@ fn snapshot(idx: &MeshIndex) -> Snapshot {
         idx.authorizations()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect(),
+        idx.waypoint_policies()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        idx.waypoint_routes()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
     )
+}
+
+/// Replays one change map onto a mirror of what is served.
+fn replay<T>(mirror: &mut BTreeMap<String, Arc<T>>, changes: BTreeMap<String, Option<Arc<T>>>) {
+    for (k, v) in changes {
+        match v {
+            Some(v) => mirror.insert(k, v),
+            None => mirror.remove(&k),
+        };
+    }
 }
 
 fn assert_same_as_fresh(idx: &MeshIndex, world: &BTreeMap<ObjectKey, Object>, context: &str) {
@@ -265,6 +292,8 @@ fn assert_same_as_fresh(idx: &MeshIndex, world: &BTreeMap<ObjectKey, Object>, co
         "{context}: address names"
     );
     assert_eq!(a.1, b.1, "{context}: authorizations");
+    assert_eq!(a.2, b.2, "{context}: waypoint policies");
+    assert_eq!(a.3, b.3, "{context}: waypoint routes");
     assert_eq!(idx.statuses(), fresh.statuses(), "{context}: statuses");
     assert_eq!(idx.waypoints(), fresh.waypoints(), "{context}: waypoints");
     assert_eq!(idx.routes(), fresh.routes(), "{context}: routes");
@@ -362,18 +391,10 @@ proptest! {
                     idx.replace_all(world.values().cloned().collect())
                 }
             };
-            for (k, v) in changes.addresses {
-                match v {
-                    Some(v) => mirror.0.insert(k, v),
-                    None => mirror.0.remove(&k),
-                };
-            }
-            for (k, v) in changes.authorizations {
-                match v {
-                    Some(v) => mirror.1.insert(k, v),
-                    None => mirror.1.remove(&k),
-                };
-            }
+            replay(&mut mirror.0, changes.addresses);
+            replay(&mut mirror.1, changes.authorizations);
+            replay(&mut mirror.2, changes.waypoint_policies);
+            replay(&mut mirror.3, changes.waypoint_routes);
             let context = format!("step {step} ({op:?})");
             assert_eq!(mirror, snapshot(&idx), "{context}: replayed changes");
             if step % 40 == 39 {
