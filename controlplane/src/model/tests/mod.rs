@@ -8,6 +8,7 @@ mod peer_authentication;
 mod policies;
 mod routes;
 mod services;
+mod waypoint_config;
 mod waypoints;
 mod workloads;
 
