@@ -502,8 +502,8 @@ pub async fn list_waypoints(State(state): State<ApiState>) -> Json<Vec<WaypointV
     )
 }
 
-/// HTTPRoutes, checked against the Services and waypoints known now. Shown
-/// only: no waypoint enforces them yet.
+/// HTTPRoutes, checked against the Services and waypoints known now (what
+/// waypoints get as `WaypointRoute`, in the model's terms).
 pub async fn list_routes(
     State(state): State<ApiState>,
     Query(filter): Query<NamespaceFilter>,

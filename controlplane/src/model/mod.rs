@@ -1,8 +1,9 @@
 //! The mesh model ("the index"): a pure, synchronous state machine that takes
 //! Kubernetes objects (add/update/delete, or a whole relist) and keeps the
 //! Istio workload-API resources derived from them — `istio.workload.Address`
-//! (Workload or Service) and `istio.security.Authorization` — together with
-//! per-object problems ("statuses") for people to read.
+//! (Workload or Service) and `istio.security.Authorization` — and meshbox's
+//! waypoint resources (`meshbox.v1.WaypointPolicy`, `WaypointRoute`),
+//! together with per-object problems ("statuses") for people to read.
 //!
 //! It never talks to an API server and never blocks, so it is tested by
 //! feeding objects and asserting outputs, in the manner of linkerd2's
@@ -12,8 +13,9 @@
 //! model reads (so status-only churn on a pod is a no-op), the reverse
 //! dependencies (service → selected pods, policy → selected pods, waypoint →
 //! users, IP → pods, label → pods) are kept in indexes, and an event only
-//! marks the derived resources it can affect as dirty. Dirty resources are
-//! rebuilt once per operation and compared with what was served before, so
+//! marks the derived resources it can affect as dirty (policies and routes
+//! are rebuilt after the workloads and services they depend on, which mark
+//! them). Dirty resources are rebuilt once per operation and compared with what was served before, so
 //! [`Changes`] lists exactly the resources whose value really changed.
 
 mod namespace;

@@ -25,7 +25,11 @@
 //!   source.principal/destination.ip/destination.port) cannot be enforced
 //!   at L4. In an `ALLOW` policy a rule using them matches nothing, so the
 //!   rule is left out; in a `DENY` policy the rule is kept without them,
-//!   which denies more than written. Both are reported.
+//!   which denies more than written. Both are reported. Where the
+//!   workloads use a waypoint, the waypoint enforces those rules in full and
+//!   node proxies let its traffic through (the `waypoint_policy` module).
+//! - Fields meshbox does not know (a newer Istio's) are invalid values, at
+//!   any level: the rule fails closed as below.
 //!
 //! - Workloads list, by `{namespace}/{name}`, the `NAMESPACE` policies of
 //!   their namespace and the `WORKLOAD_SELECTOR` policies that select them:
