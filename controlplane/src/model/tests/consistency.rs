@@ -105,6 +105,11 @@ fn random_object(rng: &mut Rng) -> Object {
             if rng.chance(20) {
                 p = set(p, "/spec/containers/0/ports/0/name", json!("other"));
             }
+            if rng.chance(20) {
+                // Workloads behind a waypoint (when wp0 serves workloads)
+                // exercise what policies send to waypoints.
+                p = set(p, "/metadata/labels/istio.io~1use-waypoint", json!("wp0"));
+            }
             pod_from(p)
         }
         3 => {
@@ -142,7 +147,7 @@ fn random_object(rng: &mut Rng) -> Object {
             let mut gw = waypoint_json(
                 ns,
                 name,
-                json!({"istio.io/waypoint-for": rng.pick(&["service", "workload", "all", "none"])}),
+                json!({"istio.io/waypoint-for": rng.pick(&["service", "workload", "all", "all", "none"])}),
             );
             if rng.chance(20) {
                 gw = set(gw, "/spec/gatewayClassName", json!("other"));
@@ -154,7 +159,7 @@ fn random_object(rng: &mut Rng) -> Object {
                     json!({"namespaces": {"from": rng.pick(&["All", "Same"])}}),
                 );
             }
-            if rng.chance(30) {
+            if rng.chance(60) {
                 gw = set(gw, "/status/addresses", json!([{"value": "10.96.9.9"}]));
             }
             gateway_from(gw)
@@ -230,7 +235,14 @@ fn random_object(rng: &mut Rng) -> Object {
                 json!([{"from": [{"source": {"namespaces": ["ns0"]}}], "to": [{"operation": {"ports": ["80"], "methods": ["GET"]}}]}]),
                 json!([{"when": [{"key": "source.ip", "values": ["10.0.0.0/8"]}]}]),
             ];
-            spec.insert("rules".into(), rng.pick(&choices));
+            // Rules with HTTP attributes half the time: on workloads with
+            // a waypoint they are what the waypoint takes over.
+            let rules = if rng.chance(50) {
+                choices[2].clone()
+            } else {
+                rng.pick(&choices)
+            };
+            spec.insert("rules".into(), rules);
             if rng.chance(30) {
                 let service = rng.pick(&["s0", "s1"]);
                 let target = rng.pick(&[
