@@ -60,6 +60,9 @@ use super::{Key, MeshIndex, index_insert, index_remove};
 use crate::k8s::{self, AuthorizationPolicy};
 
 const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+/// Reported when node proxies can enforce no rule of an ALLOW policy;
+/// replaced when a waypoint takes the policy over.
+pub(super) const ALLOW_ALL_CUT: &str = "no rule of this ALLOW policy can be enforced by node proxies, so it denies all traffic to the workloads it applies to";
 
 /// The outcome of translating one AuthorizationPolicy.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -167,10 +170,7 @@ pub fn translate_policy(
             out.messages.extend(translated.messages);
         }
         if mode == Mode::Allow && !spec.rules.is_empty() && rules.is_empty() {
-            out.messages.push(
-                "no rule of this ALLOW policy can be enforced by node proxies, so it denies all traffic to the workloads it applies to"
-                    .to_string(),
-            );
+            out.messages.push(ALLOW_ALL_CUT.to_string());
         }
     }
 

@@ -63,7 +63,7 @@ use meshbox_proto::security::{
     Authorization, Clause, Match, Rule, StringMatch, string_match::MatchType,
 };
 
-use super::policy::Listing;
+use super::policy::{ALLOW_ALL_CUT, Listing};
 use super::{Key, MeshIndex, ObjectKey, index_insert, index_remove};
 use crate::k8s::{self, AuthorizationPolicy};
 
@@ -429,6 +429,9 @@ impl MeshIndex {
                     .map(|g| waypoint_principal(&self.config.trust_domain, g))
                     .collect();
                 lift(auth, &principals, &state.translated.reduced_deny_rules);
+                for m in messages.iter_mut().filter(|m| *m == ALLOW_ALL_CUT) {
+                    *m = "no rule of this ALLOW policy can be enforced by node proxies: they admit only traffic its waypoint has checked (below)".to_string();
+                }
                 let names: Vec<String> = waypoints.iter().map(Key::slash_name).collect();
                 let what = if state.waypoint.action == pb::PolicyAction::Deny {
                     "node proxies do not apply the rules reduced to L4 to traffic from that waypoint's identity, and still deny traffic that bypasses it broadly"

@@ -147,16 +147,6 @@ impl XdsServer {
         (cache.len(Kind::Address), cache.len(Kind::Authorization))
     }
 
-    /// Number of waypoint resources currently served (`(policies,
-    /// routes)`).
-    pub fn waypoint_resource_counts(&self) -> (usize, usize) {
-        let cache = self.shared.read_cache();
-        (
-            cache.len(Kind::WaypointPolicy),
-            cache.len(Kind::WaypointRoute),
-        )
-    }
-
     /// The gRPC service to mount next to the CA service, e.g.
     /// `tonic::service::Routes::new(ca).add_service(xds.service())`.
     pub fn service(&self) -> XdsService {

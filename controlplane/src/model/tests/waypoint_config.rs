@@ -327,6 +327,13 @@ fn an_allow_with_http_rules_on_workloads_with_a_waypoint_is_enforced_there_and_a
     assert!(auth.rules.is_empty());
     assert!(wp_policy(&idx, "web-get").is_none());
     assert_eq!(idx.policy_enforcement("app/web-get"), ["node proxies"]);
+    assert!(
+        policy_statuses(&idx, "web-get")
+            .iter()
+            .any(|m| m.contains("denies all traffic")),
+        "{:?}",
+        policy_statuses(&idx, "web-get")
+    );
 
     let changes = idx.apply(namespace(
         "app",
@@ -356,6 +363,14 @@ fn an_allow_with_http_rules_on_workloads_with_a_waypoint_is_enforced_there_and_a
             .iter()
             .any(|m| m.contains("waypoint app/wp carries workload traffic")
                 && m.contains(WAYPOINT_PRINCIPAL)),
+        "{:?}",
+        policy_statuses(&idx, "web-get")
+    );
+
+    assert!(
+        !policy_statuses(&idx, "web-get")
+            .iter()
+            .any(|m| m.contains("denies all traffic")),
         "{:?}",
         policy_statuses(&idx, "web-get")
     );
