@@ -597,3 +597,25 @@ fn a_consumer_route_names_its_namespace_and_a_route_without_timestamp_is_created
     // Written without matches: one of every path.
     assert_eq!(r.rules[0].matches.len(), 1);
 }
+
+#[test]
+fn the_singular_target_ref_counts_and_a_selector_beside_target_refs_is_ignored() {
+    let mut idx = mesh("service", true);
+    idx.apply(policy(
+        "app",
+        "old-style",
+        json!({"targetRef": gateway_ref("wp"), "selector": {"matchLabels": {"app": "web"}},
+               "action": "DENY", "rules": get_rule()}),
+    ));
+    let p = wp_policy(&idx, "old-style").expect("sent");
+    assert_eq!(p.targets, [target("app/wp", "", "")]);
+    // Node proxies get nothing: the selector does not make it theirs.
+    assert!(authorization(&idx, "app", "old-style").is_none());
+    assert!(
+        policy_statuses(&idx, "old-style")
+            .iter()
+            .any(|m| m.contains("the selector is ignored")),
+        "{:?}",
+        policy_statuses(&idx, "old-style")
+    );
+}
