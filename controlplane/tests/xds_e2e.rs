@@ -259,6 +259,14 @@ spec:
   rules:
   - to:
     - operation: {methods: [GET]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bound-to-nothing, namespace: bookinfo}
+spec:
+  targetRefs:
+  - {group: \"\", kind: Service, name: nope}
+  action: DENY
 ";
 
 /// The next response on `rx`, which must be of `type_url`.
@@ -371,6 +379,10 @@ async fn a_waypoint_gets_its_routes_and_policies_from_the_folder_and_is_listed()
         by_name("reviews-from-productpage")["enforcedBy"],
         serde_json::json!(["node proxies"])
     );
+    let lost = by_name("bound-to-nothing");
+    assert_eq!(lost["enforcedBy"], serde_json::json!([]));
+    assert_eq!(lost["scope"], "NONE");
+    assert_eq!(lost["action"], "DENY");
     let (status, body) = curl(&cp, &[], "/api/v1/waypoints");
     assert_eq!(status, 200);
     let waypoints: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -445,6 +445,7 @@ pub async fn list_policies(State(state): State<ApiState>) -> Json<Vec<PolicyView
                 .collect();
             (node, waypoint)
         });
+    let unenforced = state.store.read(|index| index.unenforced_policies());
     let mut out: Vec<PolicyView> = policies
         .into_iter()
         .map(|(p, origins, enforced_by)| policy_view(&p, origins, enforced_by))
@@ -452,6 +453,20 @@ pub async fn list_policies(State(state): State<ApiState>) -> Json<Vec<PolicyView
             waypoint_only
                 .into_iter()
                 .map(|(p, enforced_by)| waypoint_only_view(&p, enforced_by)),
+        )
+        .chain(
+            unenforced
+                .into_iter()
+                .map(|(namespace, name, action)| PolicyView {
+                    name,
+                    namespace,
+                    scope: "NONE".to_owned(),
+                    action,
+                    dry_run: false,
+                    rules: Vec::new(),
+                    converted_from: Vec::new(),
+                    enforced_by: Vec::new(),
+                }),
         )
         .collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));

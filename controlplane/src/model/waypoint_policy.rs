@@ -86,6 +86,8 @@ pub(super) struct WaypointSpec {
     /// Written with `targetRef(s)`, usable or not: then only waypoints
     /// enforce it.
     targeted: bool,
+    /// `spec.action` as written (`ALLOW` when absent), for people.
+    written_action: String,
     /// Empty for selector and namespace-wide policies.
     pub(super) refs: Vec<TargetRef>,
     /// Problems with the refs and the action (targetRef policies only:
@@ -174,6 +176,11 @@ impl WaypointSpec {
             action,
             rules,
             targeted: !written.is_empty(),
+            written_action: spec
+                .action
+                .clone()
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| "ALLOW".to_string()),
             refs,
             messages,
         }
@@ -578,6 +585,30 @@ impl MeshIndex {
             let waypoints: BTreeSet<&str> = p.targets.iter().map(|t| t.waypoint.as_str()).collect();
             out.extend(waypoints.into_iter().map(|w| format!("waypoint {w}")));
         }
+        out
+    }
+
+    /// AuthorizationPolicies nothing enforces (AUDIT or CUSTOM without a
+    /// waypoint, targetRefs that resolve to nothing), as `(namespace, name,
+    /// action as written)`, sorted; `/api/v1/status` says why.
+    pub fn unenforced_policies(&self) -> Vec<(String, String, String)> {
+        let mut out: Vec<(String, String, String)> = self
+            .policies
+            .iter()
+            .filter(|(key, _)| {
+                let name = key.slash_name();
+                !self.authorizations.contains_key(&name)
+                    && !self.waypoint_policies.contains_key(&name)
+            })
+            .map(|(key, state)| {
+                (
+                    key.ns.clone(),
+                    key.name.clone(),
+                    state.waypoint.written_action.clone(),
+                )
+            })
+            .collect();
+        out.sort();
         out
     }
 

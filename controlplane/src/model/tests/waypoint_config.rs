@@ -118,6 +118,18 @@ fn a_policy_bound_to_the_waypoint_gateway_is_sent_to_it_as_written() {
     assert_eq!(idx.policy_enforcement("app/get-only"), ["waypoint app/wp"]);
     assert_eq!(idx.waypoints()[0].policies, ["app/get-only"]);
 
+    // Bound to nothing usable: enforced nowhere, and listed as such.
+    idx.apply(policy(
+        "app",
+        "lost",
+        json!({"targetRefs": [gateway_ref("ghost")], "rules": get_rule()}),
+    ));
+    assert!(idx.policy_enforcement("app/lost").is_empty());
+    assert_eq!(
+        idx.unenforced_policies(),
+        [("app".to_string(), "lost".to_string(), "ALLOW".to_string())]
+    );
+
     let changes = idx.delete(ObjectKey::authorization_policy("app", "get-only"));
     assert_eq!(changes.waypoint_policies.get("app/get-only"), Some(&None));
 }
