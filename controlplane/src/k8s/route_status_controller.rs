@@ -350,60 +350,73 @@ mod tests {
         assert!(server.await.unwrap().is_empty());
     }
 
-    /// A refused write is an error for the error policy, which retries it
-    /// later; nothing panics and nothing else is attempted.
+    /// A failed write is an error for the error policy, which retries it
+    /// (sooner after a conflict, later when RBAC refuses it); nothing
+    /// panics and nothing else is attempted.
     #[tokio::test]
-    async fn a_refused_write_is_retried_later() {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let forbidden = |_: &Value| {
+    async fn a_failed_write_is_retried_later() {
+        fn failure(code: u16) -> Response<Body> {
             let status = json!({
                 "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": "forbidden", "reason": "Forbidden", "code": 403
+                "message": "no", "reason": "Failure", "code": code
             });
             Response::builder()
-                .status(403)
+                .status(code)
                 .body(Body::from(serde_json::to_vec(&status).unwrap()))
                 .unwrap()
-        };
-        let server = tokio::spawn(serve(handle, forbidden));
-        let route = Arc::new(from::<HttpRoute>(route_json()));
-        let context = context(service, store());
-        let error = reconcile(route.clone(), context.clone())
-            .await
-            .expect_err("a refused write fails the reconcile");
-        assert!(error.to_string().contains("HTTPRoute app/split"), "{error}");
-        assert_eq!(
-            error_policy(route, &error, context),
-            Action::requeue(RETRY_FORBIDDEN)
-        );
-        assert_eq!(server.await.unwrap().len(), 1);
+        }
+        type Answer = fn(&Value) -> Response<Body>;
+        let answers: [(Answer, Duration); 3] = [
+            (|_| failure(403), RETRY_FORBIDDEN),
+            (|_| failure(409), Duration::from_secs(1)),
+            (|_| failure(500), RETRY),
+        ];
+        for (answer, retry_in) in answers {
+            let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            let server = tokio::spawn(serve(handle, answer));
+            let route = Arc::new(from::<HttpRoute>(route_json()));
+            let context = context(service, store());
+            let error = reconcile(route.clone(), context.clone())
+                .await
+                .expect_err("a failed write fails the reconcile");
+            assert!(error.to_string().contains("HTTPRoute app/split"), "{error}");
+            assert_eq!(
+                error_policy(route, &error, context),
+                Action::requeue(retry_in),
+                "{error}"
+            );
+            assert_eq!(server.await.unwrap().len(), 1);
+        }
     }
 
+    /// What the model reports as changed: a pod coming or going wakes
+    /// nothing; a Service coming, changing or going does.
     #[test]
     fn only_service_changes_wake_the_writer() {
         let store = store();
-        let mut changes = Changes::default();
-        let workload = store.read(|index| {
-            index
-                .addresses()
-                .find(|(_, a)| matches!(a.r#type, Some(address::Type::Workload(_))))
-                .map(|(n, a)| (n.to_owned(), a.clone()))
-        });
-        assert!(workload.is_none(), "the test store has no workloads");
-        changes
-            .addresses
-            .insert("Kubernetes//Pod/app/a".into(), None);
-        assert!(!touches_services(&changes));
-        changes
-            .addresses
-            .insert("app/v2.app.svc.cluster.local".into(), None);
-        assert!(touches_services(&changes));
-        let service = store.read(|index| index.address("app/web.app.svc.cluster.local"));
-        let mut changes = Changes::default();
-        changes
-            .addresses
-            .insert("app/web.app.svc.cluster.local".into(), service);
-        assert!(touches_services(&changes));
+        let pod: Object = Object::Pod(from(json!({
+            "metadata": {"name": "a", "namespace": "app", "uid": "a"},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]},
+        })));
+        let key = pod.key().unwrap();
+        let added = store.apply(pod);
+        assert!(!added.is_empty());
+        assert!(!touches_services(&added), "{added:?}");
+        let removed = store.delete(key);
+        assert!(!removed.is_empty());
+        assert!(!touches_services(&removed), "{removed:?}");
+
+        let added = store.apply(service("v2", "10.96.0.3"));
+        assert!(touches_services(&added), "{added:?}");
+        let changed = store.apply(Object::Service(from(json!({
+            "metadata": {"name": "v2", "namespace": "app"},
+            "spec": {"clusterIP": "10.96.0.3", "clusterIPs": ["10.96.0.3"], "selector": {"app": "v2"},
+                     "ports": [{"name": "http", "port": 80}, {"name": "admin", "port": 9000}]},
+        }))));
+        assert!(touches_services(&changed), "{changed:?}");
+        let removed = store.delete(crate::model::ObjectKey::service("app", "v2"));
+        assert!(touches_services(&removed), "{removed:?}");
     }
 
     /// The whole writer against a mock API server: after the model's first
