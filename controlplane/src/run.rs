@@ -447,20 +447,39 @@ fn feed_xds(store: &MeshStore, xds: Arc<XdsServer>) {
                     .authorizations
                     .into_iter()
                     .map(|(n, a)| (n, Some(a))),
-            )
+            );
+            first.update_waypoints(
+                snapshot
+                    .waypoint_policies
+                    .into_iter()
+                    .map(|(n, p)| (n, Some(p))),
+                snapshot
+                    .waypoint_routes
+                    .into_iter()
+                    .map(|(n, r)| (n, Some(r))),
+            );
         })
         .await;
         while let Some(change) = changes.recv().await {
             // Fold whatever else is queued into one update.
             let mut addresses = change.addresses.clone();
             let mut authorizations = change.authorizations.clone();
+            let mut waypoint_policies = change.waypoint_policies.clone();
+            let mut waypoint_routes = change.waypoint_routes.clone();
             while let Ok(more) = changes.try_recv() {
                 addresses.extend(more.addresses.clone());
                 authorizations.extend(more.authorizations.clone());
+                waypoint_policies.extend(more.waypoint_policies.clone());
+                waypoint_routes.extend(more.waypoint_routes.clone());
             }
             let xds = xds.clone();
-            let _ =
-                tokio::task::spawn_blocking(move || xds.update(addresses, authorizations)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                // Workload resources first: a waypoint that reads a route
+                // naming a new Service should already hold the Service.
+                xds.update(addresses, authorizations);
+                xds.update_waypoints(waypoint_policies, waypoint_routes);
+            })
+            .await;
         }
     });
 }

@@ -46,21 +46,7 @@ pub struct Running {
 impl Running {
     /// Stops accepting, lets open requests finish for up to `timeout`.
     pub async fn drain(self, timeout: Duration) {
-        let wp = &self.wp;
-        wp.shutdown.cancel();
-        wp.tasks.close();
-        info!(open_tasks = wp.tasks.len(), ?timeout, "draining");
-        if tokio::time::timeout(timeout, wp.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                still_open = wp.tasks.len(),
-                "drain deadline reached; closing the rest"
-            );
-        } else {
-            info!("drained");
-        }
+        meshbox_dataplane::process::drain(&self.wp.shutdown, &self.wp.tasks, timeout).await;
     }
 }
 
