@@ -48,6 +48,8 @@ readonly DP_IMAGE=meshbox/dataplane:dev
 readonly WP_IMAGE=meshbox/waypoint:dev
 readonly WAYPOINT=waypoint
 readonly USE_WAYPOINT=istio.io/use-waypoint
+# controllerName of the HTTPRoute status entries the control plane writes.
+readonly ROUTE_CONTROLLER=meshbox.io/mesh-controller
 # The L7 samples, removed again before the L4 steps of a rerun.
 readonly L7_SAMPLES=(split-route.yaml split-backends.yaml get-only.yaml waypoint.yaml)
 # The weighted split's check: requests sent, and the share of server-v2
@@ -620,6 +622,19 @@ split_answers() {
 
 route_in_effect() { [[ $(request hostname) == server-v[12]-* ]]; }
 
+# The conditions of meshbox's entry in the split route's status, as
+# "Type=Status " each.
+route_conditions() {
+	k -n "$DEMO_NS" get httproute server-split \
+		-o "jsonpath={range .status.parents[?(@.controllerName==\"$ROUTE_CONTROLLER\")].conditions[*]}{.type}={.status} {end}" 2>/dev/null
+}
+
+route_status_true() {
+	local conditions
+	conditions=$(route_conditions)
+	[[ $conditions == *Accepted=True* && $conditions == *ResolvedRefs=True* && $conditions == *ResolvedWaypoints=True* ]]
+}
+
 prove_split() {
 	step "A weighted split at the waypoint: HTTPRoute 90/10 between server-v1 and server-v2"
 	cmd_line "kubectl apply -f deploy/samples/split-backends.yaml"
@@ -648,6 +663,10 @@ prove_split() {
 	((v2 >= SPLIT_V2_MIN && v2 <= SPLIT_V2_MAX)) ||
 		die "server-v2 answered $v2 of $SPLIT_REQUESTS, outside $SPLIT_V2_MIN..$SPLIT_V2_MAX for a 10% weight"
 	ok "split $((v1 * 100 / SPLIT_REQUESTS))/$((v2 * 100 / SPLIT_REQUESTS)) for weights 90/10"
+	cmd_line "kubectl -n $DEMO_NS get httproute server-split -o yaml   # status.parents, controllerName $ROUTE_CONTROLLER"
+	wait_until 60 route_status_true ||
+		die "the HTTPRoute's status (controllerName $ROUTE_CONTROLLER) says '$(route_conditions)', not Accepted, ResolvedRefs and ResolvedWaypoints True"
+	ok "the route's status, written by the control plane: $(route_conditions)"
 }
 
 summary() {
@@ -663,6 +682,7 @@ Where to look next:
   kubectl --context $CONTEXT -n $DEMO_NS exec deploy/client -- curl -s http://server/hostname
   kubectl --context $CONTEXT -n $DEMO_NS get gateway $WAYPOINT                  # the waypoint: address, Programmed
   kubectl --context $CONTEXT -n $DEMO_NS logs deploy/$WAYPOINT -f              # its access log (L7)
+  kubectl --context $CONTEXT -n $DEMO_NS get httproute server-split -o yaml     # the route's status: Accepted, ResolvedRefs, ResolvedWaypoints
 Remove it all: $0 down
 EOF
 }

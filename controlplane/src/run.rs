@@ -20,8 +20,8 @@ use crate::ca::grpc::CaGrpc;
 use crate::ca::{CertificateIssuer, NodeRoster, RateLimit};
 use crate::capture::{CaptureGrpc, CaptureReports, EnrollmentGrpc};
 use crate::cluster;
-use crate::k8s::waypoint_controller;
 use crate::k8s::waypoint_deployer::WaypointSettings;
+use crate::k8s::{route_status_controller, waypoint_controller};
 use crate::limits::{self, AuthFirst, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::model::MeshConfig;
@@ -238,6 +238,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         Source::Kubernetes(client) => {
             let sync = source::kubernetes::start(client.clone(), store.clone());
+            let synced = sync.clone();
+            route_status_controller::start(
+                client.clone(),
+                store.clone(),
+                Box::pin(async move { synced.wait().await }),
+            );
             let ready = ready.clone();
             tokio::spawn(async move {
                 sync.wait().await;

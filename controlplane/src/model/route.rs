@@ -903,6 +903,15 @@ impl MeshIndex {
             .collect()
     }
 
+    /// `route` as given (which may be newer than the copy the index holds),
+    /// checked against the Services and waypoints known now: what the
+    /// route status writer reports for the generation it stamps.
+    pub fn check_route(&self, namespace: &str, route: &HttpRoute) -> RouteInfo {
+        let name = route.metadata.name.as_deref().unwrap_or_default();
+        let state = RouteState::from_route(namespace, route);
+        self.route_info(&Key::new(namespace, name), &state)
+    }
+
     /// Problems of every route, for [`MeshIndex::statuses`].
     pub(super) fn route_statuses(&self) -> impl Iterator<Item = (ObjectKey, Vec<String>)> + '_ {
         self.routes.iter().filter_map(|(key, state)| {
