@@ -30,19 +30,29 @@
 //! every request the policy applies to, and reported. A dry-run policy
 //! (`istio.io/dry-run`) is sent as `AUDIT`: it must not change a decision.
 //!
-//! Selector and namespace-wide policies with HTTP rules, on workloads with
-//! a waypoint. Node proxies cannot enforce HTTP attributes: an `ALLOW` rule
-//! using them is left out and a `DENY` rule using them is reduced to its
-//! L4 part (see the policy module). When such a policy (scope `NAMESPACE`
-//! or `WORKLOAD_SELECTOR`; mesh-wide ones are not) applies to workloads that
-//! use a waypoint for workload traffic (`istio.io/use-waypoint` to a
-//! waypoint with `istio.io/waypoint-for: workload` or `all`), the control
-//! plane stops cutting it for the traffic that waypoint carries:
+//! Selector and namespace-wide policies with HTTP rules, on workloads a
+//! waypoint carries traffic to. Node proxies cannot enforce HTTP
+//! attributes: an `ALLOW` rule using them is left out and a `DENY` rule
+//! using them is reduced to its L4 part (see the policy module). When such
+//! a policy (scope `NAMESPACE` or `WORKLOAD_SELECTOR`; mesh-wide ones are
+//! not) applies to workloads that a waypoint carries traffic to — their
+//! own waypoint for workload traffic (`istio.io/use-waypoint` on the pod
+//! or namespace, to a waypoint with `istio.io/waypoint-for: workload` or
+//! `all`), or the waypoint of a Service they are endpoints of (the Service
+//! uses a waypoint with `waypoint-for: service`, the default, or `all`) —
+//! the control plane stops cutting it for the traffic that waypoint
+//! carries:
 //! - it is also sent as a `WaypointPolicy`, with a target
-//!   `{waypoint, workload: uid}` for each such workload, and
-//!   `{waypoint, service}` for each Service whose waypoint that is and that
-//!   has an endpoint the policy applies to (so a request the waypoint
-//!   carries to such an endpoint is always judged there);
+//!   `{waypoint, workload: uid}` for each such workload and each waypoint
+//!   carrying traffic to it: the waypoint applies the policy once it has
+//!   picked that workload as the endpoint, whatever Service, route or
+//!   address brought the request there;
+//! - and `{waypoint, service}` for each Service (whose waypoint that is)
+//!   the policy applies to every endpoint of, so the waypoint judges
+//!   requests for it before it picks an endpoint. A Service with an
+//!   endpoint the policy does not apply to gets no Service target: the
+//!   waypoint must apply the policy only when the endpoint it picks is one
+//!   the policy selects, which the workload targets give;
 //! - the `Authorization` node proxies get changes, per affected waypoint
 //!   identity (`{trust domain}/ns/{gateway ns}/sa/{gateway name}`, the
 //!   identity the waypoint connects with): an `ALLOW` gains one rule
@@ -50,7 +60,20 @@
 //!   in full); in a `DENY`, each rule reduced to L4 gains a clause
 //!   `notPrincipals: [those principals]`, so traffic through the waypoint
 //!   is judged there, precisely, while traffic that bypasses the waypoint
-//!   is still denied broadly (fail closed).
+//!   (a client connecting to the pod's IP, which a Service's waypoint does
+//!   not carry) is still judged by the cut rules, fail closed.
+//!
+//! Edge cases. A workload behind two Services with different waypoints
+//! (or a Service waypoint and its own workload waypoint): each waypoint
+//! gets the policy with a workload target for it, and node proxies admit
+//! each one's principal; each enforces the policy for what it carries. A
+//! namespace-wide policy applies to every workload of the namespace, so
+//! every Service of the namespace with a waypoint is wholly selected and
+//! gets its Service target. What a policy sends follows the objects it
+//! depends on: the workloads it selects (labels, `use-waypoint`), their
+//! Services and each Service's waypoint, and each such Service's endpoints
+//! (an endpoint coming or going re-derives the policies of the other
+//! endpoints, which may gain or lose the Service target).
 //!
 //! Both are said in the policy's status, and `/api/v1/policies` shows where
 //! each policy is enforced.
@@ -326,6 +349,20 @@ fn lift(auth: &mut Authorization, principals: &[String], reduced_deny_rules: &[u
     }
 }
 
+/// What one waypoint carries for a lifted policy.
+#[derive(Default)]
+struct Lift {
+    /// The workloads the policy applies to that it carries traffic to.
+    workloads: BTreeSet<Key>,
+    /// It is their workload waypoint.
+    as_workload_waypoint: bool,
+    /// Services of theirs whose waypoint it is.
+    services: BTreeSet<Key>,
+    /// Of those, the ones with an endpoint the policy does not apply to
+    /// (no Service target).
+    partial_services: BTreeSet<Key>,
+}
+
 /// One policy's outputs.
 struct Derived {
     authorization: Option<Authorization>,
@@ -429,28 +466,45 @@ impl MeshIndex {
             && matches!(state.listing(), Listing::Namespace | Listing::Selector(_))
             && let Some(auth) = authorization.as_mut()
         {
-            let waypoints = self.lifted_targets(key, &mut targets);
-            if !waypoints.is_empty() {
-                let principals: Vec<String> = waypoints
-                    .iter()
+            let lifts = self.lifted_targets(key, &mut targets);
+            if !lifts.is_empty() {
+                let principals: Vec<String> = lifts
+                    .keys()
                     .map(|g| waypoint_principal(&self.config.trust_domain, g))
                     .collect();
                 lift(auth, &principals, &state.translated.reduced_deny_rules);
                 for m in messages.iter_mut().filter(|m| *m == ALLOW_ALL_CUT) {
                     *m = "no rule of this ALLOW policy can be enforced by node proxies: they admit only traffic its waypoint has checked (below)".to_string();
                 }
-                let names: Vec<String> = waypoints.iter().map(Key::slash_name).collect();
                 let what = if state.waypoint.action == pb::PolicyAction::Deny {
                     "node proxies do not apply the rules reduced to L4 to traffic from that waypoint's identity, and still deny traffic that bypasses it broadly"
                 } else {
                     "node proxies admit traffic from that waypoint's identity (it has enforced the HTTP rules), and still apply the other rules to traffic that bypasses it"
                 };
-                messages.push(format!(
-                    "waypoint {} carries workload traffic for {} workload(s) this policy applies to: it enforces the policy in full, HTTP rules included, for them; {what} ({})",
-                    names.join(", "),
-                    targets.iter().filter(|t| !t.2.is_empty()).count(),
-                    principals.join(", "),
-                ));
+                for (g, l) in &lifts {
+                    let mut how = Vec::new();
+                    if l.as_workload_waypoint {
+                        how.push("workload traffic".to_string());
+                    }
+                    if !l.services.is_empty() {
+                        let names: Vec<String> = l.services.iter().map(Key::slash_name).collect();
+                        how.push(format!("traffic for Service {}", names.join(", ")));
+                    }
+                    messages.push(format!(
+                        "waypoint {g} carries {} to {} workload(s) this policy applies to: it enforces the policy in full, HTTP rules included, for them; {what} ({})",
+                        how.join(" and "),
+                        l.workloads.len(),
+                        waypoint_principal(&self.config.trust_domain, g),
+                    ));
+                    if !l.partial_services.is_empty() {
+                        let names: Vec<String> =
+                            l.partial_services.iter().map(Key::slash_name).collect();
+                        messages.push(format!(
+                            "the policy applies to some endpoints of Service {} only: waypoint {g} applies it to a request once it has picked one of those endpoints",
+                            names.join(", ")
+                        ));
+                    }
+                }
             }
         }
         let waypoint_policy = (!targets.is_empty()).then(|| pb::WaypointPolicy {
@@ -527,41 +581,59 @@ impl MeshIndex {
     }
 
     /// The waypoint targets of a selector or namespace-wide policy (see the
-    /// module docs); returns the waypoints involved.
+    /// module docs), and what each waypoint involved carries.
     fn lifted_targets(
         &self,
         key: &Key,
         targets: &mut BTreeSet<(String, String, String)>,
-    ) -> BTreeSet<Key> {
-        let mut waypoints = BTreeSet::new();
-        let members = self.policy_members.get(key);
-        for member in members.into_iter().flatten() {
-            if let Some(g) = self
-                .pod_derived
-                .get(member)
-                .and_then(|d| d.workload_waypoint.as_ref())
-            {
-                targets.insert((g.slash_name(), String::new(), self.workload_uid(member)));
-                waypoints.insert(g.clone());
-            }
-        }
-        if waypoints.is_empty() {
-            return waypoints;
-        }
+    ) -> BTreeMap<Key, Lift> {
+        let mut lifts: BTreeMap<Key, Lift> = BTreeMap::new();
+        let Some(members) = self.policy_members.get(key) else {
+            return lifts;
+        };
         let mut services: BTreeSet<&Key> = BTreeSet::new();
-        for member in members.into_iter().flatten() {
-            if let Some(d) = self.pod_derived.get(member) {
-                services.extend(d.services.iter());
+        for member in members {
+            let Some(d) = self.pod_derived.get(member) else {
+                continue;
+            };
+            let uid = self.workload_uid(member);
+            if let Some(g) = &d.workload_waypoint {
+                targets.insert((g.slash_name(), String::new(), uid.clone()));
+                let lift = lifts.entry(g.clone()).or_default();
+                lift.workloads.insert(member.clone());
+                lift.as_workload_waypoint = true;
+            }
+            for s in &d.services {
+                services.insert(s);
+                if let Some(g) = self.waypoint_of_service(s) {
+                    targets.insert((g.slash_name(), String::new(), uid.clone()));
+                    let lift = lifts.entry(g.clone()).or_default();
+                    lift.workloads.insert(member.clone());
+                    lift.services.insert(s.clone());
+                }
             }
         }
         for s in services {
-            if let Some(g) = self.waypoint_of_service(s)
-                && waypoints.contains(g)
-            {
+            let Some(g) = self.waypoint_of_service(s) else {
+                continue;
+            };
+            // A Service target makes the waypoint apply the policy to every
+            // request for the Service, before it picks an endpoint: right
+            // only when the policy applies to every endpoint. Otherwise the
+            // workload targets alone decide, once the endpoint is chosen.
+            let all_selected = self
+                .service_members
+                .get(s)
+                .is_some_and(|endpoints| endpoints.is_subset(members));
+            let lift = lifts.entry(g.clone()).or_default();
+            if all_selected {
                 targets.insert((g.slash_name(), self.service_resource_name(s), String::new()));
+            } else {
+                lift.partial_services.insert(s.clone());
             }
         }
-        waypoints
+        lifts.retain(|_, l| !l.workloads.is_empty());
+        lifts
     }
 
     /// Every served `WaypointPolicy`, sorted by resource name.

@@ -434,6 +434,19 @@ impl MeshIndex {
         for s in new.services.difference(&old.services) {
             index_insert(&mut self.service_members, s, key.clone());
         }
+        // A lifted policy targets a Service at its waypoint only while it
+        // applies to every endpoint (see waypoint_policy): an endpoint
+        // coming or going can change that for the other endpoints'
+        // policies.
+        let mut endpoint_policies: Vec<Key> = Vec::new();
+        for s in old.services.symmetric_difference(&new.services) {
+            for member in self.service_members.get(s).into_iter().flatten() {
+                if let Some(d) = self.pod_derived.get(member) {
+                    endpoint_policies.extend(d.policies.iter().cloned());
+                }
+            }
+        }
+        self.dirty.policies.extend(endpoint_policies);
         for p in old.policies.difference(&new.policies) {
             index_remove(&mut self.policy_members, p, key);
         }

@@ -387,13 +387,47 @@ fn an_allow_with_http_rules_on_workloads_with_a_waypoint_is_enforced_there_and_a
         policy_statuses(&idx, "web-get")
     );
 
-    // The pod opts out of the waypoint: back to the cut policy.
+    // The pod opts out of the waypoint for its own traffic: the Service
+    // still goes through it (`all`), so the waypoint still enforces the
+    // policy for what it carries there.
     let changes = idx.apply(pod(
         "app",
         "web-1",
         "10.0.0.1",
         json!({"app": "web", "istio.io/use-waypoint": "none"}),
     ));
+    assert!(!changes.waypoint_policies.contains_key("app/web-get"));
+    assert_eq!(
+        wp_policy(&idx, "web-get").expect("still sent").targets,
+        [
+            target("app/wp", "", &uid("app", "web-1")),
+            target("app/wp", &svc_name("app", "web"), ""),
+        ]
+    );
+    let statuses = policy_statuses(&idx, "web-get");
+    assert!(
+        statuses.iter().any(|m| m
+            .contains("waypoint app/wp carries traffic for Service app/web to 1 workload(s)")
+            && !m.contains("workload traffic")),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        authorization(&idx, "app", "web-get").expect("sent").rules,
+        [principal_rule(&[WAYPOINT_PRINCIPAL])]
+    );
+
+    // The Service opts out too: back to the cut policy.
+    let changes = idx.apply(service_from(set(
+        service_json(
+            "app",
+            "web",
+            "10.96.0.1",
+            json!({"app": "web"}),
+            json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+        ),
+        "/metadata/labels",
+        json!({"istio.io/use-waypoint": "none"}),
+    )));
     assert_eq!(changes.waypoint_policies.get("app/web-get"), Some(&None));
     assert!(
         authorization(&idx, "app", "web-get")
@@ -434,22 +468,233 @@ fn a_deny_with_http_rules_exempts_only_waypoint_traffic_from_its_reduced_rules()
     assert_eq!(p.action, PolicyAction::Deny as i32);
 }
 
+/// A Service labelled to use waypoint `wp` (its own, not the namespace's).
+fn service_using(ns: &str, name: &str, vip: &str, selector: Value, waypoint: &str) -> Object {
+    service_from(set(
+        service_json(
+            ns,
+            name,
+            vip,
+            selector,
+            json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+        ),
+        "/metadata/labels",
+        json!({"istio.io/use-waypoint": waypoint}),
+    ))
+}
+
 #[test]
-fn a_service_waypoint_does_not_lift_a_selector_policy() {
-    // Node proxies still cut it: the waypoint serves the Service, but the
-    // policy is about the workload, which node proxies guard.
+fn a_selector_policy_on_endpoints_of_a_service_with_a_waypoint_is_enforced_there() {
+    // `wp` serves services (the default): the Service's traffic goes
+    // through it, the pod's direct traffic does not.
     let mut idx = mesh("service", true);
     idx.apply(policy(
         "app",
         "web-get",
         json!({"selector": {"matchLabels": {"app": "web"}}, "rules": get_rule()}),
     ));
-    assert!(wp_policy(&idx, "web-get").is_none());
+    let p = wp_policy(&idx, "web-get").expect("sent to the Service's waypoint");
+    assert_eq!(
+        p.targets,
+        [
+            target("app/wp", "", &uid("app", "web-1")),
+            target("app/wp", &svc_name("app", "web"), ""),
+        ]
+    );
+    assert!(p.rules[0].to[0].methods == ["GET"], "the HTTP rule, whole");
+    // Node proxies admit the waypoint (it has checked the GET) and keep
+    // the cut rule for the rest: nothing else is admitted.
+    let auth = authorization(&idx, "app", "web-get").expect("sent");
+    assert_eq!(auth.rules, [principal_rule(&[WAYPOINT_PRINCIPAL])]);
+    assert_eq!(
+        idx.policy_enforcement("app/web-get"),
+        ["node proxies", "waypoint app/wp"]
+    );
+    let statuses = policy_statuses(&idx, "web-get");
+    assert!(
+        statuses
+            .iter()
+            .any(|m| m
+                .contains("waypoint app/wp carries traffic for Service app/web to 1 workload(s)")),
+        "{statuses:?}"
+    );
+
+    // The Service stops using the waypoint: back to the cut policy.
+    let changes = idx.apply(namespace(
+        "app",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+    ));
+    assert_eq!(changes.waypoint_policies.get("app/web-get"), Some(&None));
     assert!(
         authorization(&idx, "app", "web-get")
             .expect("sent")
             .rules
             .is_empty()
+    );
+    assert_eq!(idx.policy_enforcement("app/web-get"), ["node proxies"]);
+}
+
+#[test]
+fn a_deny_on_service_endpoints_spares_only_the_services_waypoint() {
+    let mut idx = mesh("service", true);
+    idx.apply(policy(
+        "app",
+        "no-post",
+        json!({
+            "action": "DENY",
+            "selector": {"matchLabels": {"app": "web"}},
+            "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]
+        }),
+    ));
+    let auth = authorization(&idx, "app", "no-post").expect("sent");
+    assert_eq!(auth.action, Action::Deny as i32);
+    let exempt = Clause {
+        matches: vec![Match {
+            not_principals: vec![exact(WAYPOINT_PRINCIPAL)],
+            ..Default::default()
+        }],
+    };
+    assert_eq!(auth.rules.len(), 1);
+    assert_eq!(auth.rules[0].clauses.last(), Some(&exempt));
+    let p = wp_policy(&idx, "no-post").expect("sent");
+    assert_eq!(p.action, PolicyAction::Deny as i32);
+    assert!(
+        p.targets
+            .contains(&target("app/wp", "", &uid("app", "web-1")))
+    );
+}
+
+#[test]
+fn a_policy_on_some_endpoints_of_a_service_gets_workload_targets_only() {
+    let mut idx = mesh("service", true);
+    apply_all(
+        &mut idx,
+        vec![
+            pod(
+                "app",
+                "web-1",
+                "10.0.0.1",
+                json!({"app": "web", "version": "v1"}),
+            ),
+            pod(
+                "app",
+                "web-2",
+                "10.0.0.2",
+                json!({"app": "web", "version": "v2"}),
+            ),
+        ],
+    );
+    idx.apply(policy(
+        "app",
+        "v1-get",
+        json!({"selector": {"matchLabels": {"version": "v1"}}, "rules": get_rule()}),
+    ));
+    // A Service target would apply it to requests that go to web-2 too.
+    let p = wp_policy(&idx, "v1-get").expect("sent");
+    assert_eq!(p.targets, [target("app/wp", "", &uid("app", "web-1"))]);
+    let statuses = policy_statuses(&idx, "v1-get");
+    assert!(
+        statuses
+            .iter()
+            .any(|m| m.contains("some endpoints of Service app/web only")),
+        "{statuses:?}"
+    );
+
+    // web-2 leaves the Service: the policy now covers every endpoint, and
+    // its Service target follows, though web-2 is not one it selects.
+    let changes = idx.apply(pod("app", "web-2", "10.0.0.2", json!({"app": "other"})));
+    assert!(changes.waypoint_policies.contains_key("app/v1-get"));
+    let p = wp_policy(&idx, "v1-get").expect("sent");
+    assert_eq!(
+        p.targets,
+        [
+            target("app/wp", "", &uid("app", "web-1")),
+            target("app/wp", &svc_name("app", "web"), ""),
+        ]
+    );
+    // And back: web-2 joins again, the Service target goes.
+    let changes = idx.apply(pod("app", "web-2", "10.0.0.2", json!({"app": "web"})));
+    assert!(changes.waypoint_policies.contains_key("app/v1-get"));
+    assert_eq!(
+        wp_policy(&idx, "v1-get").expect("sent").targets,
+        [target("app/wp", "", &uid("app", "web-1"))]
+    );
+}
+
+#[test]
+fn a_workload_behind_two_services_with_different_waypoints_is_guarded_by_both() {
+    let mut idx = mesh("service", false);
+    let mut objs = vec![
+        service_using("app", "web", "10.96.0.1", json!({"app": "web"}), "wp"),
+        service_using(
+            "app",
+            "web-admin",
+            "10.96.0.2",
+            json!({"app": "web"}),
+            "wp2",
+        ),
+    ];
+    objs.extend(waypoint("app", "wp2", json!({}), "10.96.0.101"));
+    apply_all(&mut idx, objs);
+    idx.apply(policy(
+        "app",
+        "web-get",
+        json!({"selector": {"matchLabels": {"app": "web"}}, "rules": get_rule()}),
+    ));
+    let p = wp_policy(&idx, "web-get").expect("sent");
+    assert_eq!(
+        p.targets,
+        [
+            target("app/wp", "", &uid("app", "web-1")),
+            target("app/wp", &svc_name("app", "web"), ""),
+            target("app/wp2", "", &uid("app", "web-1")),
+            target("app/wp2", &svc_name("app", "web-admin"), ""),
+        ]
+    );
+    assert_eq!(
+        authorization(&idx, "app", "web-get").expect("sent").rules,
+        [principal_rule(&[
+            WAYPOINT_PRINCIPAL,
+            "cluster.local/ns/app/sa/wp2"
+        ])]
+    );
+    assert_eq!(
+        idx.policy_enforcement("app/web-get"),
+        ["node proxies", "waypoint app/wp", "waypoint app/wp2"]
+    );
+
+    // web-admin's waypoint changes to serve workloads only: the Service no
+    // longer goes through it, and its principal is no longer admitted.
+    let changes = idx.apply(gateway_from(waypoint_json(
+        "app",
+        "wp2",
+        json!({"istio.io/waypoint-for": "workload"}),
+    )));
+    assert!(changes.authorizations.contains_key("app/web-get"));
+    assert_eq!(
+        authorization(&idx, "app", "web-get").expect("sent").rules,
+        [principal_rule(&[WAYPOINT_PRINCIPAL])]
+    );
+    assert_eq!(
+        idx.policy_enforcement("app/web-get"),
+        ["node proxies", "waypoint app/wp"]
+    );
+}
+
+#[test]
+fn a_namespace_wide_policy_is_lifted_to_every_service_waypoint_of_the_namespace() {
+    let mut idx = mesh("service", true);
+    idx.apply(pod("app", "lone-1", "10.0.0.9", json!({"app": "lone"})));
+    idx.apply(policy("app", "ns-get", json!({"rules": get_rule()})));
+    // lone-1 is in no Service: nothing carries its traffic but its node
+    // proxy, which keeps the cut rule for it too (the policy is one).
+    let p = wp_policy(&idx, "ns-get").expect("sent");
+    assert_eq!(
+        p.targets,
+        [
+            target("app/wp", "", &uid("app", "web-1")),
+            target("app/wp", &svc_name("app", "web"), ""),
+        ]
     );
 }
 
