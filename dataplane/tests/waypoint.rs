@@ -843,3 +843,48 @@ async fn waypoint_drains_on_sigterm() {
         "{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_policy_on_service_endpoints_is_enforced_at_the_services_waypoint() {
+    // A selector policy on the reviews pods, whose Service uses the
+    // waypoint: its HTTP rule is enforced there, and the reviews pods'
+    // node proxies admit what the waypoint forwards. A direct connection
+    // to a pod (the waypoint serves the Service, not the pod) is still
+    // judged by the cut rule: the ALLOW rule needs HTTP, so it is refused.
+    let get_from_sleep = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-get, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]
+    to: [{operation: {methods: ["GET"]}}]
+---
+"#;
+    let l7 = L7Mesh::start("waypoint-svc-lift", 31, get_from_sleep).await;
+    wait_for_l7_config(&l7.waypoint, 1, 0).await;
+    let mut conn = l7.http1(l7.reviews()).await;
+
+    for _ in 0..4 {
+        let (status, body) = conn.send("GET", "/reviews/1", &[]).await;
+        assert_eq!(status, 200, "GET from sleep through the waypoint: {body}");
+    }
+    let r = conn
+        .request("POST", "/reviews/1", &[], Some("{}"))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"));
+    l7.waypoint
+        .wait_for_log(&["request", "method=POST", "response_code=403"])
+        .await;
+
+    let direct = socks_connect(l7.client.socks(), addr("127.31.2.1:9080")).await;
+    assert!(
+        direct.is_err(),
+        "sleep → reviews-v1's IP bypasses the waypoint: the cut ALLOW rule refuses it"
+    );
+    l7._servers[0]
+        .wait_for_log(&["denied by authorization policy", "sa/sleep"])
+        .await;
+}
