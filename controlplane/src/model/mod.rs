@@ -434,6 +434,10 @@ pub struct MeshIndex {
     pod_derived: HashMap<Key, PodDerived>,
     service_members: HashMap<Key, BTreeSet<Key>>,
     policy_members: HashMap<Key, BTreeSet<Key>>,
+    /// Service → the policies lifted to its waypoint (they select an
+    /// endpoint of it), and the reverse, to undo it on the next rebuild.
+    lifted_by_service: HashMap<Key, BTreeSet<Key>>,
+    lifted_services: HashMap<Key, BTreeSet<Key>>,
     service_waypoint: HashMap<Key, Key>,
     namespace_waypoint: HashMap<String, Key>,
     gateway_derived: HashMap<Key, GatewayDerived>,
@@ -483,6 +487,8 @@ impl MeshIndex {
             pod_derived: HashMap::new(),
             service_members: HashMap::new(),
             policy_members: HashMap::new(),
+            lifted_by_service: HashMap::new(),
+            lifted_services: HashMap::new(),
             service_waypoint: HashMap::new(),
             namespace_waypoint: HashMap::new(),
             gateway_derived: HashMap::new(),

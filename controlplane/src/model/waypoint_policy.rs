@@ -366,6 +366,8 @@ struct Lift {
 /// One policy's outputs.
 struct Derived {
     authorization: Option<Authorization>,
+    /// Services whose waypoint the policy was lifted to.
+    lifted_services: BTreeSet<Key>,
     waypoint_policy: Option<pb::WaypointPolicy>,
     messages: Vec<String>,
 }
@@ -440,6 +442,11 @@ impl MeshIndex {
         let name = key.slash_name();
         let status_key = ObjectKey::authorization_policy(&key.ns, &key.name);
         let derived = self.derive_policy(key);
+        let lifted_services = derived
+            .as_ref()
+            .map(|d| d.lifted_services.clone())
+            .unwrap_or_default();
+        self.set_lifted_services(key, lifted_services);
         let Some(derived) = derived else {
             self.put_authorization(name.clone(), None);
             self.put_waypoint_policy(name, None);
@@ -451,10 +458,25 @@ impl MeshIndex {
         self.set_status(status_key, derived.messages);
     }
 
+    /// Records which Services' endpoints a lifted policy depends on.
+    fn set_lifted_services(&mut self, key: &Key, new: BTreeSet<Key>) {
+        let old = self.lifted_services.remove(key).unwrap_or_default();
+        for s in old.difference(&new) {
+            index_remove(&mut self.lifted_by_service, s, key);
+        }
+        for s in new.difference(&old) {
+            index_insert(&mut self.lifted_by_service, s, key.clone());
+        }
+        if !new.is_empty() {
+            self.lifted_services.insert(key.clone(), new);
+        }
+    }
+
     fn derive_policy(&self, key: &Key) -> Option<Derived> {
         let state = self.policies.get(key)?;
         let mut messages = state.translated.messages.clone();
         let mut authorization = state.translated.authorization.clone();
+        let mut lifted_services = BTreeSet::new();
         // (waypoint, service, workload)
         let mut targets: BTreeSet<(String, String, String)> = BTreeSet::new();
         if state.waypoint.targeted {
@@ -467,6 +489,9 @@ impl MeshIndex {
             && let Some(auth) = authorization.as_mut()
         {
             let lifts = self.lifted_targets(key, &mut targets);
+            for l in lifts.values() {
+                lifted_services.extend(l.services.iter().cloned());
+            }
             if !lifts.is_empty() {
                 let principals: Vec<String> = lifts
                     .keys()
@@ -523,6 +548,7 @@ impl MeshIndex {
         });
         Some(Derived {
             authorization,
+            lifted_services,
             waypoint_policy,
             messages,
         })

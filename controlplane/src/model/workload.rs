@@ -436,17 +436,15 @@ impl MeshIndex {
         }
         // A lifted policy targets a Service at its waypoint only while it
         // applies to every endpoint (see waypoint_policy): an endpoint
-        // coming or going can change that for the other endpoints'
-        // policies.
-        let mut endpoint_policies: Vec<Key> = Vec::new();
-        for s in old.services.symmetric_difference(&new.services) {
-            for member in self.service_members.get(s).into_iter().flatten() {
-                if let Some(d) = self.pod_derived.get(member) {
-                    endpoint_policies.extend(d.policies.iter().cloned());
-                }
-            }
-        }
-        self.dirty.policies.extend(endpoint_policies);
+        // coming or going can change that for the policies of the others.
+        let lifted: Vec<Key> = old
+            .services
+            .symmetric_difference(&new.services)
+            .filter_map(|s| self.lifted_by_service.get(s))
+            .flatten()
+            .cloned()
+            .collect();
+        self.dirty.policies.extend(lifted);
         for p in old.policies.difference(&new.policies) {
             index_remove(&mut self.policy_members, p, key);
         }
