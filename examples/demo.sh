@@ -11,9 +11,11 @@
 #   sudo examples/demo.sh                 build (release) and run the story
 #   sudo examples/demo.sh --keep          ... and leave it running until Ctrl-C
 #   sudo examples/demo.sh --bin-dir DIR   use prebuilt controlplane + dataplane
+#   sudo examples/demo.sh --no-install    never install missing packages
 #
-# Everything it creates is named mbd-* (namespaces, links) and uses
-# addresses in 10.55.0.0/16 only.
+# On Debian and Ubuntu it installs the packages it lacks with apt-get,
+# saying which and why first. Everything it creates is named mbd-*
+# (namespaces, links) and uses addresses in 10.55.0.0/16 only.
 
 set -euo pipefail
 
@@ -29,10 +31,11 @@ readonly RUN_FILE=$TMP_BASE/$PREFIX-demo.run
 BIN_DIR=${MESHBOX_BIN_DIR:-}
 BASE_PORT=${MESHBOX_DEMO_BASE_PORT:-15000}
 KEEP=0
+INSTALL=1
 
 usage() {
 	cat <<EOF
-Usage: sudo $0 [--keep] [--bin-dir DIR] [--base-port N]
+Usage: sudo $0 [--keep] [--bin-dir DIR] [--base-port N] [--no-install]
 
 Runs the meshbox standalone demo: network namespaces as two nodes and four
 pods, the control plane on examples/demo/, one in-pod dataplane per node,
@@ -45,6 +48,10 @@ and a short story of what the mesh does. Cleans up on exit or Ctrl-C.
                   (REST), node-a's dataplane N+0/N+20/N+21 (admin, metrics,
                   readiness), node-b's N+100/N+120/N+121; default 15000
                   (env MESHBOX_DEMO_BASE_PORT)
+  --no-install    do not install missing packages: list them and stop
+                  (without it, on Debian and Ubuntu, the demo installs
+                  them with apt-get install --no-install-recommends, saying
+                  which and why first)
 EOF
 }
 
@@ -69,6 +76,7 @@ while (($#)); do
 		shift
 		;;
 	--base-port=*) BASE_PORT=${1#*=} ;;
+	--no-install) INSTALL=0 ;;
 	-h | --help)
 		usage
 		exit 0
@@ -176,27 +184,177 @@ check_running() {
 
 # --------------------------------------------------------- prerequisites --
 
-check_prerequisites() {
-	local missing=()
-	[[ $(uname -s) == Linux ]] || die "this demo needs Linux (network namespaces, iptables)"
-	((EUID == 0)) || die "run it as root: sudo $0 (it creates network namespaces and iptables rules)"
-	local tool pkg
-	for tool in ip:iproute2 iptables:iptables iptables-restore:iptables nsenter:util-linux \
-		runuser:util-linux flock:util-linux curl:curl openssl:openssl python3:python3; do
-		pkg=${tool#*:}
-		tool=${tool%%:*}
-		command -v "$tool" >/dev/null || missing+=("$tool (package $pkg)")
+# What the demo runs, and the Debian/Ubuntu package that has it:
+# tool-or-file:package:why (the why is shown before installing).
+readonly RUN_NEEDS=(
+	"ip:iproute2:network namespaces, links and routes for the nodes and pods"
+	"iptables:iptables:the dataplanes' capture rules inside the pods"
+	"iptables-restore:iptables:the dataplanes' capture rules inside the pods"
+	"nsenter:util-linux:the dataplanes run iptables inside the pods' namespaces"
+	"runuser:util-linux:building as the checkout's owner under sudo"
+	"flock:util-linux:one demo at a time"
+	"curl:curl:the pods' HTTP requests and the REST API calls"
+	"openssl:openssl:the key and CSR of the certificate step"
+	"python3:python3:the pods' sample app, and reading the JSON answers"
+)
+# What building the binaries with cargo needs besides Rust itself.
+readonly BUILD_NEEDS=(
+	"cc:gcc:the linker Rust uses, and the C parts of ring, aws-lc and jemalloc"
+	"/usr/include/stdio.h:libc6-dev:the C library's headers and start files, for cc"
+	"make:make:building jemalloc, the dataplane's allocator"
+)
+
+# Whether this is Debian or a derivative (Ubuntu...) with apt-get.
+debian_like() {
+	[[ -r /etc/os-release ]] && command -v apt-get >/dev/null || return 1
+	local ids
+	# shellcheck disable=SC1091 # the machine's own file, read in a subshell
+	ids=$(. /etc/os-release && printf ' %s %s ' "${ID:-}" "${ID_LIKE:-}")
+	[[ $ids == *" debian "* || $ids == *" ubuntu "* ]]
+}
+
+# The entries of "$@" (tool:package:why) whose tool or file is missing.
+missing_needs() {
+	local need tool
+	for need in "$@"; do
+		tool=${need%%:*}
+		if [[ $tool == /* ]]; then
+			[[ -e $tool ]] || printf '%s\n' "$need"
+		else
+			command -v "$tool" >/dev/null || printf '%s\n' "$need"
+		fi
 	done
-	if ((${#missing[@]})); then
-		printf '%sdemo failed:%s missing prerequisites:\n' "$RED$BOLD" "$RESET" >&2
-		printf '    %s\n' "${missing[@]}" >&2
-		echo "  On Debian/Ubuntu: apt-get install iproute2 iptables util-linux curl openssl python3" >&2
+}
+
+# cargo, and how to run it: as the user who owns the checkout when run
+# with sudo (so target/ stays theirs; sudo's PATH rarely has their
+# ~/.cargo/bin, and their toolchain is the one that built this checkout
+# before). Sets CARGO_RUN (the command prefix) and BUILD_USER.
+CARGO_RUN=()
+BUILD_USER=''
+find_cargo() {
+	local cargo user_home
+	cargo=$(command -v cargo || true)
+	if [[ -n ${SUDO_USER:-} && $SUDO_USER != root && $(stat -c %U "$REPO") == "$SUDO_USER" ]]; then
+		BUILD_USER=$SUDO_USER
+		user_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+		if [[ -x $user_home/.cargo/bin/cargo ]]; then cargo=$user_home/.cargo/bin/cargo; fi
+		[[ -n $cargo ]] || return 1
+		CARGO_RUN=(runuser -u "$SUDO_USER" -- env HOME="$user_home" PATH="$(dirname "$cargo"):$PATH" "$cargo")
+	else
+		[[ -n $cargo ]] || return 1
+		CARGO_RUN=("$cargo")
+	fi
+}
+
+# Rust is not installed from here: the demo does not run a remote script as
+# root. It says how to get it (rustup, as the user who builds).
+check_rust() {
+	local need have
+	need=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' "$REPO/Cargo.toml" | head -n 1)
+	if ! find_cargo; then
+		printf '%sdemo failed:%s cargo (Rust %s or newer) is not installed.\n' "$RED$BOLD" "$RESET" "${need:-?}" >&2
+		cat >&2 <<EOF
+  Install Rust with rustup, as the user who owns the checkout (not root):
+    on Debian 13 or Ubuntu 24.04 and later:  apt-get install rustup, then  rustup default stable
+    elsewhere: https://rustup.rs tells how (read the script it runs first)
+  Then run the demo again. Or give prebuilt binaries: --bin-dir DIR.
+EOF
 		exit 1
 	fi
-	ip netns list >/dev/null 2>&1 || die "'ip netns' does not work here (is this a container without CAP_SYS_ADMIN?)"
+	have=$("${CARGO_RUN[@]}" --version 2>&1) ||
+		die "'cargo --version' failed${BUILD_USER:+ (as $BUILD_USER)}: $(head -n 3 <<<"$have") -- with rustup: rustup default stable"
+	have=$(grep -oE '[0-9]+\.[0-9]+' <<<"$have" | head -n 1)
+	if [[ -n $need && -n $have ]] && ! version_at_least "$have" "$need"; then
+		die "Rust $have is older than the $need meshbox needs: rustup update stable${BUILD_USER:+ (as $BUILD_USER)}, or --bin-dir DIR"
+	fi
+}
+
+version_at_least() { # have need, both MAJOR.MINOR
+	local IFS=. h n
+	read -r -a h <<<"$1"
+	read -r -a n <<<"$2"
+	((h[0] > n[0] || (h[0] == n[0] && ${h[1]:-0} >= ${n[1]:-0})))
+}
+
+readonly APT_LOG=$TMP_BASE/$PREFIX-demo-apt.log
+
+apt_install() {
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >>"$APT_LOG" 2>&1 9>&-
+}
+
+# Installs packages "$@" with apt-get; refreshes the package lists (once)
+# only if the install fails for want of them.
+install_packages() {
+	: >"$APT_LOG"
+	cmd_line "apt-get install -y --no-install-recommends $*"
+	apt_install "$@" &
+	if spin $! "installing" "$APT_LOG"; then
+		rm -f -- "$APT_LOG"
+		return 0
+	fi
+	if ! grep -qE 'Unable to locate package|has no installation candidate|Unable to fetch some archives|Failed to fetch' "$APT_LOG"; then
+		die "apt-get install failed (the whole log: $APT_LOG)" "$APT_LOG"
+	fi
+	say "the package lists are missing or out of date: updating them, then again"
+	cmd_line "apt-get update"
+	DEBIAN_FRONTEND=noninteractive apt-get update >>"$APT_LOG" 2>&1 9>&- &
+	spin $! "apt-get update" "$APT_LOG" || die "apt-get update failed (the whole log: $APT_LOG)" "$APT_LOG"
+	cmd_line "apt-get install -y --no-install-recommends $*"
+	apt_install "$@" &
+	spin $! "installing" "$APT_LOG" || die "apt-get install failed (the whole log: $APT_LOG)" "$APT_LOG"
+	rm -f -- "$APT_LOG"
+}
+
+check_prerequisites() {
+	[[ $(uname -s) == Linux ]] || die "this demo needs Linux (network namespaces, iptables)"
+	((EUID == 0)) || die "run it as root: sudo $0 (it creates network namespaces and iptables rules)"
 	if ! [[ $BASE_PORT =~ ^[0-9]+$ ]] || ((BASE_PORT < 1024 || BASE_PORT + 121 > 65535)); then
 		die "--base-port must be a number between 1024 and 65414"
 	fi
+	local -a needs=("${RUN_NEEDS[@]}") missing packages
+	if [[ -z $BIN_DIR ]]; then
+		check_rust
+		needs+=("${BUILD_NEEDS[@]}")
+	fi
+	mapfile -t missing < <(missing_needs "${needs[@]}")
+	if ((${#missing[@]})); then
+		local need rest pkg
+		# One line per package, however many of its tools are missing.
+		local -A why=()
+		for need in "${missing[@]}"; do
+			rest=${need#*:}
+			pkg=${rest%%:*}
+			if [[ -z ${why[$pkg]+set} ]]; then
+				packages+=("$pkg")
+				why[$pkg]=${rest#*:}
+			fi
+		done
+		if ((INSTALL)) && debian_like; then
+			say "missing packages; installing them with apt-get (--no-install to refuse):"
+			for pkg in "${packages[@]}"; do
+				printf '    %-12s for %s\n' "$pkg" "${why[$pkg]}"
+			done
+			install_packages "${packages[@]}"
+			mapfile -t missing < <(missing_needs "${needs[@]}")
+			((${#missing[@]} == 0)) || die "still missing after apt-get install: ${missing[*]%%:*}"
+			ok "installed ${packages[*]}"
+		else
+			printf '%sdemo failed:%s missing prerequisites:\n' "$RED$BOLD" "$RESET" >&2
+			for need in "${missing[@]}"; do
+				pkg=${need#*:}
+				printf '    %s (package %s)\n' "${need%%:*}" "${pkg%%:*}" >&2
+			done
+			if debian_like; then
+				echo "  On Debian/Ubuntu: apt-get install --no-install-recommends ${packages[*]}" >&2
+				((INSTALL)) || echo "  (or run the demo without --no-install, and it installs them)" >&2
+			else
+				echo "  Install them with your distribution's package manager (Debian's names: ${packages[*]})." >&2
+			fi
+			exit 1
+		fi
+	fi
+	ip netns list >/dev/null 2>&1 || die "'ip netns' does not work here (is this a container without CAP_SYS_ADMIN?)"
 }
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -372,17 +530,22 @@ build_topology() {
 		ip -n "$PREFIX-$node" link set "$PREFIX-to-${other#node-}" up
 		ip -n "$PREFIX-$node" route add "${NODE_SUBNET[$other]}.0/24" via "${NODE_LINK_IP[$other]}"
 	done
-	# Each pod: a namespace with eth0 on its node's bridge, as a CNI would.
 	for spec in "${PODS[@]}"; do
 		IFS=: read -r pod pnode pip _ <<<"$spec"
-		ip netns add "$PREFIX-$pod"
-		ip -n "$PREFIX-$pnode" link add "$PREFIX-$pod" type veth peer name eth0 netns "$PREFIX-$pod"
-		ip -n "$PREFIX-$pnode" link set "$PREFIX-$pod" master "${PREFIX}br0" up
-		ip -n "$PREFIX-$pod" addr add "$pip/24" dev eth0
-		ip -n "$PREFIX-$pod" link set lo up
-		ip -n "$PREFIX-$pod" link set eth0 up
-		ip -n "$PREFIX-$pod" route add default via "${NODE_SUBNET[$pnode]}.1"
+		add_pod "$pod" "$pnode" "$pip"
 	done
+}
+
+# A pod: a namespace with eth0 on its node's bridge, as a CNI would leave it.
+add_pod() { # pod node ip
+	local pod=$1 node=$2 ip=$3
+	ip netns add "$PREFIX-$pod"
+	ip -n "$PREFIX-$node" link add "$PREFIX-$pod" type veth peer name eth0 netns "$PREFIX-$pod"
+	ip -n "$PREFIX-$node" link set "$PREFIX-$pod" master "${PREFIX}br0" up
+	ip -n "$PREFIX-$pod" addr add "$ip/24" dev eth0
+	ip -n "$PREFIX-$pod" link set lo up
+	ip -n "$PREFIX-$pod" link set eth0 up
+	ip -n "$PREFIX-$pod" route add default via "${NODE_SUBNET[$node]}.1"
 }
 
 pod_field() { # pod field-index (1 node, 2 ip, 3 namespace)
@@ -728,31 +891,18 @@ sys.exit(0 if (listed and known) == want and (want or not listed) else 1)
 PY
 }
 
-# Builds the release binaries (as the user who owns the checkout when run
-# with sudo, so target/ stays theirs) and points BIN_DIR at them.
+# Builds the release binaries with the cargo check_rust found (as the user
+# who owns the checkout when run with sudo, so target/ stays theirs) and
+# points BIN_DIR at them.
 build_release() {
-	local cargo user_home='' as_user=0
-	cargo=$(command -v cargo || true)
-	if [[ -n ${SUDO_USER:-} && $SUDO_USER != root && $(stat -c %U "$REPO") == "$SUDO_USER" ]]; then
-		# sudo's PATH rarely has the user's ~/.cargo/bin; their toolchain
-		# is the one that built this checkout before.
-		as_user=1
-		user_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
-		if [[ -x $user_home/.cargo/bin/cargo ]]; then cargo=$user_home/.cargo/bin/cargo; fi
-	fi
-	[[ -n $cargo ]] || die "cargo not found: install Rust (https://rustup.rs), or pass --bin-dir DIR with prebuilt controlplane and dataplane"
-	local -a build=("$cargo" build --release --manifest-path "$REPO/Cargo.toml" -p meshbox-controlplane -p meshbox-dataplane)
-	local -a meta=("$cargo" metadata --format-version 1 --no-deps --manifest-path "$REPO/Cargo.toml")
-	if ((as_user)); then
-		local -a runner=(runuser -u "$SUDO_USER" -- env HOME="$user_home" PATH="$(dirname "$cargo"):$PATH")
-		build=("${runner[@]}" "${build[@]}")
-		meta=("${runner[@]}" "${meta[@]}")
-		say "building as $SUDO_USER, who owns the checkout"
-	fi
-	cmd_line "cargo build --release -p meshbox-controlplane -p meshbox-dataplane   # the first build takes a few minutes"
-	run_logged "building" "$WORK/logs/build.log" "${build[@]}"
+	local -a packages=(-p meshbox-controlplane -p meshbox-dataplane)
+	[[ -n $BUILD_USER ]] && say "building as $BUILD_USER, who owns the checkout"
+	cmd_line "cargo build --release ${packages[*]}   # the first build takes a few minutes"
+	run_logged "building" "$WORK/logs/build.log" \
+		"${CARGO_RUN[@]}" build --release --manifest-path "$REPO/Cargo.toml" "${packages[@]}"
 	local target
-	target=$("${meta[@]}" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])') ||
+	target=$("${CARGO_RUN[@]}" metadata --format-version 1 --no-deps --manifest-path "$REPO/Cargo.toml" 2>/dev/null |
+		python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])') ||
 		target=$REPO/target
 	BIN_DIR=$target/release
 }
