@@ -255,7 +255,7 @@ check_rust() {
 	if ! find_cargo; then
 		printf '%sdemo failed:%s cargo (Rust %s or newer) is not installed.\n' "$RED$BOLD" "$RESET" "${need:-?}" >&2
 		cat >&2 <<EOF
-  Install Rust with rustup, as the user who owns the checkout (not root):
+  Install Rust with rustup as $(stat -c %U "$REPO"), who owns the checkout (under sudo the demo builds as them):
     on Debian 13 or Ubuntu 24.04 and later:  apt-get install rustup, then  rustup default stable
     elsewhere: https://rustup.rs tells how (read the script it runs first)
   Then run the demo again. Or give prebuilt binaries: --bin-dir DIR.
