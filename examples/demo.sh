@@ -16,6 +16,10 @@
 # On Debian and Ubuntu it installs the packages it lacks with apt-get,
 # saying which and why first. Everything it creates is named mbd-*
 # (namespaces, links) and uses addresses in 10.55.0.0/16 only.
+#
+# MESHBOX_DEMO_L7=1 adds a step with a waypoint (the L7 proxy): an HTTP
+# AuthorizationPolicy and a weighted HTTPRoute; off by default until the
+# waypoint serves traffic.
 
 set -euo pipefail
 
@@ -32,6 +36,9 @@ BIN_DIR=${MESHBOX_BIN_DIR:-}
 BASE_PORT=${MESHBOX_DEMO_BASE_PORT:-15000}
 KEEP=0
 INSTALL=1
+# The waypoint step; its own switch while the waypoint proxy is being built.
+L7=0
+[[ ${MESHBOX_DEMO_L7:-0} == 1 ]] && L7=1
 
 usage() {
 	cat <<EOF
@@ -52,6 +59,8 @@ and a short story of what the mesh does. Cleans up on exit or Ctrl-C.
                   (without it, on Debian and Ubuntu, the demo installs
                   them with apt-get install --no-install-recommends, saying
                   which and why first)
+
+MESHBOX_DEMO_L7=1 adds the waypoint step (HTTP policy, weighted route).
 EOF
 }
 
@@ -98,7 +107,7 @@ else
 	BOLD='' DIM='' RED='' GREEN='' CYAN='' RESET=''
 fi
 STEP=0
-readonly STEPS=10
+readonly STEPS=$((10 + L7))
 readonly SPINNER=('|' '/' '-' "\\")
 
 step() {
@@ -610,6 +619,192 @@ wait_log() { # node timeout patterns...
 		access_log "$node" "$@" >/dev/null
 }
 
+# ------------------------------------------------------------- waypoint --
+
+readonly WAYPOINT_POD=waypoint-1 WAYPOINT_NODE=node-a WAYPOINT_IP=10.55.1.30
+readonly WAYPOINT_ID=spiffe://cluster.local/ns/demo/sa/waypoint
+readonly WAYPOINT_SRC=$DEMO_SRC/waypoint
+
+in_waypoint() { ip netns exec "$PREFIX-$WAYPOINT_POD" "$@"; }
+waypoint_ready() { in_waypoint curl -sf --noproxy '*' --max-time 2 -o /dev/null http://127.0.0.1:15021/healthz/ready; }
+
+# Whether the waypoint's /config_dump holds resource $1 (namespace/name):
+# as that string, or as an object with that namespace and name.
+waypoint_has() {
+	in_waypoint curl -sf --noproxy '*' --max-time 2 -o "$WORK/dump-waypoint.json" http://127.0.0.1:15000/config_dump ||
+		return 1
+	python3 - "$WORK/dump-waypoint.json" "$1" <<'PY'
+import json, sys
+want = sys.argv[2]
+ns, name = want.split("/", 1)
+def found(v):
+    if isinstance(v, dict):
+        if v.get("namespace") == ns and v.get("name") == name:
+            return True
+        return want in v or any(found(x) for x in v.values())
+    if isinstance(v, list):
+        return any(found(x) for x in v)
+    return v == want
+sys.exit(0 if found(json.load(open(sys.argv[1]))) else 1)
+PY
+}
+
+# Whether the control plane lists waypoint demo/waypoint (GET /api/v1/waypoints).
+cp_knows_waypoint() {
+	cp_curl -f "https://127.0.0.1:$CP_REST_PORT/api/v1/waypoints" -o "$WORK/waypoints.json" 2>/dev/null || return 1
+	python3 - "$WORK/waypoints.json" <<'PY'
+import json, sys
+sys.exit(0 if any(w.get("namespace") == "demo" and w.get("name") == "waypoint" for w in json.load(open(sys.argv[1]))) else 1)
+PY
+}
+
+# Whether node $1's dataplane sends what is addressed to web to a waypoint.
+web_via_waypoint() {
+	dump "$1" || return 1
+	python3 - "$WORK/dump-$1.json" <<'PY'
+import json, sys
+services = json.load(open(sys.argv[1])).get("services") or []
+sys.exit(0 if any(s.get("hostname") == "web.demo.svc.cluster.local" and s.get("waypoint") for s in services) else 1)
+PY
+}
+
+# An HTTP request from the app in pod $1: method $2, URL $3, more curl
+# arguments after; prints "STATUS BODY".
+http_from() {
+	local pod=$1 method=$2 url=$3 status body
+	shift 3
+	status=$(ip netns exec "$PREFIX-$pod" curl -sS --noproxy '*' --max-time 5 -X "$method" \
+		-o "$WORK/body" -w '%{http_code}' "$@" "$url" 2>&1) || {
+		echo "$status" | tr '\n' ' '
+		return 1
+	}
+	# On one line: the body's line breaks as spaces, none at the end.
+	body=$(head -c 200 "$WORK/body" | tr -s '\r\n' '  ')
+	printf '%s %s\n' "$status" "${body% }"
+}
+
+# The last line of the waypoint's log holding every pattern in "$@" (its
+# access log: one line per request), without colours or timestamp.
+waypoint_log() {
+	python3 - "$WORK/logs/waypoint.log" "$@" <<'PY'
+import re, sys
+path, needles = sys.argv[1], sys.argv[2:]
+for line in reversed(open(path, errors="replace").read().splitlines()):
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    if all(n in line for n in needles):
+        print(re.sub(r"^\s*\d{4}-\d\d-\d\dT\S+\s+", "", line))
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+
+# Writes examples/demo/$1 into the watched folder as $2 (whole, at once) and
+# shows the command a user would type.
+write_config() {
+	cp "$DEMO_SRC/$1" "$WORK/config/.$2.tmp"
+	mv "$WORK/config/.$2.tmp" "$WORK/config/$2"
+	cmd_line "cp examples/demo/$1 $WORK/config/$2"
+}
+
+fold_indent() { fold -s -w 96 | sed 's/ *$//' | indent | indent; }
+
+waypoint_step() {
+	step "A waypoint: an HTTP policy and a weighted split (L7)"
+	rm -f "$WORK/config/deny-sleep.yaml"
+	say "deny-sleep.yaml removed: once web has a waypoint, web's node proxy sees the"
+	say "waypoint's identity, not sleep's; HTTP policies for web are enforced at the waypoint"
+
+	add_pod "$WAYPOINT_POD" "$WAYPOINT_NODE" "$WAYPOINT_IP"
+	say "the waypoint's pod: namespace $PREFIX-$WAYPOINT_POD on $WAYPOINT_NODE, $WAYPOINT_IP (istio.io/dataplane-mode: none: not captured)"
+	write_config waypoint/waypoint.yaml waypoint.yaml
+	say "  Gateway demo/waypoint (class istio-waypoint, for services), its Service (HBONE 15008) and pod"
+	wait_until "the control plane knowing the waypoint" 10 "$WORK/logs/controlplane.log" cp_knows_waypoint
+	python3 - "$WORK/waypoints.json" <<'PY' | indent
+import json, sys
+for w in json.load(open(sys.argv[1])):
+    print(f'{w["namespace"]}/{w["name"]}: class {w.get("class")}, for {w.get("for")}, at {", ".join(w.get("addresses") or [])}')
+PY
+
+	"$BIN_DIR/controlplane" token --state-dir "$WORK/state" --identity "$WAYPOINT_ID" --out "$WORK/waypoint.token" \
+		>"$WORK/logs/token-waypoint.log" 2>&1 || die "minting the waypoint's token" "$WORK/logs/token-waypoint.log"
+	# The control plane listens on this machine's 127.0.0.1, which the
+	# pod's namespace cannot reach; the relay carries the bytes (TLS end to
+	# end) from the pod's 127.0.0.1 to ours.
+	spawn "$WORK/logs/relay.log" python3 "$DEMO_SRC/relay.py" "/var/run/netns/$PREFIX-$WAYPOINT_POD" "$CP_GRPC_PORT"
+	wait_until "the relay to the control plane" 10 "$WORK/logs/relay.log" grep -q relaying "$WORK/logs/relay.log"
+	local started
+	started=$(now_ms)
+	spawn "$WORK/logs/waypoint.log" ip netns exec "$PREFIX-$WAYPOINT_POD" "$BIN_DIR/waypoint" run \
+		--xds-address "https://127.0.0.1:$CP_GRPC_PORT" --xds-root-ca "$WORK/state/root-cert.pem" \
+		--ca-root-ca "$WORK/state/root-cert.pem" --auth-token "$WORK/waypoint.token" \
+		--namespace demo --pod-name "$WAYPOINT_POD" --service-account waypoint --gateway waypoint
+	cmd_line "controlplane token --identity $WAYPOINT_ID --out waypoint.token"
+	cmd_line "ip netns exec $PREFIX-$WAYPOINT_POD waypoint run --gateway waypoint --namespace demo --pod-name $WAYPOINT_POD --service-account waypoint --auth-token waypoint.token ..."
+	say "  (its xDS and CA address, 127.0.0.1:$CP_GRPC_PORT, is relayed into the pod by examples/demo/relay.py)"
+	wait_until "the waypoint ready" 30 "$WORK/logs/waypoint.log" waypoint_ready
+	ok "waypoint ready as $WAYPOINT_ID, $(($(now_ms) - started)) ms after it started (in its pod: curl 127.0.0.1:15021/healthz/ready)"
+
+	local written
+	written=$(now_ms)
+	write_config waypoint/services.yaml services.yaml
+	say "  the web Service now has the label istio.io/use-waypoint: waypoint; web-v1 and web-v2 select one version each"
+	wait_until "node-a sending web's traffic to the waypoint" 10 "$WORK/logs/dataplane-node-a.log" web_via_waypoint node-a
+	ok "node-a's dataplane sends what sleep addresses to web to the waypoint, $(($(now_ms) - written)) ms after the file was written"
+
+	written=$(now_ms)
+	write_config waypoint/allow-get.yaml allow-get.yaml
+	sed -n '/^apiVersion/,$p' "$WAYPOINT_SRC/allow-get.yaml" | indent
+	wait_until "the waypoint receiving demo/allow-get" 10 "$WORK/logs/waypoint.log" waypoint_has demo/allow-get
+	ok "the waypoint has demo/allow-get, $(($(now_ms) - written)) ms after the file was written"
+	local answer
+	cmd_line "ip netns exec $PREFIX-sleep curl http://$VIP/l7/get"
+	answer=$(http_from sleep GET "http://$VIP/l7/get") || die "the GET through the waypoint failed: $answer" "$WORK/logs/waypoint.log"
+	[[ $answer == "200 hello from web-"* ]] || die "the GET was not served: $answer" "$WORK/logs/waypoint.log"
+	say "  $answer"
+	cmd_line "ip netns exec $PREFIX-sleep curl -X POST --data-binary hello http://$VIP/l7/post"
+	answer=$(http_from sleep POST "http://$VIP/l7/post" --data-binary hello) ||
+		die "the POST through the waypoint failed: $answer" "$WORK/logs/waypoint.log"
+	[[ $answer == "403 RBAC: access denied" ]] || die "the POST was not refused with 403 RBAC: access denied: $answer" "$WORK/logs/waypoint.log"
+	say "  $answer"
+	wait_until "the waypoint's access log" 5 "$WORK/logs/waypoint.log" waypoint_log /l7/post
+	say "the waypoint's access log (one line per request):"
+	waypoint_log /l7/get | fold_indent
+	waypoint_log /l7/post | fold_indent
+	ok "GET allowed, POST refused 403: decided by the waypoint on the method and sleep's verified identity"
+
+	written=$(now_ms)
+	write_config waypoint/route-90-10.yaml route-90-10.yaml
+	sed -n '/^apiVersion/,$p' "$WAYPOINT_SRC/route-90-10.yaml" | indent
+	wait_until "the waypoint receiving demo/web-split" 10 "$WORK/logs/waypoint.log" waypoint_has demo/web-split
+	ok "the waypoint has demo/web-split, $(($(now_ms) - written)) ms after the file was written"
+	say "what the control plane made of it (GET /api/v1/routes):"
+	cp_curl "https://127.0.0.1:$CP_REST_PORT/api/v1/routes" -o "$WORK/routes.json" 2>/dev/null || true
+	python3 - "$WORK/routes.json" <<'PY' | indent || true
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    parents = ", ".join(f'{p["namespace"]}/{p["name"]}:{p.get("port", "*")} via {p.get("waypoint") or "no waypoint"}' for p in r["parents"])
+    for rule in r["rules"]:
+        backends = ", ".join(f'{b["name"]}:{b.get("port")} weight {b.get("weight")}' for b in rule.get("backends") or [])
+        print(f'{r["namespace"]}/{r["name"]}: {parents} -> {backends} ({rule.get("outcome")})')
+    for p in r.get("problems") or []:
+        print(f'  problem: {p}')
+PY
+	cmd_line "ip netns exec $PREFIX-sleep curl 'http://$VIP/l7/split/[1-100]'   # 100 GETs on one connection"
+	ip netns exec "$PREFIX-sleep" curl -sS --noproxy '*' --max-time 20 "http://$VIP/l7/split/[1-100]" \
+		>"$WORK/split.txt" 2>&1 || die "the 100 requests failed: $(tail -n 3 "$WORK/split.txt")" "$WORK/logs/waypoint.log"
+	local v1 v2
+	v1=$(grep -c '^hello from web-1 ' "$WORK/split.txt" || true)
+	v2=$(grep -c '^hello from web-2 ' "$WORK/split.txt" || true)
+	say "  web-1 (version v1): $(printf '%3d' "$v1") $(printf '%*s' $((v1 / 2)) '' | tr ' ' '#')"
+	say "  web-2 (version v2): $(printf '%3d' "$v2") $(printf '%*s' $((v2 / 2)) '' | tr ' ' '#')"
+	((v1 + v2 == 100)) || die "$((v1 + v2)) of 100 requests answered by web: $(grep -v '^hello from' "$WORK/split.txt" | head -n 3)" "$WORK/logs/waypoint.log"
+	((v2 >= 1 && v2 <= 30)) || die "not a 90/10 split: $v1 to v1, $v2 to v2" "$WORK/logs/waypoint.log"
+	wait_until "the waypoint's access log" 5 "$WORK/logs/waypoint.log" waypoint_log /l7/split/100
+	say "the waypoint's access log: $(grep -c '/l7/split/' "$WORK/logs/waypoint.log") lines for them, the last:"
+	waypoint_log /l7/split/ | fold_indent
+	ok "split per request, by weight, on one client connection: the waypoint routes each request"
+}
+
 # ----------------------------------------------------------------- story --
 
 main() {
@@ -639,10 +834,12 @@ main() {
 		BIN_DIR=$(cd "$BIN_DIR" 2>/dev/null && pwd) || die "--bin-dir: no such directory"
 	fi
 	local bin
-	for bin in controlplane dataplane; do
+	local -a bins=(controlplane dataplane)
+	((L7)) && bins+=(waypoint)
+	for bin in "${bins[@]}"; do
 		[[ -x $BIN_DIR/$bin ]] || die "$BIN_DIR/$bin not found: build it with cargo build -p meshbox-$bin, or leave out --bin-dir"
 	done
-	ok "controlplane and dataplane from $BIN_DIR"
+	ok "$(printf '%s, ' "${bins[@]}" | sed 's/, $//') from $BIN_DIR"
 
 	step "A cluster of network namespaces: two nodes, four pods"
 	build_topology
@@ -796,6 +993,8 @@ PY
 	answer=$(request_from legacy "http://10.55.2.10:8080/") || die "legacy -> web-1 failed after STRICT was lifted: $answer" "$WORK/logs/dataplane-node-b.log"
 	say "strict-demo.yaml removed again: legacy's plaintext is accepted once more: \"$answer\""
 
+	if ((L7)); then waypoint_step; fi
+
 	step "A SPIFFE certificate with curl, from the REST API"
 	local id=spiffe://cluster.local/ns/demo/sa/reporter
 	cmd_line "TOKEN=\$(controlplane token --state-dir $WORK/state --identity $id)"
@@ -843,10 +1042,25 @@ PY
 		"curl -s 127.0.0.1:${METRICS[node-b]}/metrics | grep istio_tcp"
 		"the capture rules inside a pod"
 		"ip netns exec $PREFIX-web-1 iptables-save"
-		"a request from sleep (refused while the policy is there)"
-		"ip netns exec $PREFIX-sleep curl http://$VIP/"
-		"lift the policy (the next request goes through)"
-		"rm $WORK/config/deny-sleep.yaml"
+	)
+	if ((L7)); then
+		tips+=(
+			"a POST from sleep (403 from the waypoint), then a GET"
+			"ip netns exec $PREFIX-sleep curl -d hi http://$VIP/; ip netns exec $PREFIX-sleep curl http://$VIP/"
+			"the waypoint's routes, policies and certificates"
+			"ip netns exec $PREFIX-$WAYPOINT_POD curl -s 127.0.0.1:15000/config_dump | less"
+			"lift the HTTP policy, or the split"
+			"rm $WORK/config/allow-get.yaml $WORK/config/route-90-10.yaml"
+		)
+	else
+		tips+=(
+			"a request from sleep (refused while the policy is there)"
+			"ip netns exec $PREFIX-sleep curl http://$VIP/"
+			"lift the policy (the next request goes through)"
+			"rm $WORK/config/deny-sleep.yaml"
+		)
+	fi
+	tips+=(
 		"make the demo namespace STRICT again (legacy is refused)"
 		"cp $DEMO_SRC/policy/strict-demo.yaml $WORK/config/"
 		"the control plane: connected dataplanes, versions sent and ACKed"
@@ -854,6 +1068,7 @@ PY
 		"access logs"
 		"tail -f $WORK/logs/dataplane-node-b.log"
 	)
+	((L7)) && tips+=("the waypoint's access log" "tail -f $WORK/logs/waypoint.log")
 	local t
 	for ((t = 0; t < ${#tips[@]}; t += 2)); do
 		printf '    %s# %s%s\n    %s\n' "$DIM" "${tips[t]}" "$RESET" "${tips[t + 1]}"
@@ -896,6 +1111,7 @@ PY
 # points BIN_DIR at them.
 build_release() {
 	local -a packages=(-p meshbox-controlplane -p meshbox-dataplane)
+	((L7)) && packages+=(-p meshbox-waypoint)
 	[[ -n $BUILD_USER ]] && say "building as $BUILD_USER, who owns the checkout"
 	cmd_line "cargo build --release ${packages[*]}   # the first build takes a few minutes"
 	run_logged "building" "$WORK/logs/build.log" \
