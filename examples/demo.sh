@@ -288,8 +288,12 @@ version_at_least() { # have need, both MAJOR.MINOR
 
 readonly APT_LOG=$TMP_BASE/$PREFIX-demo-apt.log
 
+# A fresh cloud machine often runs unattended-upgrades at first boot: wait
+# for its dpkg lock rather than fail on it.
+readonly APT_LOCK_WAIT=(-o DPkg::Lock::Timeout=300)
+
 apt_install() {
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >>"$APT_LOG" 2>&1 9>&-
+	DEBIAN_FRONTEND=noninteractive apt-get "${APT_LOCK_WAIT[@]}" install -y --no-install-recommends "$@" >>"$APT_LOG" 2>&1 9>&-
 }
 
 # Installs packages "$@" with apt-get; refreshes the package lists (once)
@@ -307,7 +311,7 @@ install_packages() {
 	fi
 	say "the package lists are missing or out of date: updating them, then again"
 	cmd_line "apt-get update"
-	DEBIAN_FRONTEND=noninteractive apt-get update >>"$APT_LOG" 2>&1 9>&- &
+	DEBIAN_FRONTEND=noninteractive apt-get "${APT_LOCK_WAIT[@]}" update >>"$APT_LOG" 2>&1 9>&- &
 	spin $! "apt-get update" "$APT_LOG" || die "apt-get update failed (the whole log: $APT_LOG)" "$APT_LOG"
 	cmd_line "apt-get install -y --no-install-recommends $*"
 	apt_install "$@" &
