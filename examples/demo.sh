@@ -18,8 +18,7 @@
 # (namespaces, links) and uses addresses in 10.55.0.0/16 only.
 #
 # MESHBOX_DEMO_L7=1 adds a step with a waypoint (the L7 proxy): an HTTP
-# AuthorizationPolicy and a weighted HTTPRoute; off by default until the
-# waypoint serves traffic.
+# AuthorizationPolicy and a weighted HTTPRoute; off by default for now.
 
 set -euo pipefail
 
@@ -36,7 +35,8 @@ BIN_DIR=${MESHBOX_BIN_DIR:-}
 BASE_PORT=${MESHBOX_DEMO_BASE_PORT:-15000}
 KEEP=0
 INSTALL=1
-# The waypoint step; its own switch while the waypoint proxy is being built.
+# The waypoint step, behind its own switch until it is part of the default
+# story (and of dataplane/tests/standalone_demo.rs).
 L7=0
 [[ ${MESHBOX_DEMO_L7:-0} == 1 ]] && L7=1
 
@@ -702,6 +702,8 @@ sys.exit(1)
 PY
 }
 
+waypoint_logged() { waypoint_log "$@" >/dev/null; }
+
 # Writes examples/demo/$1 into the watched folder as $2 (whole, at once) and
 # shows the command a user would type.
 write_config() {
@@ -741,7 +743,8 @@ PY
 	spawn "$WORK/logs/waypoint.log" ip netns exec "$PREFIX-$WAYPOINT_POD" "$BIN_DIR/waypoint" run \
 		--xds-address "https://127.0.0.1:$CP_GRPC_PORT" --xds-root-ca "$WORK/state/root-cert.pem" \
 		--ca-root-ca "$WORK/state/root-cert.pem" --auth-token "$WORK/waypoint.token" \
-		--namespace demo --pod-name "$WAYPOINT_POD" --service-account waypoint --gateway waypoint
+		--namespace demo --pod-name "$WAYPOINT_POD" --service-account waypoint --gateway waypoint \
+		--drain-timeout 1s
 	cmd_line "controlplane token --identity $WAYPOINT_ID --out waypoint.token"
 	cmd_line "ip netns exec $PREFIX-$WAYPOINT_POD waypoint run --gateway waypoint --namespace demo --pod-name $WAYPOINT_POD --service-account waypoint --auth-token waypoint.token ..."
 	say "  (its xDS and CA address, 127.0.0.1:$CP_GRPC_PORT, is relayed into the pod by examples/demo/relay.py)"
@@ -760,17 +763,26 @@ PY
 	sed -n '/^apiVersion/,$p' "$WAYPOINT_SRC/allow-get.yaml" | indent
 	wait_until "the waypoint receiving demo/allow-get" 10 "$WORK/logs/waypoint.log" waypoint_has demo/allow-get
 	ok "the waypoint has demo/allow-get, $(($(now_ms) - written)) ms after the file was written"
+	say "what the control plane made of it (GET /api/v1/policies):"
+	cp_curl "https://127.0.0.1:$CP_REST_PORT/api/v1/policies" -o "$WORK/policies.json" 2>/dev/null || true
+	python3 - "$WORK/policies.json" <<'PY' | indent || true
+import json, sys
+for p in json.load(open(sys.argv[1])):
+    if (p.get("namespace"), p.get("name")) == ("demo", "allow-get"):
+        print(f'demo/allow-get: {p.get("action")} scope {p.get("scope")}, enforced by {", ".join(p.get("enforcedBy") or ["nothing"])}')
+PY
 	local answer
 	cmd_line "ip netns exec $PREFIX-sleep curl http://$VIP/l7/get"
 	answer=$(http_from sleep GET "http://$VIP/l7/get") || die "the GET through the waypoint failed: $answer" "$WORK/logs/waypoint.log"
 	[[ $answer == "200 hello from web-"* ]] || die "the GET was not served: $answer" "$WORK/logs/waypoint.log"
 	say "  $answer"
+	say "  (web sees the waypoint's address: the waypoint opens its own HBONE connection to web)"
 	cmd_line "ip netns exec $PREFIX-sleep curl -X POST --data-binary hello http://$VIP/l7/post"
 	answer=$(http_from sleep POST "http://$VIP/l7/post" --data-binary hello) ||
 		die "the POST through the waypoint failed: $answer" "$WORK/logs/waypoint.log"
 	[[ $answer == "403 RBAC: access denied" ]] || die "the POST was not refused with 403 RBAC: access denied: $answer" "$WORK/logs/waypoint.log"
 	say "  $answer"
-	wait_until "the waypoint's access log" 5 "$WORK/logs/waypoint.log" waypoint_log /l7/post
+	wait_until "the waypoint's access log" 5 "$WORK/logs/waypoint.log" waypoint_logged /l7/post
 	say "the waypoint's access log (one line per request):"
 	waypoint_log /l7/get | fold_indent
 	waypoint_log /l7/post | fold_indent
@@ -803,9 +815,10 @@ PY
 	say "  web-2 (version v2): $(printf '%3d' "$v2") $(printf '%*s' $((v2 / 2)) '' | tr ' ' '#')"
 	((v1 + v2 == 100)) || die "$((v1 + v2)) of 100 requests answered by web: $(grep -v '^hello from' "$WORK/split.txt" | head -n 3)" "$WORK/logs/waypoint.log"
 	((v2 >= 1 && v2 <= 30)) || die "not a 90/10 split: $v1 to v1, $v2 to v2" "$WORK/logs/waypoint.log"
-	wait_until "the waypoint's access log" 5 "$WORK/logs/waypoint.log" waypoint_log /l7/split/100
-	say "the waypoint's access log: $(grep -c '/l7/split/' "$WORK/logs/waypoint.log") lines for them, the last:"
-	waypoint_log /l7/split/ | fold_indent
+	wait_until "the waypoint's access log" 5 "$WORK/logs/waypoint.log" waypoint_logged /l7/split/100
+	say "the waypoint's access log: $(grep -c '/l7/split/' "$WORK/logs/waypoint.log") lines for them; the last to each version:"
+	waypoint_log /l7/split/ dst.workload=web-1 | fold_indent
+	waypoint_log /l7/split/ dst.workload=web-2 | fold_indent
 	ok "split per request, by weight, on one client connection: the waypoint routes each request"
 }
 
