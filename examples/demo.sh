@@ -17,8 +17,8 @@
 # saying which and why first. Everything it creates is named mbd-*
 # (namespaces, links) and uses addresses in 10.55.0.0/16 only.
 #
-# MESHBOX_DEMO_L7=1 adds a step with a waypoint (the L7 proxy): an HTTP
-# AuthorizationPolicy and a weighted HTTPRoute; off by default for now.
+# One step puts a waypoint (the L7 proxy) in front of the web Service: an
+# HTTP AuthorizationPolicy and a weighted HTTPRoute.
 
 set -euo pipefail
 
@@ -37,8 +37,6 @@ KEEP=0
 INSTALL=1
 # The waypoint step, behind its own switch until it is part of the default
 # story (and of dataplane/tests/standalone_demo.rs).
-L7=0
-[[ ${MESHBOX_DEMO_L7:-0} == 1 ]] && L7=1
 
 usage() {
 	cat <<EOF
@@ -59,8 +57,6 @@ and a short story of what the mesh does. Cleans up on exit or Ctrl-C.
                   (without it, on Debian and Ubuntu, the demo installs
                   them with apt-get install --no-install-recommends, saying
                   which and why first)
-
-MESHBOX_DEMO_L7=1 adds the waypoint step (HTTP policy, weighted route).
 EOF
 }
 
@@ -107,7 +103,7 @@ else
 	BOLD='' DIM='' RED='' GREEN='' CYAN='' RESET=''
 fi
 STEP=0
-readonly STEPS=$((10 + L7))
+readonly STEPS=11
 readonly SPINNER=('|' '/' '-' "\\")
 
 step() {
@@ -851,8 +847,7 @@ main() {
 		BIN_DIR=$(cd "$BIN_DIR" 2>/dev/null && pwd) || die "--bin-dir: no such directory"
 	fi
 	local bin
-	local -a bins=(controlplane dataplane)
-	((L7)) && bins+=(waypoint)
+	local -a bins=(controlplane dataplane waypoint)
 	for bin in "${bins[@]}"; do
 		[[ -x $BIN_DIR/$bin ]] || die "$BIN_DIR/$bin not found: build it with cargo build -p meshbox-$bin, or leave out --bin-dir"
 	done
@@ -1010,7 +1005,7 @@ PY
 	answer=$(request_from legacy "http://10.55.2.10:8080/") || die "legacy -> web-1 failed after STRICT was lifted: $answer" "$WORK/logs/dataplane-node-b.log"
 	say "strict-demo.yaml removed again: legacy's plaintext is accepted once more: \"$answer\""
 
-	if ((L7)); then waypoint_step; fi
+	waypoint_step
 
 	step "A SPIFFE certificate with curl, from the REST API"
 	local id=spiffe://cluster.local/ns/demo/sa/reporter
@@ -1060,23 +1055,14 @@ PY
 		"the capture rules inside a pod"
 		"ip netns exec $PREFIX-web-1 iptables-save"
 	)
-	if ((L7)); then
-		tips+=(
-			"a POST from sleep (403 from the waypoint), then a GET"
-			"ip netns exec $PREFIX-sleep curl -d hi http://$VIP/; ip netns exec $PREFIX-sleep curl http://$VIP/"
-			"the waypoint's routes, policies and certificates"
-			"ip netns exec $PREFIX-$WAYPOINT_POD curl -s 127.0.0.1:15000/config_dump | less"
-			"lift the HTTP policy, or the split"
-			"rm $WORK/config/allow-get.yaml $WORK/config/route-90-10.yaml"
-		)
-	else
-		tips+=(
-			"a request from sleep (refused while the policy is there)"
-			"ip netns exec $PREFIX-sleep curl http://$VIP/"
-			"lift the policy (the next request goes through)"
-			"rm $WORK/config/deny-sleep.yaml"
-		)
-	fi
+	tips+=(
+		"a POST from sleep (403 from the waypoint), then a GET"
+		"ip netns exec $PREFIX-sleep curl -d hi http://$VIP/; ip netns exec $PREFIX-sleep curl http://$VIP/"
+		"the waypoint's routes, policies and certificates"
+		"ip netns exec $PREFIX-$WAYPOINT_POD curl -s 127.0.0.1:15000/config_dump | less"
+		"lift the HTTP policy, or the split"
+		"rm $WORK/config/allow-get.yaml $WORK/config/route-90-10.yaml"
+	)
 	tips+=(
 		"make the demo namespace STRICT again (legacy is refused)"
 		"cp $DEMO_SRC/policy/strict-demo.yaml $WORK/config/"
@@ -1085,7 +1071,7 @@ PY
 		"access logs"
 		"tail -f $WORK/logs/dataplane-node-b.log"
 	)
-	((L7)) && tips+=("the waypoint's access log" "tail -f $WORK/logs/waypoint.log")
+	tips+=("the waypoint's access log" "tail -f $WORK/logs/waypoint.log")
 	local t
 	for ((t = 0; t < ${#tips[@]}; t += 2)); do
 		printf '    %s# %s%s\n    %s\n' "$DIM" "${tips[t]}" "$RESET" "${tips[t + 1]}"
@@ -1127,8 +1113,7 @@ PY
 # who owns the checkout when run with sudo, so target/ stays theirs) and
 # points BIN_DIR at them.
 build_release() {
-	local -a packages=(-p meshbox-controlplane -p meshbox-dataplane)
-	((L7)) && packages+=(-p meshbox-waypoint)
+	local -a packages=(-p meshbox-controlplane -p meshbox-dataplane -p meshbox-waypoint)
 	[[ -n $BUILD_USER ]] && say "building as $BUILD_USER, who owns the checkout"
 	cmd_line "cargo build --release ${packages[*]}   # the first build takes a few minutes"
 	run_logged "building" "$WORK/logs/build.log" \
