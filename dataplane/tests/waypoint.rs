@@ -845,6 +845,40 @@ async fn waypoint_drains_on_sigterm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_deny_on_a_path_holds_against_other_spellings() {
+    let deny_admin = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+---
+"#;
+    let l7 = L7Mesh::start("waypoint-paths", 30, deny_admin).await;
+    wait_for_l7_config(&l7.waypoint, 1, 0).await;
+    let mut conn = l7.http1(l7.reviews()).await;
+    for path in [
+        "/admin",
+        "/admin/users",
+        "/x/../admin",
+        "/%61dmin",
+        "/x/%2e%2e/admin/y",
+    ] {
+        let (status, body) = conn.send("GET", path, &[]).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (403, "RBAC: access denied"),
+            "{path}"
+        );
+    }
+    // What the app sees is the normalised path the policy judged.
+    let (status, body) = conn.send("GET", "/x/./public/../%7euser", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.ends_with(" GET /x/~user\n"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn selector_policy_on_service_endpoints_is_enforced_at_the_services_waypoint() {
     // A selector policy on the reviews pods, whose Service uses the
     // waypoint: its HTTP rule is enforced there, and the reviews pods'

@@ -418,7 +418,9 @@ async fn decide_and_forward(
         let addr = upstream.authority().unwrap_or(upstream.connect_to);
         // Policies bound to the chosen endpoint (moved here from its node
         // proxy) are decided now that it is known.
+        // (A request addressed to a workload had them with the target.)
         if let Some(w) = &endpoint
+            && service_key.is_some()
             && l7.policies.has_endpoint_policies()
         {
             let extra: Vec<&Policy> = l7.policies.for_endpoint(&w.uid, service_key).collect();
