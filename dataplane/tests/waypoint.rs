@@ -303,8 +303,14 @@ async fn waypoint_balances_each_request_over_the_service_endpoints() {
     let mut conn = l7.http1(l7.reviews()).await;
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for _ in 0..10 {
-        let (status, body) = conn.send("GET", "/reviews/1", &[]).await;
+        let r = conn.request("GET", "/reviews/1", &[], None).await.unwrap();
+        let (status, body) = (r.status, r.body);
         assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            r.headers.get("echo-authority").map(|v| v.as_bytes()),
+            Some(&b"reviews"[..]),
+            "HTTP/1.1: the client's Host reaches the app"
+        );
         let served_by = body
             .split_whitespace()
             .next()
@@ -325,8 +331,15 @@ async fn waypoint_balances_each_request_over_the_service_endpoints() {
     let mut h2 = HttpClient::http2(stream).await;
     let mut seen_h2 = std::collections::BTreeSet::new();
     for _ in 0..10 {
-        let (status, body) = h2.send("GET", "/h2", &[]).await;
+        let r = h2.request("GET", "/h2", &[], None).await.unwrap();
+        let (status, body) = (r.status, r.body);
         assert_eq!(status, 200, "{body}");
+        // The client's authority reaches the app as `:authority`, alone
+        // (the app answers 400 to a Host header next to it, as nginx does).
+        assert_eq!(
+            r.headers.get("echo-authority").map(|v| v.as_bytes()),
+            Some(&b"reviews"[..])
+        );
         seen_h2.insert(
             body.split_whitespace()
                 .next()

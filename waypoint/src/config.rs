@@ -52,9 +52,13 @@ pub struct Settings {
     /// larger ones are answered 431.
     #[arg(long, default_value_t = 60 * 1024)]
     pub max_header_bytes: usize,
-    /// How long a client may take to send a request's headers before its
-    /// connection is closed (slowloris).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long an HTTP/1.1 client may take to send a request's headers
+    /// before its connection is closed (slowloris). hyper starts the clock
+    /// when it waits for a request, so this is also how long an idle
+    /// keep-alive connection stays open: long enough for client pools
+    /// (nginx keeps idle connections 75 s), short enough to bound a
+    /// slowloris.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
     /// Requested certificate lifetime (the CA may grant less).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]

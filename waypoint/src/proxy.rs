@@ -436,14 +436,24 @@ async fn decide_and_forward(
                 }
             }
         }
+        // HTTP/1.1 upstream: the URI names the endpoint (hyper's pool is
+        // keyed on it) and the client's Host header goes as it came.
+        // HTTP/2: the URI keeps the client's authority (`:authority`), and
+        // the connection is chosen by endpoint.
+        let h2 = head.version == Version::HTTP_2;
+        let target = head
+            .uri
+            .query()
+            .map_or_else(|| path.to_owned(), |q| format!("{path}?{q}"));
+        let uri_authority = if h2 && !authority.is_empty() {
+            authority.to_owned()
+        } else {
+            addr.to_string()
+        };
         let uri = match Uri::builder()
             .scheme("http")
-            .authority(addr.to_string())
-            .path_and_query(
-                head.uri
-                    .query()
-                    .map_or_else(|| path.to_owned(), |q| format!("{path}?{q}")),
-            )
+            .authority(uri_authority)
+            .path_and_query(target)
             .build()
         {
             Ok(uri) => uri,
@@ -461,14 +471,8 @@ async fn decide_and_forward(
                 r.request_headers.apply(h);
             }
             strip_hop_by_hop(h);
-            // Upstream, `:authority` (HTTP/2) is the endpoint's address,
-            // which the connection pool is keyed on; the client's own
-            // authority travels in Host, as HTTP/1.1 clients sent it.
-            if head.version == Version::HTTP_2
-                && !h.contains_key(header::HOST)
-                && let Ok(value) = HeaderValue::from_str(authority)
-            {
-                h.insert(header::HOST, value);
+            if h2 {
+                h.remove(header::HOST);
             }
         }
         let out_body = match body.take() {
@@ -478,12 +482,21 @@ async fn decide_and_forward(
         let Ok(request) = builder.body(out_body) else {
             return Answer::local(StatusCode::BAD_REQUEST, "", "-", "bad request".to_owned());
         };
-        let client = if head.version == Version::HTTP_2 {
-            &wp.upstreams.http2
-        } else {
-            &wp.upstreams.http1
+        let send = async {
+            if h2 {
+                wp.upstreams
+                    .http2
+                    .send(addr, request)
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                wp.upstreams
+                    .http1
+                    .request(request)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
         };
-        let send = client.request(request);
         let limit = match (deadline, try_timeout) {
             (Some(d), Some(t)) => Some(d.min(tokio::time::Instant::now() + t)),
             (Some(d), None) => Some(d),

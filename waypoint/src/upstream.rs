@@ -5,20 +5,21 @@
 //! endpoint's identity. HTTP/1.1 connections are kept alive and reused;
 //! HTTP/2 ones carry many requests each.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Uri;
+use http::{Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshbox_certs::SpiffeId;
 use meshbox_dataplane::identity::CertificateManager;
 use meshbox_dataplane::mesh::Mesh;
@@ -28,6 +29,7 @@ use meshbox_dataplane::proxy::tunnel::HboneStream;
 use meshbox_dataplane::state::{HBONE_PORT, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tower::Service;
 
 /// A request or response body as the waypoint passes it on.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -207,12 +209,14 @@ impl tower::Service<Uri> for HboneConnector {
     }
 }
 
-/// The two upstream clients: requests go upstream in the protocol they
-/// came in (HTTP/2 by prior knowledge to an endpoint whose client spoke it).
+/// The upstream clients: requests go upstream in the protocol they came in
+/// (HTTP/2 by prior knowledge to an endpoint whose client spoke it).
 #[derive(Clone)]
 pub struct Upstreams {
+    /// HTTP/1.1: hyper's pool, keyed by the URI's authority, which is the
+    /// endpoint's address; the client's own `Host` header goes unchanged.
     pub http1: Client<HboneConnector, Body>,
-    pub http2: Client<HboneConnector, Body>,
+    pub http2: Http2Pool,
     /// For streams that are not HTTP.
     pub connector: HboneConnector,
 }
@@ -220,17 +224,110 @@ pub struct Upstreams {
 impl Upstreams {
     pub fn new(connector: HboneConnector) -> Self {
         let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            // The client's own Host (or :authority) goes upstream unchanged.
-            .set_host(false);
-        let http1 = builder.build(connector.clone());
-        builder.http2_only(true);
-        let http2 = builder.build(connector.clone());
+        builder.pool_idle_timeout(IDLE_TIMEOUT).set_host(false);
         Self {
-            http1,
-            http2,
+            http1: builder.build(connector.clone()),
+            http2: Http2Pool::new(connector.clone()),
             connector,
         }
+    }
+}
+
+/// HTTP/2 upstream connections, one per endpoint, each carrying many
+/// requests. Its own rather than hyper's pooled client, whose pool is keyed
+/// by the URI's authority: an HTTP/2 request's `:authority` must be the
+/// client's (RFC 9113 §8.3.1; a `Host` next to it is refused by servers
+/// such as nginx), while the connection is the endpoint's.
+#[derive(Clone)]
+pub struct Http2Pool {
+    connector: HboneConnector,
+    conns: Arc<parking_lot::Mutex<HashMap<SocketAddr, Http2Conn>>>,
+}
+
+struct Http2Conn {
+    sender: hyper::client::conn::http2::SendRequest<Body>,
+    last_used: Instant,
+}
+
+/// Why an upstream request failed before a response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, io::Error),
+    #[error("HTTP/2 with {0}: {1}")]
+    Http(SocketAddr, hyper::Error),
+}
+
+impl Http2Pool {
+    fn new(connector: HboneConnector) -> Self {
+        Self {
+            connector,
+            conns: Arc::default(),
+        }
+    }
+
+    /// Sends `request` (its URI carries the client's authority) to
+    /// `endpoint`, on the endpoint's connection, dialing one if there is
+    /// none or it has closed.
+    pub async fn send(
+        &self,
+        endpoint: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+        let mut sender = self.sender(endpoint).await?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| UpstreamError::Http(endpoint, e))?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Http(endpoint, e))
+    }
+
+    async fn sender(
+        &self,
+        endpoint: SocketAddr,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, UpstreamError> {
+        {
+            let mut conns = self.conns.lock();
+            if let Some(conn) = conns.get_mut(&endpoint)
+                && !conn.sender.is_closed()
+            {
+                conn.last_used = Instant::now();
+                return Ok(conn.sender.clone());
+            }
+        }
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(endpoint.to_string())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| UpstreamError::Connect(endpoint, io::Error::other(e)))?;
+        let io = self
+            .connector
+            .clone()
+            .call(uri)
+            .await
+            .map_err(|e| UpstreamError::Connect(endpoint, e))?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(IDLE_TIMEOUT / 2)
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Http(endpoint, e))?;
+        tokio::spawn(conn);
+        let mut conns = self.conns.lock();
+        // Dropping the last sender of a connection closes it: idle and
+        // closed ones go when a new one is made.
+        conns.retain(|_, c| !c.sender.is_closed() && c.last_used.elapsed() < IDLE_TIMEOUT);
+        conns.insert(
+            endpoint,
+            Http2Conn {
+                sender: sender.clone(),
+                last_used: Instant::now(),
+            },
+        );
+        Ok(sender)
     }
 }

@@ -969,8 +969,9 @@ pub mod hbone {
 }
 
 /// An HTTP app (HTTP/1.1 and HTTP/2 by prior knowledge) that answers every
-/// request `200 {name} {method} {path-and-query}`, and echoes each request
-/// header whose name starts with `x-` as `echo-{name}`.
+/// request `200 {name} {method} {path-and-query}`, echoes each request
+/// header whose name starts with `x-` as `echo-{name}`, and the authority it
+/// was asked for (`:authority`, else Host) as `echo-authority`.
 pub async fn http_app(addr: SocketAddr, name: &str) -> tokio::task::JoinHandle<()> {
     use http_body_util::Full;
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -993,6 +994,28 @@ pub async fn http_app(addr: SocketAddr, name: &str) -> tokio::task::JoinHandle<(
                         let mut response = hyper::Response::new(Full::new(bytes::Bytes::from(
                             format!("{name} {} {target}\n", req.method()),
                         )));
+                        let authority = req
+                            .uri()
+                            .authority()
+                            .map(|a| a.as_str().to_owned())
+                            .or_else(|| {
+                                req.headers()
+                                    .get("host")
+                                    .and_then(|h| h.to_str().ok())
+                                    .map(str::to_owned)
+                            });
+                        if let Some(value) =
+                            authority.and_then(|a| hyper::header::HeaderValue::from_str(&a).ok())
+                        {
+                            response.headers_mut().insert("echo-authority", value);
+                        }
+                        // HTTP/2 carries the authority once: a Host header
+                        // next to `:authority` is what nginx refuses.
+                        if req.version() == hyper::Version::HTTP_2
+                            && req.headers().contains_key("host")
+                        {
+                            *response.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                        }
                         for (header, value) in req.headers() {
                             if header.as_str().starts_with("x-")
                                 && let Ok(echo) = hyper::header::HeaderName::from_bytes(
