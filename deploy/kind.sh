@@ -3,7 +3,10 @@
 #
 #   deploy/kind.sh         create (or reuse) the cluster, build and load the
 #                          images, install meshbox, run a sample in the mesh
-#                          and prove it works; safe to run again
+#                          and prove it works: L4 (mutual TLS, a DENY
+#                          policy), then L7 through a waypoint the control
+#                          plane deploys (GET allowed and POST refused by one
+#                          policy, a 90/10 HTTPRoute split); safe to run again
 #   deploy/kind.sh down    remove what it installed (see below)
 #
 # Needs docker (running), kind and kubectl (1.24 or later); curl and openssl
@@ -42,9 +45,20 @@ readonly DEMO_NS=meshbox-demo
 readonly MARKER=meshbox-kind-sh
 readonly CP_IMAGE=meshbox/controlplane:dev
 readonly DP_IMAGE=meshbox/dataplane:dev
+readonly WP_IMAGE=meshbox/waypoint:dev
+readonly WAYPOINT=waypoint
+readonly USE_WAYPOINT=istio.io/use-waypoint
+# controllerName of the HTTPRoute status entries the control plane writes.
+readonly ROUTE_CONTROLLER=meshbox.io/mesh-controller
+# The L7 samples, removed again before the L4 steps of a rerun.
+readonly L7_SAMPLES=(split-route.yaml split-backends.yaml get-only.yaml waypoint.yaml)
+# The weighted split's check: requests sent, and the share of server-v2
+# (10% configured) accepted, in requests: 3% to 20%, over 3.5 standard
+# deviations of a binomial(200, 0.1) either side.
+readonly SPLIT_REQUESTS=200 SPLIT_V2_MIN=6 SPLIT_V2_MAX=40
 readonly CLIENT_ID=spiffe://cluster.local/ns/$DEMO_NS/sa/client
 readonly SERVER_ID=spiffe://cluster.local/ns/$DEMO_NS/sa/server
-readonly TOTAL_STEPS=9
+readonly TOTAL_STEPS=12
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/meshbox-kind.XXXXXX")
 readonly WORK
@@ -120,8 +134,11 @@ trap 'KEEP_WORK=1; exit 130' INT TERM
 k() { kubectl --context "$CONTEXT" "$@"; }
 
 # kubectl apply/delete -k print kustomize's notice that the overlay uses
-# `bases` (kept for kustomize v2, see deploy/kind/kustomization.yaml).
-quiet_kustomize() { grep -v "Warning: 'bases' is deprecated" || true; }
+# `bases` and `patchesStrategicMerge` (kept for kustomize v2, see
+# deploy/kind/kustomization.yaml).
+quiet_kustomize() {
+	grep -v -e "Warning: 'bases' is deprecated" -e "Warning: 'patchesStrategicMerge' is deprecated" || true
+}
 
 now_utc() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 
@@ -252,7 +269,7 @@ build_images() {
 	step "Building the images (deploy/Dockerfile)"
 	say "the first build compiles the workspace in release mode: several minutes"
 	local target image
-	for target in controlplane dataplane; do
+	for target in controlplane dataplane waypoint; do
 		image=meshbox/$target:dev
 		cmd_line "docker build -f deploy/Dockerfile --target $target -t $image ."
 		run_logged "$WORK/build-$target.log" "building $image" \
@@ -262,13 +279,15 @@ build_images() {
 
 load_images() {
 	step "Loading the images into the nodes"
-	cmd_line "kind load docker-image --name $CLUSTER $CP_IMAGE $DP_IMAGE"
-	run_logged "$WORK/kind-load.log" "kind load" kind load docker-image --name "$CLUSTER" "$CP_IMAGE" "$DP_IMAGE"
+	cmd_line "kind load docker-image --name $CLUSTER $CP_IMAGE $DP_IMAGE $WP_IMAGE"
+	run_logged "$WORK/kind-load.log" "kind load" kind load docker-image --name "$CLUSTER" "$CP_IMAGE" "$DP_IMAGE" "$WP_IMAGE"
 }
 
 gateway_api() {
 	step "Gateway API CRDs"
-	if k get crd gateways.gateway.networking.k8s.io >/dev/null 2>&1; then
+	# Gateway (waypoints) and HTTPRoute (the split) are both in the
+	# standard channel.
+	if k get crd gateways.gateway.networking.k8s.io httproutes.gateway.networking.k8s.io >/dev/null 2>&1; then
 		ok "already installed"
 		return
 	fi
@@ -341,8 +360,17 @@ install_meshbox() {
 
 deploy_sample() {
 	step "Sample app in namespace $DEMO_NS (istio.io/dataplane-mode=ambient)"
-	# A policy left by an interrupted run would fail the first proof.
+	# A policy, waypoint or route left by an earlier run would change the
+	# first proofs (through a waypoint, the server sees the waypoint's
+	# identity, not the client's). Deleting the Gateway also lets its
+	# waypoint come back with a freshly loaded image.
 	k delete -f "$DEPLOY/samples/deny-client.yaml" --ignore-not-found >/dev/null 2>&1 || true
+	local f
+	for f in "${L7_SAMPLES[@]}"; do
+		k delete -f "$DEPLOY/samples/$f" --ignore-not-found --wait=true >/dev/null 2>&1 || true
+	done
+	k -n "$DEMO_NS" wait --for=delete "deployment/$WAYPOINT" --timeout=60s >/dev/null 2>&1 || true
+	k -n "$DEMO_NS" label service server "$USE_WAYPOINT-" >/dev/null 2>&1 || true
 	cmd_line "kubectl apply -f deploy/samples/demo.yaml"
 	k apply -f "$DEPLOY/samples/demo.yaml" >"$WORK/apply-sample.log" 2>&1 ||
 		die "kubectl apply -f deploy/samples/demo.yaml failed" "$WORK/apply-sample.log"
@@ -506,6 +534,141 @@ prove_certificate() {
 	ok "a certificate for $id, issued for the client's service-account token"
 }
 
+# apply_sample FILE: shows FILE's objects and applies it.
+apply_sample() {
+	sed -n '/^apiVersion/,$p' "$DEPLOY/samples/$1" | indent
+	cmd_line "kubectl apply -f deploy/samples/$1"
+	k apply -f "$DEPLOY/samples/$1" >"$WORK/apply-$1.log" 2>&1 ||
+		die "kubectl apply -f deploy/samples/$1 failed" "$WORK/apply-$1.log"
+	indent <"$WORK/apply-$1.log"
+}
+
+# The waypoint controller's log lines, for a failure report.
+controlplane_waypoint_log() {
+	k -n "$SYSTEM_NS" logs deployment/meshbox-controlplane --tail=-1 2>/dev/null |
+		grep -i waypoint | tail -n 20 >"$WORK/controlplane-waypoint.log" || true
+}
+
+prove_waypoint() {
+	step "A waypoint: a Gateway of class istio-waypoint, deployed by the control plane"
+	apply_sample waypoint.yaml
+	cmd_line "kubectl -n $DEMO_NS wait --for=condition=Programmed gateway/$WAYPOINT"
+	if ! k -n "$DEMO_NS" wait --for=condition=Programmed "gateway/$WAYPOINT" --timeout=180s >"$WORK/wait-waypoint.log" 2>&1; then
+		diagnose "$DEMO_NS"
+		controlplane_waypoint_log
+		die "the Gateway was not Programmed within 180 s (the control plane's waypoint lines are in $WORK/controlplane-waypoint.log)" "$WORK/wait-waypoint.log"
+	fi
+	k -n "$DEMO_NS" get gateway "$WAYPOINT" | indent
+	cmd_line "kubectl -n $DEMO_NS get deployment,service,serviceaccount -l gateway.networking.k8s.io/gateway-name=$WAYPOINT"
+	k -n "$DEMO_NS" get deployment,service,serviceaccount -l "gateway.networking.k8s.io/gateway-name=$WAYPOINT" | indent
+	local kind owner address cluster_ip
+	for kind in deployment service serviceaccount; do
+		owner=$(k -n "$DEMO_NS" get "$kind" "$WAYPOINT" \
+			-o 'jsonpath={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}/{.metadata.ownerReferences[0].controller}')
+		[[ $owner == "Gateway/$WAYPOINT/true" ]] ||
+			die "$kind/$WAYPOINT is not controlled by Gateway $WAYPOINT (owner: ${owner:-none}), so it would not go with it"
+	done
+	address=$(k -n "$DEMO_NS" get gateway "$WAYPOINT" -o 'jsonpath={.status.addresses[0].value}')
+	cluster_ip=$(k -n "$DEMO_NS" get service "$WAYPOINT" -o 'jsonpath={.spec.clusterIP}')
+	[[ -n $address && $address == "$cluster_ip" ]] ||
+		die "the Gateway's status address (${address:-none}) is not its Service's cluster IP ($cluster_ip)"
+	ok "Deployment, Service and ServiceAccount $WAYPOINT, owned by the Gateway; Programmed, at $address:15008"
+}
+
+# http_code METHOD: the status code of METHOD http://server/hostname from
+# the client.
+http_code() {
+	k -n "$DEMO_NS" exec deploy/client -c client -- \
+		curl -sS -o /dev/null -w '%{http_code}' --max-time 5 -X "$1" http://server/hostname 2>/dev/null || true
+}
+
+post_refused() { [[ $(http_code POST) == 403 ]]; }
+
+prove_l7_policy() {
+	step "L7 authorization at the waypoint: GET allowed, POST refused (403)"
+	cmd_line "kubectl -n $DEMO_NS label service server $USE_WAYPOINT=$WAYPOINT"
+	k -n "$DEMO_NS" label --overwrite service server "$USE_WAYPOINT=$WAYPOINT" 2>&1 | indent
+	apply_sample get-only.yaml
+	local start=$SECONDS body code
+	if ! wait_until 120 post_refused; then
+		diagnose "$DEMO_NS"
+		die "a POST to server is still not refused with 403 120 s after the policy was applied (last answer: $(http_code POST))"
+	fi
+	ok "POST refused ($((SECONDS - start)) s after kubectl apply)"
+	cmd_line "kubectl -n $DEMO_NS exec deploy/client -- curl -s -X POST http://server/hostname"
+	body=$(k -n "$DEMO_NS" exec deploy/client -c client -- curl -sS --max-time 5 -X POST http://server/hostname 2>&1 || true)
+	say "$body"
+	[[ $body == "RBAC: access denied" ]] ||
+		die "the refusal's body is '$body', not 'RBAC: access denied'"
+	cmd_line "kubectl -n $DEMO_NS exec deploy/client -- curl -s -w ' %{http_code}' http://server/hostname"
+	code=$(http_code GET)
+	[[ $code == 200 ]] || die "a GET to server answered ${code:-nothing}, not 200"
+	say "$(request hostname) 200"
+	ok "GET allowed, POST answered 403 'RBAC: access denied': one AuthorizationPolicy (targetRefs: Service server), enforced by the waypoint"
+	local log
+	log=$(k -n "$DEMO_NS" logs "deployment/$WAYPOINT" --tail=200 2>/dev/null | grep -F 403 | tail -n 1 || true)
+	if [[ -n $log ]]; then
+		say "the waypoint's access log:"
+		indent <<<"$log"
+	fi
+}
+
+# The answers of SPLIT_REQUESTS GETs to server, one per line (the pod name
+# of the backend that answered), from one exec in the client.
+split_answers() {
+	k -n "$DEMO_NS" exec deploy/client -c client -- sh -c \
+		"for i in \$(seq $SPLIT_REQUESTS); do curl -sS --max-time 5 http://server/hostname; echo; done" 2>/dev/null
+}
+
+route_in_effect() { [[ $(request hostname) == server-v[12]-* ]]; }
+
+# The conditions of meshbox's entry in the split route's status, as
+# "Type=Status " each.
+route_conditions() {
+	k -n "$DEMO_NS" get httproute server-split \
+		-o "jsonpath={range .status.parents[?(@.controllerName==\"$ROUTE_CONTROLLER\")].conditions[*]}{.type}={.status} {end}" 2>/dev/null
+}
+
+route_status_true() {
+	local conditions
+	conditions=$(route_conditions)
+	[[ $conditions == *Accepted=True* && $conditions == *ResolvedRefs=True* && $conditions == *ResolvedWaypoints=True* ]]
+}
+
+prove_split() {
+	step "A weighted split at the waypoint: HTTPRoute 90/10 between server-v1 and server-v2"
+	cmd_line "kubectl apply -f deploy/samples/split-backends.yaml"
+	k apply -f "$DEPLOY/samples/split-backends.yaml" >"$WORK/apply-split-backends.log" 2>&1 ||
+		die "kubectl apply -f deploy/samples/split-backends.yaml failed" "$WORK/apply-split-backends.log"
+	local d
+	for d in server-v1 server-v2; do
+		if ! k -n "$DEMO_NS" rollout status "deployment/$d" --timeout=300s >"$WORK/rollout-$d.log" 2>&1; then
+			diagnose "$DEMO_NS"
+			die "the sample's $d did not become ready" "$WORK/rollout-$d.log"
+		fi
+	done
+	ok "server-v1 and server-v2 running"
+	apply_sample split-route.yaml
+	wait_until 120 route_in_effect ||
+		die "120 s after the HTTPRoute was applied, server still answers from its own pod ($(request hostname))"
+	cmd_line "kubectl -n $DEMO_NS exec deploy/client -- sh -c 'for i in \$(seq $SPLIT_REQUESTS); do curl -s http://server/hostname; echo; done'"
+	split_answers >"$WORK/split.txt"
+	local v1 v2 other
+	v1=$(grep -c '^server-v1-' "$WORK/split.txt" || true)
+	v2=$(grep -c '^server-v2-' "$WORK/split.txt" || true)
+	other=$((SPLIT_REQUESTS - v1 - v2))
+	say "$SPLIT_REQUESTS requests: server-v1 answered $v1, server-v2 $v2, anything else $other"
+	((other == 0)) ||
+		die "$other of $SPLIT_REQUESTS requests were not answered by server-v1 or server-v2" "$WORK/split.txt"
+	((v2 >= SPLIT_V2_MIN && v2 <= SPLIT_V2_MAX)) ||
+		die "server-v2 answered $v2 of $SPLIT_REQUESTS, outside $SPLIT_V2_MIN..$SPLIT_V2_MAX for a 10% weight"
+	ok "split $((v1 * 100 / SPLIT_REQUESTS))/$((v2 * 100 / SPLIT_REQUESTS)) for weights 90/10"
+	cmd_line "kubectl -n $DEMO_NS get httproute server-split -o yaml   # status.parents, controllerName $ROUTE_CONTROLLER"
+	wait_until 60 route_status_true ||
+		die "the HTTPRoute's status (controllerName $ROUTE_CONTROLLER) says '$(route_conditions)', not Accepted, ResolvedRefs and ResolvedWaypoints True"
+	ok "the route's status, written by the control plane: $(route_conditions)"
+}
+
 summary() {
 	printf '\n%s==> Done: meshbox runs on kind cluster %s%s\n' "$BOLD" "$CLUSTER" "$RESET"
 	cat <<EOF | indent
@@ -517,6 +680,9 @@ Where to look next:
   curl --cacert root-cert.pem -H "Authorization: Bearer \$TOKEN" https://localhost:$REST_PORT/api/v1/workloads?namespace=$DEMO_NS
   curl --cacert root-cert.pem -H "Authorization: Bearer \$TOKEN" https://localhost:$REST_PORT/api/v1/dataplanes      # xDS streams, capture state
   kubectl --context $CONTEXT -n $DEMO_NS exec deploy/client -- curl -s http://server/hostname
+  kubectl --context $CONTEXT -n $DEMO_NS get gateway $WAYPOINT                  # the waypoint: address, Programmed
+  kubectl --context $CONTEXT -n $DEMO_NS logs deploy/$WAYPOINT -f              # its access log (L7)
+  kubectl --context $CONTEXT -n $DEMO_NS get httproute server-split -o yaml     # the route's status: Accepted, ResolvedRefs, ResolvedWaypoints
 Remove it all: $0 down
 EOF
 }
@@ -532,6 +698,9 @@ up() {
 	prove_request
 	prove_policy
 	prove_certificate
+	prove_waypoint
+	prove_l7_policy
+	prove_split
 	summary
 }
 

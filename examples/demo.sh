@@ -11,9 +11,14 @@
 #   sudo examples/demo.sh                 build (release) and run the story
 #   sudo examples/demo.sh --keep          ... and leave it running until Ctrl-C
 #   sudo examples/demo.sh --bin-dir DIR   use prebuilt controlplane + dataplane
+#   sudo examples/demo.sh --no-install    never install missing packages
 #
-# Everything it creates is named mbd-* (namespaces, links) and uses
-# addresses in 10.55.0.0/16 only.
+# On Debian and Ubuntu it installs the packages it lacks with apt-get,
+# saying which and why first. Everything it creates is named mbd-*
+# (namespaces, links) and uses addresses in 10.55.0.0/16 only.
+#
+# One step puts a waypoint (the L7 proxy) in front of the web Service: an
+# HTTP AuthorizationPolicy and a weighted HTTPRoute.
 
 set -euo pipefail
 
@@ -29,10 +34,13 @@ readonly RUN_FILE=$TMP_BASE/$PREFIX-demo.run
 BIN_DIR=${MESHBOX_BIN_DIR:-}
 BASE_PORT=${MESHBOX_DEMO_BASE_PORT:-15000}
 KEEP=0
+INSTALL=1
+# The waypoint step, behind its own switch until it is part of the default
+# story (and of dataplane/tests/standalone_demo.rs).
 
 usage() {
 	cat <<EOF
-Usage: sudo $0 [--keep] [--bin-dir DIR] [--base-port N]
+Usage: sudo $0 [--keep] [--bin-dir DIR] [--base-port N] [--no-install]
 
 Runs the meshbox standalone demo: network namespaces as two nodes and four
 pods, the control plane on examples/demo/, one in-pod dataplane per node,
@@ -45,6 +53,10 @@ and a short story of what the mesh does. Cleans up on exit or Ctrl-C.
                   (REST), node-a's dataplane N+0/N+20/N+21 (admin, metrics,
                   readiness), node-b's N+100/N+120/N+121; default 15000
                   (env MESHBOX_DEMO_BASE_PORT)
+  --no-install    do not install missing packages: list them and stop
+                  (without it, on Debian and Ubuntu, the demo installs
+                  them with apt-get install --no-install-recommends, saying
+                  which and why first)
 EOF
 }
 
@@ -69,6 +81,7 @@ while (($#)); do
 		shift
 		;;
 	--base-port=*) BASE_PORT=${1#*=} ;;
+	--no-install) INSTALL=0 ;;
 	-h | --help)
 		usage
 		exit 0
@@ -90,7 +103,7 @@ else
 	BOLD='' DIM='' RED='' GREEN='' CYAN='' RESET=''
 fi
 STEP=0
-readonly STEPS=10
+readonly STEPS=11
 readonly SPINNER=('|' '/' '-' "\\")
 
 step() {
@@ -176,27 +189,181 @@ check_running() {
 
 # --------------------------------------------------------- prerequisites --
 
-check_prerequisites() {
-	local missing=()
-	[[ $(uname -s) == Linux ]] || die "this demo needs Linux (network namespaces, iptables)"
-	((EUID == 0)) || die "run it as root: sudo $0 (it creates network namespaces and iptables rules)"
-	local tool pkg
-	for tool in ip:iproute2 iptables:iptables iptables-restore:iptables nsenter:util-linux \
-		runuser:util-linux flock:util-linux curl:curl openssl:openssl python3:python3; do
-		pkg=${tool#*:}
-		tool=${tool%%:*}
-		command -v "$tool" >/dev/null || missing+=("$tool (package $pkg)")
+# What the demo runs, and the Debian/Ubuntu package that has it:
+# tool-or-file:package:why (the why is shown before installing).
+readonly RUN_NEEDS=(
+	"ip:iproute2:network namespaces, links and routes for the nodes and pods"
+	"iptables:iptables:the dataplanes' capture rules inside the pods"
+	"iptables-restore:iptables:the dataplanes' capture rules inside the pods"
+	"nsenter:util-linux:the dataplanes run iptables inside the pods' namespaces"
+	"runuser:util-linux:building as the checkout's owner under sudo"
+	"flock:util-linux:one demo at a time"
+	"curl:curl:the pods' HTTP requests and the REST API calls"
+	"openssl:openssl:the key and CSR of the certificate step"
+	"python3:python3:the pods' sample app, and reading the JSON answers"
+)
+# What building the binaries with cargo needs besides Rust itself.
+readonly BUILD_NEEDS=(
+	"cc:gcc:the linker Rust uses, and the C parts of ring, aws-lc and jemalloc"
+	"/usr/include/stdio.h:libc6-dev:the C library's headers and start files, for cc"
+	"make:make:building jemalloc, the dataplane's allocator"
+)
+
+# Whether this is Debian or a derivative (Ubuntu...) with apt-get.
+debian_like() {
+	[[ -r /etc/os-release ]] && command -v apt-get >/dev/null || return 1
+	local ids
+	# shellcheck disable=SC1091 # the machine's own file, read in a subshell
+	ids=$(. /etc/os-release && printf ' %s %s ' "${ID:-}" "${ID_LIKE:-}")
+	[[ $ids == *" debian "* || $ids == *" ubuntu "* ]]
+}
+
+# The entries of "$@" (tool:package:why) whose tool or file is missing.
+missing_needs() {
+	local need tool
+	for need in "$@"; do
+		tool=${need%%:*}
+		if [[ $tool == /* ]]; then
+			[[ -e $tool ]] || printf '%s\n' "$need"
+		else
+			command -v "$tool" >/dev/null || printf '%s\n' "$need"
+		fi
 	done
-	if ((${#missing[@]})); then
-		printf '%sdemo failed:%s missing prerequisites:\n' "$RED$BOLD" "$RESET" >&2
-		printf '    %s\n' "${missing[@]}" >&2
-		echo "  On Debian/Ubuntu: apt-get install iproute2 iptables util-linux curl openssl python3" >&2
+}
+
+# cargo, and how to run it: as the user who owns the checkout when run
+# with sudo (so target/ stays theirs; sudo's PATH rarely has their
+# ~/.cargo/bin, and their toolchain is the one that built this checkout
+# before). Sets CARGO_RUN (the command prefix) and BUILD_USER.
+CARGO_RUN=()
+BUILD_USER=''
+find_cargo() {
+	local cargo user_home
+	cargo=$(command -v cargo || true)
+	if [[ -n ${SUDO_USER:-} && $SUDO_USER != root && $(stat -c %U "$REPO") == "$SUDO_USER" ]]; then
+		BUILD_USER=$SUDO_USER
+		user_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+		if [[ -x $user_home/.cargo/bin/cargo ]]; then cargo=$user_home/.cargo/bin/cargo; fi
+		[[ -n $cargo ]] || return 1
+		CARGO_RUN=(runuser -u "$SUDO_USER" -- env HOME="$user_home" PATH="$(dirname "$cargo"):$PATH" "$cargo")
+	else
+		[[ -n $cargo ]] || return 1
+		CARGO_RUN=("$cargo")
+	fi
+}
+
+# Rust is not installed from here: the demo does not run a remote script as
+# root. It says how to get it (rustup, as the user who builds).
+check_rust() {
+	local need have
+	need=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' "$REPO/Cargo.toml" | head -n 1)
+	if ! find_cargo; then
+		printf '%sdemo failed:%s cargo (Rust %s or newer) is not installed.\n' "$RED$BOLD" "$RESET" "${need:-?}" >&2
+		cat >&2 <<EOF
+  Install Rust with rustup as $(stat -c %U "$REPO"), who owns the checkout (under sudo the demo builds as them):
+    on Debian 13 or Ubuntu 24.04 and later:  apt-get install rustup, then  rustup default stable
+    elsewhere: https://rustup.rs tells how (read the script it runs first)
+  Then run the demo again. Or give prebuilt binaries: --bin-dir DIR.
+EOF
 		exit 1
 	fi
-	ip netns list >/dev/null 2>&1 || die "'ip netns' does not work here (is this a container without CAP_SYS_ADMIN?)"
+	have=$("${CARGO_RUN[@]}" --version 2>&1) ||
+		die "'cargo --version' failed${BUILD_USER:+ (as $BUILD_USER)}: $(head -n 3 <<<"$have") -- with rustup: rustup default stable"
+	have=$(grep -oE '[0-9]+\.[0-9]+' <<<"$have" | head -n 1)
+	if [[ -n $need && -n $have ]] && ! version_at_least "$have" "$need"; then
+		die "Rust $have is older than the $need meshbox needs: rustup update stable${BUILD_USER:+ (as $BUILD_USER)}, or --bin-dir DIR"
+	fi
+}
+
+version_at_least() { # have need, both MAJOR.MINOR
+	local IFS=. h n
+	read -r -a h <<<"$1"
+	read -r -a n <<<"$2"
+	((h[0] > n[0] || (h[0] == n[0] && ${h[1]:-0} >= ${n[1]:-0})))
+}
+
+readonly APT_LOG=$TMP_BASE/$PREFIX-demo-apt.log
+
+# A fresh cloud machine often runs unattended-upgrades at first boot: wait
+# for its dpkg lock rather than fail on it.
+readonly APT_LOCK_WAIT=(-o DPkg::Lock::Timeout=300)
+
+apt_install() {
+	DEBIAN_FRONTEND=noninteractive apt-get "${APT_LOCK_WAIT[@]}" install -y --no-install-recommends "$@" >>"$APT_LOG" 2>&1 9>&-
+}
+
+# Installs packages "$@" with apt-get; refreshes the package lists (once)
+# only if the install fails for want of them.
+install_packages() {
+	: >"$APT_LOG"
+	cmd_line "apt-get install -y --no-install-recommends $*"
+	apt_install "$@" &
+	if spin $! "installing" "$APT_LOG"; then
+		rm -f -- "$APT_LOG"
+		return 0
+	fi
+	if ! grep -qE 'Unable to locate package|has no installation candidate|Unable to fetch some archives|Failed to fetch' "$APT_LOG"; then
+		die "apt-get install failed (the whole log: $APT_LOG)" "$APT_LOG"
+	fi
+	say "the package lists are missing or out of date: updating them, then again"
+	cmd_line "apt-get update"
+	DEBIAN_FRONTEND=noninteractive apt-get "${APT_LOCK_WAIT[@]}" update >>"$APT_LOG" 2>&1 9>&- &
+	spin $! "apt-get update" "$APT_LOG" || die "apt-get update failed (the whole log: $APT_LOG)" "$APT_LOG"
+	cmd_line "apt-get install -y --no-install-recommends $*"
+	apt_install "$@" &
+	spin $! "installing" "$APT_LOG" || die "apt-get install failed (the whole log: $APT_LOG)" "$APT_LOG"
+	rm -f -- "$APT_LOG"
+}
+
+check_prerequisites() {
+	[[ $(uname -s) == Linux ]] || die "this demo needs Linux (network namespaces, iptables)"
+	((EUID == 0)) || die "run it as root: sudo $0 (it creates network namespaces and iptables rules)"
 	if ! [[ $BASE_PORT =~ ^[0-9]+$ ]] || ((BASE_PORT < 1024 || BASE_PORT + 121 > 65535)); then
 		die "--base-port must be a number between 1024 and 65414"
 	fi
+	local -a needs=("${RUN_NEEDS[@]}") missing packages
+	if [[ -z $BIN_DIR ]]; then
+		check_rust
+		needs+=("${BUILD_NEEDS[@]}")
+	fi
+	mapfile -t missing < <(missing_needs "${needs[@]}")
+	if ((${#missing[@]})); then
+		local need rest pkg
+		# One line per package, however many of its tools are missing.
+		local -A why=()
+		for need in "${missing[@]}"; do
+			rest=${need#*:}
+			pkg=${rest%%:*}
+			if [[ -z ${why[$pkg]+set} ]]; then
+				packages+=("$pkg")
+				why[$pkg]=${rest#*:}
+			fi
+		done
+		if ((INSTALL)) && debian_like; then
+			say "missing packages; installing them with apt-get (--no-install to refuse):"
+			for pkg in "${packages[@]}"; do
+				printf '    %-12s for %s\n' "$pkg" "${why[$pkg]}"
+			done
+			install_packages "${packages[@]}"
+			mapfile -t missing < <(missing_needs "${needs[@]}")
+			((${#missing[@]} == 0)) || die "still missing after apt-get install: ${missing[*]%%:*}"
+			ok "installed ${packages[*]}"
+		else
+			printf '%sdemo failed:%s missing prerequisites:\n' "$RED$BOLD" "$RESET" >&2
+			for need in "${missing[@]}"; do
+				pkg=${need#*:}
+				printf '    %s (package %s)\n' "${need%%:*}" "${pkg%%:*}" >&2
+			done
+			if debian_like; then
+				echo "  On Debian/Ubuntu: apt-get install --no-install-recommends ${packages[*]}" >&2
+				((INSTALL)) || echo "  (or run the demo without --no-install, and it installs them)" >&2
+			else
+				echo "  Install them with your distribution's package manager (Debian's names: ${packages[*]})." >&2
+			fi
+			exit 1
+		fi
+	fi
+	ip netns list >/dev/null 2>&1 || die "'ip netns' does not work here (is this a container without CAP_SYS_ADMIN?)"
 }
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -372,17 +539,22 @@ build_topology() {
 		ip -n "$PREFIX-$node" link set "$PREFIX-to-${other#node-}" up
 		ip -n "$PREFIX-$node" route add "${NODE_SUBNET[$other]}.0/24" via "${NODE_LINK_IP[$other]}"
 	done
-	# Each pod: a namespace with eth0 on its node's bridge, as a CNI would.
 	for spec in "${PODS[@]}"; do
 		IFS=: read -r pod pnode pip _ <<<"$spec"
-		ip netns add "$PREFIX-$pod"
-		ip -n "$PREFIX-$pnode" link add "$PREFIX-$pod" type veth peer name eth0 netns "$PREFIX-$pod"
-		ip -n "$PREFIX-$pnode" link set "$PREFIX-$pod" master "${PREFIX}br0" up
-		ip -n "$PREFIX-$pod" addr add "$pip/24" dev eth0
-		ip -n "$PREFIX-$pod" link set lo up
-		ip -n "$PREFIX-$pod" link set eth0 up
-		ip -n "$PREFIX-$pod" route add default via "${NODE_SUBNET[$pnode]}.1"
+		add_pod "$pod" "$pnode" "$pip"
 	done
+}
+
+# A pod: a namespace with eth0 on its node's bridge, as a CNI would leave it.
+add_pod() { # pod node ip
+	local pod=$1 node=$2 ip=$3
+	ip netns add "$PREFIX-$pod"
+	ip -n "$PREFIX-$node" link add "$PREFIX-$pod" type veth peer name eth0 netns "$PREFIX-$pod"
+	ip -n "$PREFIX-$node" link set "$PREFIX-$pod" master "${PREFIX}br0" up
+	ip -n "$PREFIX-$pod" addr add "$ip/24" dev eth0
+	ip -n "$PREFIX-$pod" link set lo up
+	ip -n "$PREFIX-$pod" link set eth0 up
+	ip -n "$PREFIX-$pod" route add default via "${NODE_SUBNET[$node]}.1"
 }
 
 pod_field() { # pod field-index (1 node, 2 ip, 3 namespace)
@@ -447,6 +619,205 @@ wait_log() { # node timeout patterns...
 		access_log "$node" "$@" >/dev/null
 }
 
+# ------------------------------------------------------------- waypoint --
+
+readonly WAYPOINT_POD=waypoint-1 WAYPOINT_NODE=node-a WAYPOINT_IP=10.55.1.30
+readonly WAYPOINT_ID=spiffe://cluster.local/ns/demo/sa/waypoint
+readonly WAYPOINT_SRC=$DEMO_SRC/waypoint
+
+in_waypoint() { ip netns exec "$PREFIX-$WAYPOINT_POD" "$@"; }
+waypoint_ready() { in_waypoint curl -sf --noproxy '*' --max-time 2 -o /dev/null http://127.0.0.1:15021/healthz/ready; }
+
+# Whether the waypoint's /config_dump holds resource $1 (namespace/name):
+# as that string, or as an object with that namespace and name.
+waypoint_has() {
+	in_waypoint curl -sf --noproxy '*' --max-time 2 -o "$WORK/dump-waypoint.json" http://127.0.0.1:15000/config_dump ||
+		return 1
+	python3 - "$WORK/dump-waypoint.json" "$1" <<'PY'
+import json, sys
+want = sys.argv[2]
+ns, name = want.split("/", 1)
+def found(v):
+    if isinstance(v, dict):
+        if v.get("namespace") == ns and v.get("name") == name:
+            return True
+        return want in v or any(found(x) for x in v.values())
+    if isinstance(v, list):
+        return any(found(x) for x in v)
+    return v == want
+sys.exit(0 if found(json.load(open(sys.argv[1]))) else 1)
+PY
+}
+
+# Whether the control plane lists waypoint demo/waypoint (GET /api/v1/waypoints).
+cp_knows_waypoint() {
+	cp_curl -f "https://127.0.0.1:$CP_REST_PORT/api/v1/waypoints" -o "$WORK/waypoints.json" 2>/dev/null || return 1
+	python3 - "$WORK/waypoints.json" <<'PY'
+import json, sys
+sys.exit(0 if any(w.get("namespace") == "demo" and w.get("name") == "waypoint" for w in json.load(open(sys.argv[1]))) else 1)
+PY
+}
+
+# Whether node $1's dataplane sends what is addressed to web to a waypoint.
+web_via_waypoint() {
+	dump "$1" || return 1
+	python3 - "$WORK/dump-$1.json" <<'PY'
+import json, sys
+services = json.load(open(sys.argv[1])).get("services") or []
+sys.exit(0 if any(s.get("hostname") == "web.demo.svc.cluster.local" and s.get("waypoint") for s in services) else 1)
+PY
+}
+
+# An HTTP request from the app in pod $1: method $2, URL $3, more curl
+# arguments after; prints "STATUS BODY".
+http_from() {
+	local pod=$1 method=$2 url=$3 status body
+	shift 3
+	status=$(ip netns exec "$PREFIX-$pod" curl -sS --noproxy '*' --max-time 5 -X "$method" \
+		-o "$WORK/body" -w '%{http_code}' "$@" "$url" 2>&1) || {
+		echo "$status" | tr '\n' ' '
+		return 1
+	}
+	# On one line: the body's line breaks as spaces, none at the end.
+	body=$(head -c 200 "$WORK/body" | tr -s '\r\n' '  ')
+	printf '%s %s\n' "$status" "${body% }"
+}
+
+# The last line of the waypoint's log holding every pattern in "$@" (its
+# access log: one line per request), without colours or timestamp.
+waypoint_log() {
+	python3 - "$WORK/logs/waypoint.log" "$@" <<'PY'
+import re, sys
+path, needles = sys.argv[1], sys.argv[2:]
+for line in reversed(open(path, errors="replace").read().splitlines()):
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    if all(n in line for n in needles):
+        print(re.sub(r"^\s*\d{4}-\d\d-\d\dT\S+\s+", "", line))
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+
+waypoint_logged() { waypoint_log "$@" >/dev/null; }
+
+# Writes examples/demo/$1 into the watched folder as $2 (whole, at once) and
+# shows the command a user would type.
+write_config() {
+	cp "$DEMO_SRC/$1" "$WORK/config/.$2.tmp"
+	mv "$WORK/config/.$2.tmp" "$WORK/config/$2"
+	cmd_line "cp examples/demo/$1 $WORK/config/$2"
+}
+
+fold_indent() { fold -s -w 96 | sed 's/ *$//' | indent | indent; }
+
+waypoint_step() {
+	step "A waypoint: an HTTP policy and a weighted split (L7)"
+	rm -f "$WORK/config/deny-sleep.yaml"
+	say "deny-sleep.yaml removed: once web has a waypoint, web's node proxy sees the"
+	say "waypoint's identity, not sleep's; HTTP policies for web are enforced at the waypoint"
+
+	add_pod "$WAYPOINT_POD" "$WAYPOINT_NODE" "$WAYPOINT_IP"
+	say "the waypoint's pod: namespace $PREFIX-$WAYPOINT_POD on $WAYPOINT_NODE, $WAYPOINT_IP (istio.io/dataplane-mode: none: not captured)"
+	write_config waypoint/waypoint.yaml waypoint.yaml
+	say "  Gateway demo/waypoint (class istio-waypoint, for services), its Service (HBONE 15008) and pod"
+	wait_until "the control plane knowing the waypoint" 10 "$WORK/logs/controlplane.log" cp_knows_waypoint
+	python3 - "$WORK/waypoints.json" <<'PY' | indent
+import json, sys
+for w in json.load(open(sys.argv[1])):
+    print(f'{w["namespace"]}/{w["name"]}: class {w.get("class")}, for {w.get("for")}, at {", ".join(w.get("addresses") or [])}')
+PY
+
+	"$BIN_DIR/controlplane" token --state-dir "$WORK/state" --identity "$WAYPOINT_ID" --out "$WORK/waypoint.token" \
+		>"$WORK/logs/token-waypoint.log" 2>&1 || die "minting the waypoint's token" "$WORK/logs/token-waypoint.log"
+	# The control plane listens on this machine's 127.0.0.1, which the
+	# pod's namespace cannot reach; the relay carries the bytes (TLS end to
+	# end) from the pod's 127.0.0.1 to ours.
+	spawn "$WORK/logs/relay.log" python3 "$DEMO_SRC/relay.py" "/var/run/netns/$PREFIX-$WAYPOINT_POD" "$CP_GRPC_PORT"
+	wait_until "the relay to the control plane" 10 "$WORK/logs/relay.log" grep -q relaying "$WORK/logs/relay.log"
+	local started
+	started=$(now_ms)
+	spawn "$WORK/logs/waypoint.log" ip netns exec "$PREFIX-$WAYPOINT_POD" "$BIN_DIR/waypoint" run \
+		--xds-address "https://127.0.0.1:$CP_GRPC_PORT" --xds-root-ca "$WORK/state/root-cert.pem" \
+		--ca-root-ca "$WORK/state/root-cert.pem" --auth-token "$WORK/waypoint.token" \
+		--namespace demo --pod-name "$WAYPOINT_POD" --service-account waypoint --gateway waypoint \
+		--drain-timeout 1s
+	cmd_line "controlplane token --identity $WAYPOINT_ID --out waypoint.token"
+	cmd_line "ip netns exec $PREFIX-$WAYPOINT_POD waypoint run --gateway waypoint --namespace demo --pod-name $WAYPOINT_POD --service-account waypoint --auth-token waypoint.token ..."
+	say "  (its xDS and CA address, 127.0.0.1:$CP_GRPC_PORT, is relayed into the pod by examples/demo/relay.py)"
+	wait_until "the waypoint ready" 30 "$WORK/logs/waypoint.log" waypoint_ready
+	ok "waypoint ready as $WAYPOINT_ID, $(($(now_ms) - started)) ms after it started (in its pod: curl 127.0.0.1:15021/healthz/ready)"
+
+	local written
+	written=$(now_ms)
+	write_config waypoint/services.yaml services.yaml
+	say "  the web Service now has the label istio.io/use-waypoint: waypoint; web-v1 and web-v2 select one version each"
+	wait_until "node-a sending web's traffic to the waypoint" 10 "$WORK/logs/dataplane-node-a.log" web_via_waypoint node-a
+	ok "node-a's dataplane sends what sleep addresses to web to the waypoint, $(($(now_ms) - written)) ms after the file was written"
+
+	written=$(now_ms)
+	write_config waypoint/allow-get.yaml allow-get.yaml
+	sed -n '/^apiVersion/,$p' "$WAYPOINT_SRC/allow-get.yaml" | indent
+	wait_until "the waypoint receiving demo/allow-get" 10 "$WORK/logs/waypoint.log" waypoint_has demo/allow-get
+	ok "the waypoint has demo/allow-get, $(($(now_ms) - written)) ms after the file was written"
+	say "what the control plane made of it (GET /api/v1/policies):"
+	cp_curl "https://127.0.0.1:$CP_REST_PORT/api/v1/policies" -o "$WORK/policies.json" 2>/dev/null || true
+	python3 - "$WORK/policies.json" <<'PY' | indent || true
+import json, sys
+for p in json.load(open(sys.argv[1])):
+    if (p.get("namespace"), p.get("name")) == ("demo", "allow-get"):
+        print(f'demo/allow-get: {p.get("action")} scope {p.get("scope")}, enforced by {", ".join(p.get("enforcedBy") or ["nothing"])}')
+PY
+	local answer
+	cmd_line "ip netns exec $PREFIX-sleep curl http://$VIP/l7/get"
+	answer=$(http_from sleep GET "http://$VIP/l7/get") || die "the GET through the waypoint failed: $answer" "$WORK/logs/waypoint.log"
+	[[ $answer == "200 hello from web-"* ]] || die "the GET was not served: $answer" "$WORK/logs/waypoint.log"
+	say "  $answer"
+	say "  (web sees the waypoint's address: the waypoint opens its own HBONE connection to web)"
+	cmd_line "ip netns exec $PREFIX-sleep curl -X POST --data-binary hello http://$VIP/l7/post"
+	answer=$(http_from sleep POST "http://$VIP/l7/post" --data-binary hello) ||
+		die "the POST through the waypoint failed: $answer" "$WORK/logs/waypoint.log"
+	[[ $answer == "403 RBAC: access denied" ]] || die "the POST was not refused with 403 RBAC: access denied: $answer" "$WORK/logs/waypoint.log"
+	say "  $answer"
+	wait_until "the waypoint's access log" 5 "$WORK/logs/waypoint.log" waypoint_logged /l7/post
+	say "the waypoint's access log (one line per request):"
+	waypoint_log /l7/get | fold_indent
+	waypoint_log /l7/post | fold_indent
+	ok "GET allowed, POST refused 403: decided by the waypoint on the method and sleep's verified identity"
+
+	written=$(now_ms)
+	write_config waypoint/route-90-10.yaml route-90-10.yaml
+	sed -n '/^apiVersion/,$p' "$WAYPOINT_SRC/route-90-10.yaml" | indent
+	wait_until "the waypoint receiving demo/web-split" 10 "$WORK/logs/waypoint.log" waypoint_has demo/web-split
+	ok "the waypoint has demo/web-split, $(($(now_ms) - written)) ms after the file was written"
+	say "what the control plane made of it (GET /api/v1/routes):"
+	cp_curl "https://127.0.0.1:$CP_REST_PORT/api/v1/routes" -o "$WORK/routes.json" 2>/dev/null || true
+	python3 - "$WORK/routes.json" <<'PY' | indent || true
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    parents = ", ".join(f'{p["namespace"]}/{p["name"]}:{p.get("port", "*")} via {p.get("waypoint") or "no waypoint"}' for p in r["parents"])
+    for rule in r["rules"]:
+        backends = ", ".join(f'{b["name"]}:{b.get("port")} weight {b.get("weight")}' for b in rule.get("backends") or [])
+        print(f'{r["namespace"]}/{r["name"]}: {parents} -> {backends} ({rule.get("outcome")})')
+    for p in r.get("problems") or []:
+        print(f'  problem: {p}')
+PY
+	cmd_line "ip netns exec $PREFIX-sleep curl 'http://$VIP/l7/split/[1-100]'   # 100 GETs on one connection"
+	ip netns exec "$PREFIX-sleep" curl -sS --noproxy '*' --max-time 20 "http://$VIP/l7/split/[1-100]" \
+		>"$WORK/split.txt" 2>&1 || die "the 100 requests failed: $(tail -n 3 "$WORK/split.txt")" "$WORK/logs/waypoint.log"
+	local v1 v2
+	v1=$(grep -c '^hello from web-1 ' "$WORK/split.txt" || true)
+	v2=$(grep -c '^hello from web-2 ' "$WORK/split.txt" || true)
+	say "  web-1 (version v1): $(printf '%3d' "$v1") $(printf '%*s' $((v1 / 2)) '' | tr ' ' '#')"
+	say "  web-2 (version v2): $(printf '%3d' "$v2") $(printf '%*s' $((v2 / 2)) '' | tr ' ' '#')"
+	((v1 + v2 == 100)) || die "$((v1 + v2)) of 100 requests answered by web: $(grep -v '^hello from' "$WORK/split.txt" | head -n 3)" "$WORK/logs/waypoint.log"
+	((v2 >= 1 && v2 <= 30)) || die "not a 90/10 split: $v1 to v1, $v2 to v2" "$WORK/logs/waypoint.log"
+	wait_until "the waypoint's access log" 5 "$WORK/logs/waypoint.log" waypoint_logged /l7/split/100
+	say "the waypoint's access log: $(grep -c '/l7/split/' "$WORK/logs/waypoint.log") lines for them; the last to each version:"
+	waypoint_log /l7/split/ dst.workload=web-1 | fold_indent
+	waypoint_log /l7/split/ dst.workload=web-2 | fold_indent
+	ok "split per request, by weight, on one client connection: the waypoint routes each request"
+}
+
 # ----------------------------------------------------------------- story --
 
 main() {
@@ -476,10 +847,11 @@ main() {
 		BIN_DIR=$(cd "$BIN_DIR" 2>/dev/null && pwd) || die "--bin-dir: no such directory"
 	fi
 	local bin
-	for bin in controlplane dataplane; do
+	local -a bins=(controlplane dataplane waypoint)
+	for bin in "${bins[@]}"; do
 		[[ -x $BIN_DIR/$bin ]] || die "$BIN_DIR/$bin not found: build it with cargo build -p meshbox-$bin, or leave out --bin-dir"
 	done
-	ok "controlplane and dataplane from $BIN_DIR"
+	ok "$(printf '%s, ' "${bins[@]}" | sed 's/, $//') from $BIN_DIR"
 
 	step "A cluster of network namespaces: two nodes, four pods"
 	build_topology
@@ -633,6 +1005,8 @@ PY
 	answer=$(request_from legacy "http://10.55.2.10:8080/") || die "legacy -> web-1 failed after STRICT was lifted: $answer" "$WORK/logs/dataplane-node-b.log"
 	say "strict-demo.yaml removed again: legacy's plaintext is accepted once more: \"$answer\""
 
+	waypoint_step
+
 	step "A SPIFFE certificate with curl, from the REST API"
 	local id=spiffe://cluster.local/ns/demo/sa/reporter
 	cmd_line "TOKEN=\$(controlplane token --state-dir $WORK/state --identity $id)"
@@ -680,10 +1054,16 @@ PY
 		"curl -s 127.0.0.1:${METRICS[node-b]}/metrics | grep istio_tcp"
 		"the capture rules inside a pod"
 		"ip netns exec $PREFIX-web-1 iptables-save"
-		"a request from sleep (refused while the policy is there)"
-		"ip netns exec $PREFIX-sleep curl http://$VIP/"
-		"lift the policy (the next request goes through)"
-		"rm $WORK/config/deny-sleep.yaml"
+	)
+	tips+=(
+		"a POST from sleep (403 from the waypoint), then a GET"
+		"ip netns exec $PREFIX-sleep curl -d hi http://$VIP/; ip netns exec $PREFIX-sleep curl http://$VIP/"
+		"the waypoint's routes, policies and certificates"
+		"ip netns exec $PREFIX-$WAYPOINT_POD curl -s 127.0.0.1:15000/config_dump | less"
+		"lift the HTTP policy, or the split"
+		"rm $WORK/config/allow-get.yaml $WORK/config/route-90-10.yaml"
+	)
+	tips+=(
 		"make the demo namespace STRICT again (legacy is refused)"
 		"cp $DEMO_SRC/policy/strict-demo.yaml $WORK/config/"
 		"the control plane: connected dataplanes, versions sent and ACKed"
@@ -691,6 +1071,7 @@ PY
 		"access logs"
 		"tail -f $WORK/logs/dataplane-node-b.log"
 	)
+	tips+=("the waypoint's access log" "tail -f $WORK/logs/waypoint.log")
 	local t
 	for ((t = 0; t < ${#tips[@]}; t += 2)); do
 		printf '    %s# %s%s\n    %s\n' "$DIM" "${tips[t]}" "$RESET" "${tips[t + 1]}"
@@ -728,31 +1109,18 @@ sys.exit(0 if (listed and known) == want and (want or not listed) else 1)
 PY
 }
 
-# Builds the release binaries (as the user who owns the checkout when run
-# with sudo, so target/ stays theirs) and points BIN_DIR at them.
+# Builds the release binaries with the cargo check_rust found (as the user
+# who owns the checkout when run with sudo, so target/ stays theirs) and
+# points BIN_DIR at them.
 build_release() {
-	local cargo user_home='' as_user=0
-	cargo=$(command -v cargo || true)
-	if [[ -n ${SUDO_USER:-} && $SUDO_USER != root && $(stat -c %U "$REPO") == "$SUDO_USER" ]]; then
-		# sudo's PATH rarely has the user's ~/.cargo/bin; their toolchain
-		# is the one that built this checkout before.
-		as_user=1
-		user_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
-		if [[ -x $user_home/.cargo/bin/cargo ]]; then cargo=$user_home/.cargo/bin/cargo; fi
-	fi
-	[[ -n $cargo ]] || die "cargo not found: install Rust (https://rustup.rs), or pass --bin-dir DIR with prebuilt controlplane and dataplane"
-	local -a build=("$cargo" build --release --manifest-path "$REPO/Cargo.toml" -p meshbox-controlplane -p meshbox-dataplane)
-	local -a meta=("$cargo" metadata --format-version 1 --no-deps --manifest-path "$REPO/Cargo.toml")
-	if ((as_user)); then
-		local -a runner=(runuser -u "$SUDO_USER" -- env HOME="$user_home" PATH="$(dirname "$cargo"):$PATH")
-		build=("${runner[@]}" "${build[@]}")
-		meta=("${runner[@]}" "${meta[@]}")
-		say "building as $SUDO_USER, who owns the checkout"
-	fi
-	cmd_line "cargo build --release -p meshbox-controlplane -p meshbox-dataplane   # the first build takes a few minutes"
-	run_logged "building" "$WORK/logs/build.log" "${build[@]}"
+	local -a packages=(-p meshbox-controlplane -p meshbox-dataplane -p meshbox-waypoint)
+	[[ -n $BUILD_USER ]] && say "building as $BUILD_USER, who owns the checkout"
+	cmd_line "cargo build --release ${packages[*]}   # the first build takes a few minutes"
+	run_logged "building" "$WORK/logs/build.log" \
+		"${CARGO_RUN[@]}" build --release --manifest-path "$REPO/Cargo.toml" "${packages[@]}"
 	local target
-	target=$("${meta[@]}" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])') ||
+	target=$("${CARGO_RUN[@]}" metadata --format-version 1 --no-deps --manifest-path "$REPO/Cargo.toml" 2>/dev/null |
+		python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])') ||
 		target=$REPO/target
 	BIN_DIR=$target/release
 }

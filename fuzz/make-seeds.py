@@ -199,3 +199,50 @@ write("connect_head", "port-zero", "CONNECT\n10.0.0.1:0\n")
 write("connect_head", "userinfo", "CONNECT\nuser@10.0.0.1:80\n")
 write("connect_head", "get", "GET\nhttp://10.0.0.1:80/\n")
 write("connect_head", "no-port", "CONNECT\n10.0.0.1\n")
+
+
+# --- waypoint_config (first byte: 0 stream bytes, 1 route, 2 policy) -------
+def number(n, value):
+    """A varint field (wire type 0)."""
+    return varint(n << 3) + varint(value)
+
+
+WP = "default/wp"
+SVC = "default/reviews.default.svc.cluster.local"
+for name, data in {
+    "http1": b"GET /reviews/1 HTTP/1.1\r\nHost: reviews\r\n\r\n",
+    "h2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "tls-hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    "method-too-long": b"A" * 40 + b" / HTTP/1.1",
+    "pri-not-preface": b"PRI /x HTTP/1.1\r\n",
+}.items():
+    write("waypoint_config", f"stream-{name}", b"\x00" + data)
+
+split_rule = (
+    field(1, field(1, number(1, 1) + field(3, "/")))  # PathPrefix /
+    + field(3, field(1, "default/v1.default.svc.cluster.local") + number(2, 9080) + number(3, 90))
+    + field(3, field(1, "default/v2.default.svc.cluster.local") + number(2, 9080) + number(3, 10))
+    + field(4, field(1, field(1, "x-route") + field(2, "split")))
+)
+regex_rule = field(1, field(1, number(1, 2) + field(3, "/items/[0-9]+"))) + field(
+    3, field(1, "default/v1.default.svc.cluster.local") + number(2, 9080) + number(3, 1)
+)
+parent = field(3, field(1, WP) + field(2, SVC) + number(3, 9080))
+write("waypoint_config", "route-split", b"\x01" + field(1, "split") + field(2, "default") + parent + field(4, split_rule))
+write("waypoint_config", "route-regex", b"\x01" + field(1, "regex") + parent + field(4, regex_rule))
+write("waypoint_config", "route-bad-regex", b"\x01" + parent
+      + field(4, field(1, field(1, number(1, 2) + field(3, "(unclosed"))) + field(3, field(1, SVC) + number(2, 9080) + number(3, 1))))
+write("waypoint_config", "route-zero-weights", b"\x01" + parent
+      + field(4, field(3, field(1, SVC) + number(2, 9080) + number(3, 0))))
+write("waypoint_config", "route-not-protobuf", b"\x01\xff\xff\xff\xff")
+
+target = field(3, field(1, WP))
+get_only = field(5, field(2, field(5, "GET")))  # rules[0].to[0].methods
+deny_admin = number(4, 1) + field(5, field(1, field(5, "default")) + field(2, field(7, "/admin*")))
+deny_jwt = number(4, 1) + field(5, field(1, field(4, "*")))  # notRequestPrincipals: unsupported
+write("waypoint_config", "policy-allow-get", b"\x02" + field(1, "get-only") + field(2, "default") + target + get_only)
+write("waypoint_config", "policy-deny-admin", b"\x02" + field(1, "deny-admin") + target + deny_admin)
+write("waypoint_config", "policy-deny-jwt", b"\x02" + field(1, "deny-jwt") + target + deny_jwt)
+write("waypoint_config", "policy-when-header", b"\x02" + target + number(4, 1)
+      + field(5, field(3, field(1, "request.headers[x-admin]") + field(2, "1"))))
+write("waypoint_config", "policy-not-protobuf", b"\x02\x0a\xff")

@@ -4,7 +4,8 @@
 //! `istio-ca-root-cert`, where Istio tooling looks: in each enrolled
 //! namespace, and in the control plane's own namespace, whose node proxies
 //! mount it to trust the control plane (as Istio's ztunnel does in
-//! `istio-system`).
+//! `istio-system`). The waypoint controller also publishes it into each
+//! waypoint Gateway's namespace, where the waypoint pods mount it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -132,7 +133,7 @@ pub fn publish_root_configmaps(client: kube::Client, root_pem: String, own_names
                     match event {
                         Ok(Event::Apply(ns)) | Ok(Event::InitApply(ns)) if wants_root(&ns, &own_namespace) => {
                             if let Some(name) = ns.metadata.name {
-                                publish(&client, &name, &root_pem).await;
+                                publish_root(&client, &name, &root_pem).await;
                                 if !enrolled_names.contains(&name) {
                                     enrolled_names.push(name);
                                 }
@@ -149,7 +150,7 @@ pub fn publish_root_configmaps(client: kube::Client, root_pem: String, own_names
                 }
                 _ = resync.tick() => {
                     for name in &enrolled_names {
-                        publish(&client, name, &root_pem).await;
+                        publish_root(&client, name, &root_pem).await;
                     }
                 }
             }
@@ -157,7 +158,7 @@ pub fn publish_root_configmaps(client: kube::Client, root_pem: String, own_names
     });
 }
 
-async fn publish(client: &kube::Client, namespace: &str, root_pem: &str) {
+pub(crate) async fn publish_root(client: &kube::Client, namespace: &str, root_pem: &str) {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let cm = ConfigMap {
         metadata: ObjectMeta {
@@ -215,7 +216,7 @@ mod tests {
                     .unwrap(),
             );
         });
-        publish(&client, "shop", "ROOT PEM").await;
+        publish_root(&client, "shop", "ROOT PEM").await;
         server.await.unwrap();
     }
 

@@ -20,6 +20,8 @@ use crate::ca::grpc::CaGrpc;
 use crate::ca::{CertificateIssuer, NodeRoster, RateLimit};
 use crate::capture::{CaptureGrpc, CaptureReports, EnrollmentGrpc};
 use crate::cluster;
+use crate::k8s::waypoint_deployer::WaypointSettings;
+use crate::k8s::{route_status_controller, waypoint_controller};
 use crate::limits::{self, AuthFirst, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::model::MeshConfig;
@@ -138,6 +140,24 @@ pub struct RunConfig {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub require_token_for_reads: Option<bool>,
+    /// Image of the waypoint Deployments created for Gateways of class
+    /// istio-waypoint or meshbox-waypoint (Kubernetes mode).
+    #[arg(
+        long,
+        env = "MESHBOX_WAYPOINT_IMAGE",
+        default_value = "meshbox/waypoint:dev"
+    )]
+    pub waypoint_image: String,
+    /// Deploy waypoints for waypoint Gateways (Kubernetes mode); off where
+    /// another controller (istiod) deploys them.
+    #[arg(
+        long,
+        env = "MESHBOX_DEPLOY_WAYPOINTS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub deploy_waypoints: bool,
 }
 
 /// Where the mesh model's input comes from, decided once at start-up.
@@ -218,6 +238,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         Source::Kubernetes(client) => {
             let sync = source::kubernetes::start(client.clone(), store.clone());
+            let synced = sync.clone();
+            route_status_controller::start(
+                client.clone(),
+                store.clone(),
+                Box::pin(async move { synced.wait().await }),
+            );
             let ready = ready.clone();
             tokio::spawn(async move {
                 sync.wait().await;
@@ -229,6 +255,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 ca.roots_pem(),
                 config.namespace.clone(),
             );
+            if config.deploy_waypoints {
+                waypoint_controller::start(waypoint_controller::Context::new(
+                    client.clone(),
+                    waypoint_settings(&config),
+                    ca.roots_pem(),
+                ));
+            }
         }
     }
     let roster: Arc<dyn NodeRoster> = store.clone();
@@ -357,6 +390,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the waypoint Deployments get from the control plane's own flags:
+/// its Service's address, the token audience it checks, its mesh names.
+fn waypoint_settings(config: &RunConfig) -> WaypointSettings {
+    WaypointSettings {
+        image: config.waypoint_image.clone(),
+        xds_address: format!(
+            "https://{}.{}.svc:{}",
+            config.service_name,
+            config.namespace,
+            config.grpc_addr.port()
+        ),
+        token_audience: config
+            .token_audiences
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "istio-ca".into()),
+        cluster_id: config.cluster_id.clone(),
+        trust_domain: config.trust_domain.clone(),
+        cluster_domain: config.cluster_domain.clone(),
+    }
+}
+
 /// Authenticates xDS streams with the same tokens as the CA.
 pub struct XdsAuth(pub Arc<Authenticator>);
 
@@ -392,20 +447,39 @@ fn feed_xds(store: &MeshStore, xds: Arc<XdsServer>) {
                     .authorizations
                     .into_iter()
                     .map(|(n, a)| (n, Some(a))),
-            )
+            );
+            first.update_waypoints(
+                snapshot
+                    .waypoint_policies
+                    .into_iter()
+                    .map(|(n, p)| (n, Some(p))),
+                snapshot
+                    .waypoint_routes
+                    .into_iter()
+                    .map(|(n, r)| (n, Some(r))),
+            );
         })
         .await;
         while let Some(change) = changes.recv().await {
             // Fold whatever else is queued into one update.
             let mut addresses = change.addresses.clone();
             let mut authorizations = change.authorizations.clone();
+            let mut waypoint_policies = change.waypoint_policies.clone();
+            let mut waypoint_routes = change.waypoint_routes.clone();
             while let Ok(more) = changes.try_recv() {
                 addresses.extend(more.addresses.clone());
                 authorizations.extend(more.authorizations.clone());
+                waypoint_policies.extend(more.waypoint_policies.clone());
+                waypoint_routes.extend(more.waypoint_routes.clone());
             }
             let xds = xds.clone();
-            let _ =
-                tokio::task::spawn_blocking(move || xds.update(addresses, authorizations)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                // Workload resources first: a waypoint that reads a route
+                // naming a new Service should already hold the Service.
+                xds.update(addresses, authorizations);
+                xds.update_waypoints(waypoint_policies, waypoint_routes);
+            })
+            .await;
         }
     });
 }
@@ -518,6 +592,45 @@ mod tests {
         }
         let defaults = parse(&[]).unwrap();
         assert_eq!(defaults.max_cert_ttl, Duration::from_secs(86400));
+    }
+
+    /// The waypoints reach the control plane at its Service, with the
+    /// token audience it checks, and run the configured image.
+    #[test]
+    fn waypoint_settings_follow_the_control_plane_flags() {
+        let defaults = parse(&[]).unwrap();
+        assert!(defaults.deploy_waypoints);
+        assert_eq!(
+            waypoint_settings(&defaults),
+            WaypointSettings {
+                image: "meshbox/waypoint:dev".into(),
+                xds_address: "https://meshbox-controlplane.meshbox-system.svc:15012".into(),
+                token_audience: "istio-ca".into(),
+                cluster_id: "Kubernetes".into(),
+                trust_domain: "cluster.local".into(),
+                cluster_domain: "cluster.local".into(),
+            }
+        );
+        let set = parse(&[
+            "--waypoint-image",
+            "registry.example/waypoint:1",
+            "--namespace",
+            "mesh",
+            "--service-name",
+            "cp",
+            "--grpc-addr",
+            "0.0.0.0:16012",
+            "--token-audience",
+            "mesh-ca",
+            "--deploy-waypoints",
+            "false",
+        ])
+        .unwrap();
+        assert!(!set.deploy_waypoints);
+        let settings = waypoint_settings(&set);
+        assert_eq!(settings.image, "registry.example/waypoint:1");
+        assert_eq!(settings.xds_address, "https://cp.mesh.svc:16012");
+        assert_eq!(settings.token_audience, "mesh-ca");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use meshbox_certs::SpiffeId;
+use meshbox_proto::meshbox::{WaypointPolicy, WaypointRoute};
 use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::Address;
 use parking_lot::{Mutex, RwLock};
@@ -40,6 +41,8 @@ pub struct MeshStore {
 pub struct Snapshot {
     pub addresses: Vec<(String, Arc<Address>)>,
     pub authorizations: Vec<(String, Arc<Authorization>)>,
+    pub waypoint_policies: Vec<(String, Arc<WaypointPolicy>)>,
+    pub waypoint_routes: Vec<(String, Arc<WaypointRoute>)>,
 }
 
 impl MeshStore {
@@ -97,6 +100,14 @@ impl MeshStore {
             authorizations: index
                 .authorizations()
                 .map(|(n, a)| (n.to_owned(), a.clone()))
+                .collect(),
+            waypoint_policies: index
+                .waypoint_policies()
+                .map(|(n, p)| (n.to_owned(), p.clone()))
+                .collect(),
+            waypoint_routes: index
+                .waypoint_routes()
+                .map(|(n, r)| (n.to_owned(), r.clone()))
                 .collect(),
         };
         let (tx, rx) = mpsc::unbounded_channel();

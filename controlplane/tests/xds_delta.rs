@@ -1210,3 +1210,212 @@ async fn a_burst_of_updates_becomes_one_push() {
         s.expect_silence(Duration::from_millis(200)).await;
     }
 }
+
+// ---- meshbox.v1 waypoint types ----
+
+const WAYPOINT_POLICY: &str = meshbox_proto::WAYPOINT_POLICY_TYPE_URL;
+const WAYPOINT_ROUTE: &str = meshbox_proto::WAYPOINT_ROUTE_TYPE_URL;
+
+type WaypointPolicy = meshbox_proto::meshbox::WaypointPolicy;
+type WaypointRoute = meshbox_proto::meshbox::WaypointRoute;
+
+fn wp_route(name: &str, backend: &str) -> (String, Option<Arc<WaypointRoute>>) {
+    use meshbox_proto::meshbox::{RouteBackend, RouteParent, RouteRule};
+    let route = WaypointRoute {
+        name: name.into(),
+        namespace: "app".into(),
+        parents: vec![RouteParent {
+            waypoint: "app/wp".into(),
+            service: "app/web.app.svc.cluster.local".into(),
+            ..Default::default()
+        }],
+        rules: vec![RouteRule {
+            backends: vec![RouteBackend {
+                service: format!("app/{backend}.app.svc.cluster.local"),
+                port: 80,
+                weight: 1,
+                error: String::new(),
+            }],
+            ..Default::default()
+        }],
+        created: 0,
+    };
+    (format!("app/{name}"), Some(Arc::new(route)))
+}
+
+fn wp_policy(name: &str, method: &str) -> (String, Option<Arc<WaypointPolicy>>) {
+    use meshbox_proto::meshbox::{PolicyOperation, PolicyRule, PolicyTarget};
+    let policy = WaypointPolicy {
+        name: name.into(),
+        namespace: "app".into(),
+        targets: vec![PolicyTarget {
+            waypoint: "app/wp".into(),
+            ..Default::default()
+        }],
+        action: 0,
+        rules: vec![PolicyRule {
+            to: vec![PolicyOperation {
+                methods: vec![method.into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    (format!("app/{name}"), Some(Arc::new(policy)))
+}
+
+/// A first request as a waypoint sends it: its node names its Gateway.
+fn waypoint_wildcard(type_url: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: Some(meshbox_dataplane::xds::node(
+            "waypoint~app/wp~wp-7d9f",
+            [("WAYPOINT", "app/wp"), ("NAMESPACE", "app")],
+        )),
+        type_url: type_url.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waypoint_routes_are_sent_as_deltas_and_a_route_change_sends_exactly_that_route() {
+    let h = Harness::start().await;
+    h.server
+        .update_waypoints([], [wp_route("split", "v1"), wp_route("canary", "v1")]);
+    let mut s = h.stream().await;
+    s.send(waypoint_wildcard(WAYPOINT_ROUTE)).await;
+    let r = s.recv().await;
+    assert_eq!(r.type_url, WAYPOINT_ROUTE);
+    assert_eq!(sorted_names(&r), vec!["app/canary", "app/split"]);
+    let any = r.resources[0].resource.as_ref().unwrap();
+    assert_eq!(any.type_url, WAYPOINT_ROUTE);
+    let decoded = WaypointRoute::decode(any.value.as_slice()).unwrap();
+    assert_eq!(decoded.parents[0].waypoint, "app/wp");
+    let versions: BTreeMap<String, String> = r
+        .resources
+        .iter()
+        .map(|x| (x.name.clone(), x.version.clone()))
+        .collect();
+    s.ack(&r).await;
+
+    // The same content again is no change.
+    h.server.update_waypoints([], [wp_route("split", "v1")]);
+    s.expect_silence(SHORT).await;
+
+    h.server.update_waypoints([], [wp_route("split", "v2")]);
+    let r = s.recv().await;
+    assert_eq!(
+        sorted_names(&r),
+        vec!["app/split"],
+        "only the changed route"
+    );
+    assert_ne!(r.resources[0].version, versions["app/split"]);
+    let decoded =
+        WaypointRoute::decode(r.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(
+        decoded.rules[0].backends[0].service,
+        "app/v2.app.svc.cluster.local"
+    );
+    s.ack(&r).await;
+
+    h.server
+        .update_waypoints([], [("app/canary".to_string(), None)]);
+    let r = s.recv().await;
+    assert!(r.resources.is_empty());
+    assert_eq!(r.removed_resources, vec!["app/canary"]);
+    s.ack(&r).await;
+    // Policies were never asked for on this stream.
+    h.server
+        .update_waypoints([wp_policy("get-only", "GET")], []);
+    s.expect_silence(SHORT).await;
+
+    // The stream shows up as the waypoint's proxy.
+    let infos = h.server.connections();
+    assert_eq!(infos[0].waypoint.as_deref(), Some("app/wp"));
+    assert_eq!(infos[0].node_id.as_deref(), Some("waypoint~app/wp~wp-7d9f"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn waypoint_policies_by_name_and_node_proxies_never_get_waypoint_types() {
+    let h = Harness::start().await;
+    h.put_workloads([(uid("a"), workload("a", [10, 0, 0, 1], "v1"))]);
+    h.server.update_waypoints(
+        [wp_policy("get-only", "GET"), wp_policy("no-post", "POST")],
+        [wp_route("split", "v1")],
+    );
+    // A node proxy: the workload API only.
+    let mut node = h.stream().await;
+    node.send(wildcard(ADDRESS)).await;
+    let r = node.recv().await;
+    assert_eq!(sorted_names(&r), vec![uid("a")]);
+    node.ack(&r).await;
+
+    // A waypoint asking for one policy by name gets that one.
+    let mut s = h.stream().await;
+    let mut first = waypoint_wildcard(WAYPOINT_POLICY);
+    first.resource_names_subscribe = vec!["app/no-post".into()];
+    s.send(first).await;
+    let r = s.recv().await;
+    assert_eq!(sorted_names(&r), vec!["app/no-post"]);
+    let decoded =
+        WaypointPolicy::decode(r.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(decoded.rules[0].to[0].methods, ["POST"]);
+    s.ack(&r).await;
+    // A change to the other policy is not for it; one to its own is.
+    h.server
+        .update_waypoints([wp_policy("get-only", "HEAD")], []);
+    s.expect_silence(SHORT).await;
+    h.server
+        .update_waypoints([wp_policy("no-post", "PUT")], [wp_route("split", "v2")]);
+    let r = s.recv().await;
+    assert_eq!(r.type_url, WAYPOINT_POLICY);
+    assert_eq!(sorted_names(&r), vec!["app/no-post"]);
+    s.ack(&r).await;
+    s.expect_silence(SHORT).await;
+
+    // The node proxy heard none of it.
+    node.expect_silence(SHORT).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_nacked_waypoint_policy_is_not_resent_until_it_changes() {
+    let h = Harness::start().await;
+    h.server
+        .update_waypoints([wp_policy("get-only", "GET")], []);
+    let mut s = h.stream().await;
+    s.send(waypoint_wildcard(WAYPOINT_POLICY)).await;
+    let r = s.recv().await;
+    assert_eq!(sorted_names(&r), vec!["app/get-only"]);
+    s.send(DeltaDiscoveryRequest {
+        type_url: WAYPOINT_POLICY.into(),
+        response_nonce: r.nonce.clone(),
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "app/get-only: unknown condition key".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await;
+    s.send(subscribe(WAYPOINT_POLICY, &["app/get-only"])).await;
+    s.expect_silence(SHORT).await;
+    assert_eq!(
+        h.metric(
+            "meshbox_xds_nacks_total",
+            &format!("type_url=\"{WAYPOINT_POLICY}\"")
+        ),
+        1.0
+    );
+    let infos = h.server.connections();
+    let info = infos[0]
+        .types
+        .iter()
+        .find(|t| t.type_url == WAYPOINT_POLICY)
+        .unwrap();
+    let nack = info.last_nack.as_ref().expect("NACK recorded");
+    assert!(nack.message.contains("unknown condition key"));
+
+    h.server
+        .update_waypoints([wp_policy("get-only", "HEAD")], []);
+    let r = s.recv().await;
+    assert_eq!(sorted_names(&r), vec!["app/get-only"]);
+}

@@ -237,3 +237,180 @@ async fn peer_authentications_reach_the_dataplane_as_converted_policies() {
         ["bookinfo/reviews-from-productpage"]
     );
 }
+
+const WAYPOINT_CONFIG: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-split, namespace: bookinfo}
+spec:
+  parentRefs:
+  - {group: \"\", kind: Service, name: reviews, port: 9080}
+  rules:
+  - backendRefs:
+    - {name: reviews, port: 9080, weight: 90}
+    - {name: reviews-v9, port: 9080, weight: 10}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-get-only, namespace: bookinfo}
+spec:
+  targetRefs:
+  - {group: \"\", kind: Service, name: reviews}
+  rules:
+  - to:
+    - operation: {methods: [GET]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bound-to-nothing, namespace: bookinfo}
+spec:
+  targetRefs:
+  - {group: \"\", kind: Service, name: nope}
+  action: DENY
+";
+
+/// The next response on `rx`, which must be of `type_url`.
+async fn next_of(
+    rx: &mut tonic::Streaming<meshbox_proto::xds::DeltaDiscoveryResponse>,
+    type_url: &str,
+) -> meshbox_proto::xds::DeltaDiscoveryResponse {
+    let r = tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .expect("a response in time")
+        .expect("the stream stays up")
+        .expect("a message");
+    assert_eq!(r.type_url, type_url, "{r:?}");
+    r
+}
+
+#[tokio::test]
+async fn a_waypoint_gets_its_routes_and_policies_from_the_folder_and_is_listed() {
+    use meshbox_proto::meshbox::{WaypointPolicy, WaypointRoute};
+    use meshbox_proto::xds::DeltaDiscoveryRequest;
+    use prost::Message;
+
+    meshbox_certs::install_crypto_provider();
+    if !have_tool("curl") {
+        return;
+    }
+    let mut files = example_manifests();
+    files.push(("waypoint-config.yaml".into(), WAYPOINT_CONFIG.into()));
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_str()))
+        .collect();
+    let cp = ControlPlane::start(&refs, &[]);
+
+    // A waypoint's stream: its own identity, its Gateway in the node.
+    let identity = "spiffe://cluster.local/ns/bookinfo/sa/reviews-waypoint";
+    let token = cp.token_for_identity(identity);
+    let channel = grpc_channel(&cp).connect().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut responses = meshbox_proto::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = |type_url: &str| DeltaDiscoveryRequest {
+        node: Some(node(
+            "waypoint~bookinfo/reviews-waypoint~reviews-waypoint-6c9d",
+            [("WAYPOINT", "bookinfo/reviews-waypoint")],
+        )),
+        type_url: type_url.into(),
+        ..Default::default()
+    };
+    tx.send(first(meshbox_proto::WAYPOINT_ROUTE_TYPE_URL))
+        .await
+        .unwrap();
+
+    let r = next_of(&mut responses, meshbox_proto::WAYPOINT_ROUTE_TYPE_URL).await;
+    assert_eq!(r.resources.len(), 1, "{r:?}");
+    let route =
+        WaypointRoute::decode(r.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(r.resources[0].name, "bookinfo/reviews-split");
+    assert_eq!(route.parents[0].waypoint, "bookinfo/reviews-waypoint");
+    assert_eq!(
+        route.parents[0].service,
+        "bookinfo/reviews.bookinfo.svc.cluster.local"
+    );
+    assert_eq!(route.rules[0].backends[1].error, "backend not found");
+    let ack = |r: &meshbox_proto::xds::DeltaDiscoveryResponse| DeltaDiscoveryRequest {
+        type_url: r.type_url.clone(),
+        response_nonce: r.nonce.clone(),
+        ..Default::default()
+    };
+    tx.send(ack(&r)).await.unwrap();
+
+    // One type at a time, so no response is skipped while waiting.
+    tx.send(first(meshbox_proto::WAYPOINT_POLICY_TYPE_URL))
+        .await
+        .unwrap();
+    let p = next_of(&mut responses, meshbox_proto::WAYPOINT_POLICY_TYPE_URL).await;
+    let policy =
+        WaypointPolicy::decode(p.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(p.resources[0].name, "bookinfo/reviews-get-only");
+    assert_eq!(policy.targets[0].waypoint, "bookinfo/reviews-waypoint");
+    assert_eq!(policy.rules[0].to[0].methods, ["GET"]);
+    tx.send(ack(&p)).await.unwrap();
+
+    // The REST API: where the policy is enforced, and the waypoint with
+    // what it enforces and who serves it.
+    let (status, body) = curl(&cp, &[], "/api/v1/policies");
+    assert_eq!(status, 200);
+    let policies: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let by_name = |n: &str| {
+        policies
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("{n} missing from {policies:#}"))
+    };
+    assert_eq!(
+        by_name("reviews-get-only")["enforcedBy"],
+        serde_json::json!(["waypoint bookinfo/reviews-waypoint"])
+    );
+    assert_eq!(
+        by_name("reviews-from-productpage")["enforcedBy"],
+        serde_json::json!(["node proxies"])
+    );
+    let lost = by_name("bound-to-nothing");
+    assert_eq!(lost["enforcedBy"], serde_json::json!([]));
+    assert_eq!(lost["scope"], "NONE");
+    assert_eq!(lost["action"], "DENY");
+    let (status, body) = curl(&cp, &[], "/api/v1/waypoints");
+    assert_eq!(status, 200);
+    let waypoints: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let w = &waypoints[0];
+    assert_eq!(w["name"], "reviews-waypoint");
+    assert_eq!(w["routes"], serde_json::json!(["bookinfo/reviews-split"]));
+    assert_eq!(
+        w["policies"],
+        serde_json::json!(["bookinfo/reviews-get-only"])
+    );
+    assert_eq!(w["proxies"].as_array().unwrap().len(), 1, "{w:#}");
+    assert_eq!(
+        w["proxies"][0]["nodeId"],
+        "waypoint~bookinfo/reviews-waypoint~reviews-waypoint-6c9d"
+    );
+    assert_eq!(w["proxies"][0]["identity"], identity);
+    assert!(w["proxies"][0]["connectedSince"].is_string());
+
+    // An edit to the route in the folder: exactly that route is sent again.
+    std::fs::write(
+        cp.config.join("waypoint-config.yaml"),
+        WAYPOINT_CONFIG.replace("weight: 10", "weight: 20"),
+    )
+    .unwrap();
+    let r = next_of(&mut responses, meshbox_proto::WAYPOINT_ROUTE_TYPE_URL).await;
+    assert_eq!(r.resources.len(), 1);
+    assert_eq!(r.resources[0].name, "bookinfo/reviews-split");
+    let route =
+        WaypointRoute::decode(r.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(route.rules[0].backends[1].weight, 20);
+}

@@ -190,7 +190,12 @@ fn readiness(ctx: &ProxyContext) -> Result<(), String> {
 }
 
 async fn ready(State(admin): State<Admin>) -> Response {
-    match readiness(&admin.ctx) {
+    readiness_response(readiness(&admin.ctx))
+}
+
+/// `200 ready`, or `503 not ready: why` (the waypoint answers the same).
+pub fn readiness_response(state: Result<(), String>) -> Response {
+    match state {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -202,8 +207,13 @@ async fn ready(State(admin): State<Admin>) -> Response {
 
 async fn metrics(State(admin): State<Admin>) -> Response {
     admin.refresh_gauges();
+    metrics_response(&admin.registry)
+}
+
+/// `registry` in the OpenMetrics text format (the waypoint's too).
+pub fn metrics_response(registry: &Registry) -> Response {
     let mut body = String::new();
-    if prometheus_client::encoding::text::encode(&mut body, &admin.registry).is_err() {
+    if prometheus_client::encoding::text::encode(&mut body, registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     (
@@ -406,7 +416,7 @@ async fn config_dump(State(admin): State<Admin>) -> Response {
 }
 
 /// Indented JSON: these endpoints are read by people, with curl.
-fn pretty(value: Value) -> Response {
+pub fn pretty(value: Value) -> Response {
     match serde_json::to_string_pretty(&value) {
         Ok(mut text) => {
             text.push('\n');

@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Uri};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::admin::{self, Admin};
 use crate::config::{Capture, Config, Endpoint, Scope};
@@ -45,22 +45,7 @@ impl Running {
     /// Stops accepting, lets open connections finish for up to `timeout`,
     /// then returns (dropping the runtime cuts whatever is left).
     pub async fn drain(self, timeout: Duration) {
-        let ctx = &self.ctx;
-        ctx.shutdown.cancel();
-        ctx.tasks.close();
-        let open = ctx.tasks.len();
-        info!(open_tasks = open, ?timeout, "draining");
-        if tokio::time::timeout(timeout, ctx.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                still_open = ctx.tasks.len(),
-                "drain deadline reached; closing the remaining connections"
-            );
-        } else {
-            info!("drained");
-        }
+        crate::process::drain(&self.ctx.shutdown, &self.ctx.tasks, timeout).await;
     }
 }
 

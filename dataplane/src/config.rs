@@ -30,9 +30,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// The `dataplane run` flags.
+/// Where the control plane is and how to talk to it: the settings the
+/// dataplane and the waypoint share, under Istio's environment names.
 #[derive(Args, Debug, Clone)]
-pub struct Settings {
+pub struct ControlPlaneSettings {
     /// The control plane's xDS endpoint, e.g. `https://meshbox.meshbox-system.svc:15012`.
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
@@ -48,13 +49,63 @@ pub struct Settings {
     /// File holding the bearer token (re-read on every request, tokens rotate).
     #[arg(long, env = "AUTH_TOKEN")]
     pub auth_token: Option<PathBuf>,
-    /// The Kubernetes node this proxy serves (node mode).
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: Option<String>,
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+}
+
+/// [`ControlPlaneSettings`], checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlane {
+    pub xds: Endpoint,
+    pub ca: Endpoint,
+    pub auth_token: Option<TokenFile>,
+    pub cluster_id: String,
+    pub trust_domain: String,
+}
+
+impl ControlPlaneSettings {
+    pub fn check(&self) -> Result<ControlPlane, ConfigError> {
+        let xds_uri = self
+            .xds_address
+            .clone()
+            .filter(|a| !a.trim().is_empty())
+            .ok_or(ConfigError::MissingXdsAddress)?;
+        let xds = endpoint(
+            "XDS_ADDRESS",
+            "XDS_ROOT_CA",
+            xds_uri,
+            self.xds_root_ca.clone(),
+        )?;
+        let ca_uri = self
+            .ca_address
+            .clone()
+            .filter(|a| !a.trim().is_empty())
+            .unwrap_or_else(|| xds.uri.clone());
+        let ca_root = self.ca_root_ca.clone().or_else(|| self.xds_root_ca.clone());
+        let ca = endpoint("CA_ADDRESS", "CA_ROOT_CA", ca_uri, ca_root)?;
+        if meshbox_certs::spiffe::check_trust_domain(&self.trust_domain).is_err() {
+            return Err(ConfigError::BadTrustDomain(self.trust_domain.clone()));
+        }
+        Ok(ControlPlane {
+            xds,
+            ca,
+            auth_token: self.auth_token.clone().map(TokenFile::new),
+            cluster_id: self.cluster_id.clone(),
+            trust_domain: self.trust_domain.clone(),
+        })
+    }
+}
+
+/// The `dataplane run` flags.
+#[derive(Args, Debug, Clone)]
+pub struct Settings {
+    #[command(flatten)]
+    pub control_plane: ControlPlaneSettings,
+    /// The Kubernetes node this proxy serves (node mode).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
     /// The network the local workloads are on (Istio's `NETWORK`).
     #[arg(long, env = "NETWORK", default_value = "")]
     pub network: String,
@@ -256,23 +307,7 @@ pub enum ConfigError {
 
 impl Config {
     pub fn from_settings(s: Settings) -> Result<Self, ConfigError> {
-        let xds_uri = s
-            .xds_address
-            .clone()
-            .filter(|a| !a.trim().is_empty())
-            .ok_or(ConfigError::MissingXdsAddress)?;
-        let xds = endpoint("XDS_ADDRESS", "XDS_ROOT_CA", xds_uri, s.xds_root_ca.clone())?;
-        let ca_uri = s
-            .ca_address
-            .clone()
-            .filter(|a| !a.trim().is_empty())
-            .unwrap_or_else(|| xds.uri.clone());
-        let ca_root = s.ca_root_ca.clone().or_else(|| s.xds_root_ca.clone());
-        let ca = endpoint("CA_ADDRESS", "CA_ROOT_CA", ca_uri, ca_root)?;
-
-        if meshbox_certs::spiffe::check_trust_domain(&s.trust_domain).is_err() {
-            return Err(ConfigError::BadTrustDomain(s.trust_domain));
-        }
+        let cp = s.control_plane.check()?;
         let mut scope = match s.proxy_mode {
             ProxyMode::Shared => {
                 if s.proxy_workload_info.is_some() {
@@ -300,7 +335,7 @@ impl Config {
                 if [namespace, name, sa].iter().any(|p| p.is_empty()) {
                     return Err(ConfigError::BadWorkloadInfo(info.to_owned()));
                 }
-                let identity = SpiffeId::new(&s.trust_domain, namespace, sa)
+                let identity = SpiffeId::new(&cp.trust_domain, namespace, sa)
                     .map_err(|_| ConfigError::BadWorkloadInfo(info.to_owned()))?;
                 Scope::Workload {
                     namespace: namespace.to_owned(),
@@ -347,12 +382,12 @@ impl Config {
             }
         }
         Ok(Self {
-            xds,
-            ca,
-            auth_token: s.auth_token.map(TokenFile::new),
+            xds: cp.xds,
+            ca: cp.ca,
+            auth_token: cp.auth_token,
             scope,
-            cluster_id: s.cluster_id,
-            trust_domain: s.trust_domain,
+            cluster_id: cp.cluster_id,
+            trust_domain: cp.trust_domain,
             network: s.network,
             packet_mark: (s.packet_mark != 0).then_some(s.packet_mark),
             original_source: s

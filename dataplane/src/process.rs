@@ -3,8 +3,11 @@
 //! waiting for the signal to drain.
 
 use std::io::IsTerminal;
+use std::time::Duration;
 
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -46,4 +49,21 @@ pub async fn wait_for_signal() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(())
+}
+
+/// Stops accepting (`shutdown`), lets the open connections (`tasks`) finish
+/// for up to `timeout`, then returns: dropping the runtime cuts whatever is
+/// left.
+pub async fn drain(shutdown: &CancellationToken, tasks: &TaskTracker, timeout: Duration) {
+    shutdown.cancel();
+    tasks.close();
+    info!(open_tasks = tasks.len(), ?timeout, "draining");
+    if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {
+        warn!(
+            still_open = tasks.len(),
+            "drain deadline reached; closing the remaining connections"
+        );
+    } else {
+        info!("drained");
+    }
 }

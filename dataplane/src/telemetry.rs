@@ -75,6 +75,17 @@ pub struct Connection {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TcpLabels {
     reporter: &'static str,
+    #[prometheus(flatten)]
+    peers: PeerLabels,
+    request_protocol: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+/// Istio's standard labels for the two ends of a connection or request,
+/// shared by the dataplane's TCP metrics and the waypoint's HTTP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
     source_workload: String,
     source_canonical_service: String,
     source_canonical_revision: String,
@@ -94,9 +105,6 @@ struct TcpLabels {
     destination_app: String,
     destination_version: String,
     destination_cluster: String,
-    request_protocol: &'static str,
-    response_flags: &'static str,
-    connection_security_policy: &'static str,
 }
 
 /// What Istio's labels say when a value is not known.
@@ -110,10 +118,8 @@ fn or_unknown(s: &str) -> String {
     }
 }
 
-/// `(workload, canonical service, canonical revision, namespace, cluster)`:
-/// a workload's part of Istio's standard labels (the waypoint's HTTP
-/// metrics use it too).
-pub fn workload_labels(w: Option<&Workload>) -> [String; 5] {
+/// `(workload, canonical service, canonical revision, namespace, cluster)`.
+fn workload_labels(w: Option<&Workload>) -> [String; 5] {
     match w {
         Some(w) => [
             or_unknown(if w.workload_name.is_empty() {
@@ -130,30 +136,34 @@ pub fn workload_labels(w: Option<&Workload>) -> [String; 5] {
     }
 }
 
-impl TcpLabels {
-    fn new(c: &Connection) -> Self {
-        let [src_wl, src_cs, src_cr, src_ns, src_cluster] =
-            workload_labels(c.src_workload.as_deref());
-        let [dst_wl, dst_cs, dst_cr, dst_ns, dst_cluster] =
-            workload_labels(c.dst_workload.as_deref());
-        let principal = |id: &Option<SpiffeId>| {
-            id.as_ref()
-                .map(|i| i.to_string())
+impl PeerLabels {
+    /// The labels of a source and a destination; what is not known is
+    /// `unknown`, as in Istio.
+    pub fn new(
+        source: Option<&Workload>,
+        source_identity: Option<&SpiffeId>,
+        service: Option<&ServiceInfo>,
+        destination: Option<&Workload>,
+        destination_identity: Option<&SpiffeId>,
+    ) -> Self {
+        let [src_wl, src_cs, src_cr, src_ns, src_cluster] = workload_labels(source);
+        let [dst_wl, dst_cs, dst_cr, dst_ns, dst_cluster] = workload_labels(destination);
+        let principal = |id: Option<&SpiffeId>| {
+            id.map(|i| i.to_string())
                 .unwrap_or_else(|| UNKNOWN.to_owned())
         };
-        let (svc, svc_ns, svc_name) = match &c.dst_service {
+        let (svc, svc_ns, svc_name) = match service {
             Some(s) => (s.hostname.clone(), s.namespace.clone(), s.name.clone()),
             None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
         };
         Self {
-            reporter: c.direction.reporter(),
             source_app: src_cs.clone(),
             source_version: src_cr.clone(),
             source_workload: src_wl,
             source_canonical_service: src_cs,
             source_canonical_revision: src_cr,
             source_workload_namespace: src_ns,
-            source_principal: principal(&c.src_identity),
+            source_principal: principal(source_identity),
             source_cluster: src_cluster,
             destination_service: svc,
             destination_service_namespace: svc_ns,
@@ -164,8 +174,23 @@ impl TcpLabels {
             destination_canonical_service: dst_cs,
             destination_canonical_revision: dst_cr,
             destination_workload_namespace: dst_ns,
-            destination_principal: principal(&c.dst_identity),
+            destination_principal: principal(destination_identity),
             destination_cluster: dst_cluster,
+        }
+    }
+}
+
+impl TcpLabels {
+    fn new(c: &Connection) -> Self {
+        Self {
+            reporter: c.direction.reporter(),
+            peers: PeerLabels::new(
+                c.src_workload.as_deref(),
+                c.src_identity.as_ref(),
+                c.dst_service.as_ref(),
+                c.dst_workload.as_deref(),
+                c.dst_identity.as_ref(),
+            ),
             request_protocol: "tcp",
             response_flags: "-",
             connection_security_policy: match c.security {

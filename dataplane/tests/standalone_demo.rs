@@ -48,7 +48,8 @@ fn on_path(tool: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
 }
 
-/// The directory holding this build's `dataplane` and `controlplane`, or
+/// The directory holding this build's `dataplane`, `controlplane` and
+/// `waypoint`, or
 /// why the demo cannot run here.
 fn prerequisites() -> Result<PathBuf, String> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -62,8 +63,9 @@ fn prerequisites() -> Result<PathBuf, String> {
     let dir = dataplane
         .parent()
         .ok_or("no directory around the dataplane binary")?;
-    // The controlplane binary is another package's.
+    // The controlplane and waypoint binaries are other packages'.
     sibling::controlplane_binary(dir)?;
+    sibling::waypoint_binary(dir)?;
     Ok(dir.to_path_buf())
 }
 
@@ -401,7 +403,7 @@ fn the_demo_tells_its_story_and_leaves_nothing_behind() {
     // The policy: written, delivered, and the next request refused by the
     // web pods' dataplane for sleep's identity.
     has("node-b's dataplane has demo/deny-sleep");
-    let after_policy = section(&out, "node-b's dataplane has demo/deny-sleep", "[8/10]");
+    let after_policy = section(&out, "node-b's dataplane has demo/deny-sleep", "[8/11]");
     assert!(
         after_policy.contains("curl: ("),
         "the request was not refused: {after_policy}"
@@ -440,6 +442,41 @@ fn the_demo_tells_its_story_and_leaves_nothing_behind() {
     // sleep's refused request counts too: at least one more for legacy.
     assert!(refused >= 2.0, "{refused}: {after_strict}");
     has("accepted once more: \"hello from web-1 on node-b, you are 10.55.1.20\"");
+
+    // The waypoint: the HTTP policy decided per request (GET allowed, POST
+    // 403 from the waypoint, on sleep's verified identity), and the route
+    // splitting one connection's requests 90/10.
+    has("demo/allow-get: ALLOW scope WAYPOINT, enforced by waypoint demo/waypoint");
+    has("200 hello from web-1 on node-b");
+    has("403 RBAC: access denied");
+    let access = section(
+        &out,
+        "the waypoint's access log (one line per request):",
+        "GET allowed",
+    );
+    for field in [
+        "method=POST",
+        "response_code=403",
+        "src.identity=spiffe://cluster.local/ns/demo/sa/sleep",
+        "detail=NoAllowPolicyMatched",
+    ] {
+        assert!(
+            access.contains(field),
+            "{field} not in the access log: {access}"
+        );
+    }
+    let count = |version: &str| -> u32 {
+        out.lines()
+            .find(|l| l.contains(&format!("(version {version}):")))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|n| n.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count for {version}"))
+    };
+    let (v1, v2) = (count("v1"), count("v2"));
+    assert_eq!(v1 + v2, 100, "{v1} + {v2}");
+    // 10 expected; 1..=30 is well over six standard deviations wide.
+    assert!((1..=30).contains(&v2), "a 90/10 split gave {v1}/{v2}");
 
     // The certificate from the REST API verifies against the mesh root.
     has("reporter-chain.pem: OK");

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
+use meshbox_dataplane::admin::{metrics_response, pretty, readiness_response};
 use meshbox_dataplane::xds::ResourceType;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
@@ -62,29 +62,11 @@ fn readiness(wp: &Waypoint) -> Result<(), String> {
 }
 
 async fn ready(State(admin): State<Admin>) -> Response {
-    match readiness(&admin.wp) {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
-        )
-            .into_response(),
-    }
+    readiness_response(readiness(&admin.wp))
 }
 
 async fn metrics(State(admin): State<Admin>) -> Response {
-    let mut body = String::new();
-    if prometheus_client::encoding::text::encode(&mut body, &admin.registry).is_err() {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+    metrics_response(&admin.registry)
 }
 
 async fn config_dump(State(admin): State<Admin>) -> Response {
@@ -152,11 +134,5 @@ async fn config_dump(State(admin): State<Admin>) -> Response {
         "policies": policies,
         "upstreamPool": wp.upstreams.connector.pool().entries(),
     });
-    match serde_json::to_string_pretty(&body) {
-        Ok(mut text) => {
-            text.push('\n');
-            ([(header::CONTENT_TYPE, "application/json")], text).into_response()
-        }
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+    pretty(body)
 }

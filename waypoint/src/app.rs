@@ -19,7 +19,6 @@ use meshbox_dataplane::proxy::socket::Sockets;
 use meshbox_dataplane::state::{HealthStatus, Locality, Protocol, Workload};
 use meshbox_dataplane::xds::{ClientOptions, Credentials, ResourceType, XdsClient};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -47,21 +46,7 @@ pub struct Running {
 impl Running {
     /// Stops accepting, lets open requests finish for up to `timeout`.
     pub async fn drain(self, timeout: Duration) {
-        let wp = &self.wp;
-        wp.shutdown.cancel();
-        wp.tasks.close();
-        info!(open_tasks = wp.tasks.len(), ?timeout, "draining");
-        if tokio::time::timeout(timeout, wp.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                still_open = wp.tasks.len(),
-                "drain deadline reached; closing the rest"
-            );
-        } else {
-            info!("drained");
-        }
+        meshbox_dataplane::process::drain(&self.wp.shutdown, &self.wp.tasks, timeout).await;
     }
 }
 
@@ -152,7 +137,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         certs.clone(),
         config.identity.clone(),
         pool,
-        sockets,
+        sockets.clone(),
     );
     let wp = Arc::new(Waypoint {
         gateway: config.gateway.clone(),
@@ -211,8 +196,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .store(Arc::new(me.unwrap_or_else(|| placeholder.clone())));
     }));
 
-    let listener = TcpListener::bind(config.inbound_addr)
-        .await
+    // `[::]` falls back to IPv4 where a pod has IPv6 turned off.
+    let listener = sockets
+        .listen(config.inbound_addr)
         .with_context(|| format!("binding {}", config.inbound_addr))?;
     let inbound_addr = listener.local_addr()?;
     tokio::spawn(inbound::serve(

@@ -3,36 +3,18 @@
 //! either.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use meshbox_certs::SpiffeId;
-use meshbox_dataplane::config::{Endpoint, endpoint};
+use meshbox_dataplane::config::{ControlPlaneSettings, Endpoint};
 use meshbox_dataplane::token::TokenFile;
 
 /// The `waypoint run` flags.
 #[derive(Args, Debug, Clone)]
 pub struct Settings {
-    /// The control plane's xDS endpoint, e.g. `https://meshbox-controlplane.meshbox-system.svc:15012`.
-    #[arg(long, env = "XDS_ADDRESS")]
-    pub xds_address: String,
-    /// The CA endpoint; defaults to the xDS address (one port serves both).
-    #[arg(long, env = "CA_ADDRESS")]
-    pub ca_address: Option<String>,
-    /// PEM root(s) that sign the control plane's serving certificate.
-    #[arg(long, env = "XDS_ROOT_CA")]
-    pub xds_root_ca: Option<PathBuf>,
-    /// PEM root(s) for the CA endpoint; defaults to `XDS_ROOT_CA`.
-    #[arg(long, env = "CA_ROOT_CA")]
-    pub ca_root_ca: Option<PathBuf>,
-    /// File holding the bearer token (re-read on every request: tokens rotate).
-    #[arg(long, env = "AUTH_TOKEN")]
-    pub auth_token: Option<PathBuf>,
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    pub cluster_id: String,
-    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
-    pub trust_domain: String,
+    #[command(flatten)]
+    pub control_plane: ControlPlaneSettings,
     /// The network the waypoint is on (Istio's `NETWORK`).
     #[arg(long, env = "NETWORK", default_value = "")]
     pub network: String,
@@ -129,17 +111,7 @@ pub enum ConfigError {
 
 impl Config {
     pub fn from_settings(s: &Settings) -> Result<Self, ConfigError> {
-        let xds = endpoint(
-            "XDS_ADDRESS",
-            "XDS_ROOT_CA",
-            s.xds_address.clone(),
-            s.xds_root_ca.clone(),
-        )?;
-        let ca_root = s.ca_root_ca.clone().or_else(|| s.xds_root_ca.clone());
-        let ca = match &s.ca_address {
-            Some(uri) => endpoint("CA_ADDRESS", "CA_ROOT_CA", uri.clone(), ca_root)?,
-            None => xds.clone(),
-        };
+        let cp = s.control_plane.check()?;
         let service_account = s.service_account.clone().unwrap_or(s.gateway.clone());
         for (what, value) in [
             ("namespace", &s.namespace),
@@ -153,17 +125,17 @@ impl Config {
                 });
             }
         }
-        let identity = SpiffeId::new(&s.trust_domain, &s.namespace, &service_account)
+        let identity = SpiffeId::new(&cp.trust_domain, &s.namespace, &service_account)
             .map_err(|e| ConfigError::Identity(e.to_string()))?;
         if s.max_header_bytes < 1024 {
             return Err(ConfigError::HeaderLimit);
         }
         Ok(Self {
-            xds,
-            ca,
-            auth_token: s.auth_token.clone().map(TokenFile::new),
-            cluster_id: s.cluster_id.clone(),
-            trust_domain: s.trust_domain.clone(),
+            xds: cp.xds,
+            ca: cp.ca,
+            auth_token: cp.auth_token,
+            cluster_id: cp.cluster_id,
+            trust_domain: cp.trust_domain,
             network: s.network.clone(),
             pod_name: s.pod_name.clone(),
             gateway: format!("{}/{}", s.namespace, s.gateway),

@@ -21,12 +21,15 @@
 //!   (pure);
 //! - [`upstream`]: hyper's pooled clients over HBONE;
 //! - [`telemetry`]: access log and Istio's HTTP metrics;
-//! - [`admin`]: `/config_dump`, `/metrics`, `/healthz/ready`.
+//! - [`admin`]: `/config_dump`, `/metrics`, `/healthz/ready`;
+//! - [`fuzzing`]: the fuzz target's entry point (stream detection and the
+//!   control plane's resources).
 
 pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod config;
+pub mod fuzzing;
 pub mod inbound;
 pub mod policies;
 pub mod proxy;

@@ -252,18 +252,25 @@ pub async fn handle(
         Destination::Service { info, .. } => Some(info.clone()),
         Destination::Workload { .. } => None,
     };
-    let answer =
-        decide_and_forward(&wp, &tunnel, parts.clone_head(), &path, &authority, body).await;
+    let method = parts.method.to_string();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    let head = Head {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+    };
+    let answer = decide_and_forward(&wp, &tunnel, head, &path, &authority, body).await;
     let mut response = answer.response;
     strip_hop_by_hop(response.headers_mut());
     let record = RequestRecord {
         telemetry: wp.telemetry.clone(),
         start,
-        method: parts.method.to_string(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        method,
+        path: target,
         authority,
         protocol: "http",
         source_identity: Some(tunnel.peer_identity.clone()),
@@ -287,21 +294,6 @@ struct Head {
     uri: Uri,
     version: Version,
     headers: HeaderMap,
-}
-
-trait CloneHead {
-    fn clone_head(&self) -> Head;
-}
-
-impl CloneHead for http::request::Parts {
-    fn clone_head(&self) -> Head {
-        Head {
-            method: self.method.clone(),
-            uri: self.uri.clone(),
-            version: self.version,
-            headers: self.headers.clone(),
-        }
-    }
 }
 
 async fn decide_and_forward(
@@ -426,7 +418,9 @@ async fn decide_and_forward(
         let addr = upstream.authority().unwrap_or(upstream.connect_to);
         // Policies bound to the chosen endpoint (moved here from its node
         // proxy) are decided now that it is known.
+        // (A request addressed to a workload had them with the target.)
         if let Some(w) = &endpoint
+            && service_key.is_some()
             && l7.policies.has_endpoint_policies()
         {
             let extra: Vec<&Policy> = l7.policies.for_endpoint(&w.uid, service_key).collect();
@@ -467,9 +461,14 @@ async fn decide_and_forward(
                 r.request_headers.apply(h);
             }
             strip_hop_by_hop(h);
-            if head.version == Version::HTTP_2 {
-                // HTTP/2 carries the authority in `:authority`, not Host.
-                h.remove(header::HOST);
+            // Upstream, `:authority` (HTTP/2) is the endpoint's address,
+            // which the connection pool is keyed on; the client's own
+            // authority travels in Host, as HTTP/1.1 clients sent it.
+            if head.version == Version::HTTP_2
+                && !h.contains_key(header::HOST)
+                && let Ok(value) = HeaderValue::from_str(authority)
+            {
+                h.insert(header::HOST, value);
             }
         }
         let out_body = match body.take() {

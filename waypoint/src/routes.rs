@@ -483,15 +483,19 @@ fn compile_rule(
     })
 }
 
-/// RFC 3986 dot-segment removal (Istio's default `BASE` normalisation), so
-/// `/a/./b/../admin` is matched, authorized and forwarded as `/a/admin`.
-/// Slashes are not merged, as in `BASE`.
+/// Istio's default path normalisation (`BASE`: RFC 3986 §6), so a path is
+/// matched, authorized and forwarded in one spelling: percent-encoded
+/// unreserved characters are decoded (`/%61dmin` is `/admin`), other
+/// encodings get upper-case hex, and dot segments are removed
+/// (`/a/./b/../admin` and `/a/%2e%2e/admin` are `/admin`). Slashes are not
+/// merged and `%2F` stays encoded, as in `BASE`.
 pub fn normalize_path(path: &str) -> String {
-    if !path.split('/').any(|s| s == "." || s == "..") {
-        return path.to_owned();
+    let decoded = decode_unreserved(path);
+    if !decoded.split('/').any(|s| s == "." || s == "..") {
+        return decoded;
     }
     let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
     let last = segments.len().saturating_sub(1);
     for (i, seg) in segments.iter().enumerate() {
         match *seg {
@@ -510,6 +514,49 @@ pub fn normalize_path(path: &str) -> String {
         }
     }
     format!("/{}", out.join("/"))
+}
+
+/// Decodes `%XX` where XX is an unreserved character and upper-cases the
+/// hex of the rest; a `%` not followed by two hex digits is kept as is.
+fn decode_unreserved(path: &str) -> String {
+    if !path.contains('%') {
+        return path.to_owned();
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            let c = (hi << 4) | lo;
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                out.push(char::from(c));
+            } else {
+                out.push('%');
+                out.push(char::from(bytes[i + 1].to_ascii_uppercase()));
+                out.push(char::from(bytes[i + 2].to_ascii_uppercase()));
+            }
+            i += 3;
+            continue;
+        }
+        // One whole character (paths from hyper are ASCII; this keeps any
+        // other input intact rather than splitting a UTF-8 sequence).
+        let len = path[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&path[i..i + len]);
+        i += len;
+    }
+    out
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use meshbox_certs::SpiffeId;
 use meshbox_dataplane::state::{ServiceInfo, Workload};
-use meshbox_dataplane::telemetry::{UNKNOWN, workload_labels};
+use meshbox_dataplane::telemetry::{PeerLabels, UNKNOWN};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -47,28 +47,11 @@ const BYTES_BUCKETS: [f64; 9] = [
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     reporter: &'static str,
-    source_workload: String,
-    source_canonical_service: String,
-    source_canonical_revision: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_app: String,
-    source_version: String,
-    source_cluster: String,
-    destination_service: String,
-    destination_service_namespace: String,
-    destination_service_name: String,
-    destination_workload: String,
-    destination_canonical_service: String,
-    destination_canonical_revision: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_app: String,
-    destination_version: String,
-    destination_cluster: String,
+    #[prometheus(flatten)]
+    peers: PeerLabels,
     request_protocol: &'static str,
     response_code: u16,
-    grpc_response_status: String,
+    grpc_response_status: &'static str,
     response_flags: &'static str,
     connection_security_policy: &'static str,
 }
@@ -142,44 +125,23 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     fn finish(&self) {
-        let [src_wl, src_cs, src_cr, src_ns, src_cluster] =
-            workload_labels(self.source_workload.as_deref());
-        let [dst_wl, dst_cs, dst_cr, dst_ns, dst_cluster] =
-            workload_labels(self.destination_workload.as_deref());
         let principal = |id: Option<&SpiffeId>| {
             id.map(|i| i.to_string())
                 .unwrap_or_else(|| UNKNOWN.to_owned())
         };
-        let (svc, svc_ns, svc_name) = match &self.destination_service {
-            Some(s) => (s.hostname.clone(), s.namespace.clone(), s.name.clone()),
-            None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
-        };
+        let destination_identity = self.destination_workload.as_deref().map(|w| &w.identity);
         let labels = RequestLabels {
             reporter: "waypoint",
-            source_app: src_cs.clone(),
-            source_version: src_cr.clone(),
-            source_workload: src_wl,
-            source_canonical_service: src_cs,
-            source_canonical_revision: src_cr,
-            source_workload_namespace: src_ns,
-            source_principal: principal(self.source_identity.as_ref()),
-            source_cluster: src_cluster,
-            destination_service: svc,
-            destination_service_namespace: svc_ns,
-            destination_service_name: svc_name,
-            destination_app: dst_cs.clone(),
-            destination_version: dst_cr.clone(),
-            destination_workload: dst_wl,
-            destination_canonical_service: dst_cs,
-            destination_canonical_revision: dst_cr,
-            destination_workload_namespace: dst_ns,
-            destination_principal: principal(
-                self.destination_workload.as_deref().map(|w| &w.identity),
+            peers: PeerLabels::new(
+                self.source_workload.as_deref(),
+                self.source_identity.as_ref(),
+                self.destination_service.as_ref(),
+                self.destination_workload.as_deref(),
+                destination_identity,
             ),
-            destination_cluster: dst_cluster,
             request_protocol: self.protocol,
             response_code: self.status,
-            grpc_response_status: String::new(),
+            grpc_response_status: "",
             response_flags: self.flags,
             connection_security_policy: "mutual_tls",
         };
@@ -208,7 +170,7 @@ impl RequestRecord {
             src.workload = %self.source_workload.as_deref().map_or(UNKNOWN, |w| w.name.as_str()),
             dst.service = %self.destination_service.as_ref().map_or(UNKNOWN, |s| s.hostname.as_str()),
             dst.workload = %self.destination_workload.as_deref().map_or(UNKNOWN, |w| w.name.as_str()),
-            dst.identity = %principal(self.destination_workload.as_deref().map(|w| &w.identity)),
+            dst.identity = %principal(destination_identity),
             dst.addr = %self.upstream.map_or_else(|| "-".to_owned(), |a| a.to_string()),
             detail = %self.detail.as_deref().unwrap_or("-"),
             "request"

@@ -15,9 +15,16 @@ fn run_names_what_is_missing_or_wrong_and_serves_nothing() {
     let out = waypoint(&["run"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for flag in ["--xds-address", "--namespace", "--gateway"] {
+    for flag in ["--namespace", "--gateway"] {
         assert!(stderr.contains(flag), "{flag} not named: {stderr}");
     }
+    let out = waypoint(&["run", "--namespace", "default", "--gateway", "wp"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("XDS_ADDRESS (--xds-address) is required"),
+        "{stderr}"
+    );
     // Bad values are refused before anything is bound or dialed.
     let out = waypoint(&[
         "run",

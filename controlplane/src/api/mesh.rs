@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
+use meshbox_proto::meshbox::{self, WaypointPolicy};
 use meshbox_proto::security::{self, Authorization};
 use meshbox_proto::workload::{self, Address, GatewayAddress, address, gateway_address};
 use serde::{Deserialize, Serialize};
@@ -300,6 +301,9 @@ pub struct PolicyView {
     /// AuthorizationPolicies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     converted_from: Vec<ObjectRef>,
+    /// Who enforces it: `node proxies`, `waypoint ns/gw` (one entry per
+    /// waypoint), or both.
+    enforced_by: Vec<String>,
 }
 
 /// A Kubernetes object by kind, namespace and name.
@@ -361,8 +365,13 @@ fn match_view(m: &security::Match) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-fn policy_view(p: &Authorization, origins: Vec<crate::model::ObjectKey>) -> PolicyView {
+fn policy_view(
+    p: &Authorization,
+    origins: Vec<crate::model::ObjectKey>,
+    enforced_by: Vec<String>,
+) -> PolicyView {
     PolicyView {
+        enforced_by,
         name: p.name.clone(),
         namespace: p.namespace.clone(),
         scope: security::Scope::try_from(p.scope)
@@ -393,30 +402,123 @@ fn policy_view(p: &Authorization, origins: Vec<crate::model::ObjectKey>) -> Poli
     }
 }
 
+/// Policies only waypoints enforce (`targetRefs`) have no node-proxy
+/// resource; they are listed with scope `WAYPOINT` and their waypoints.
+fn waypoint_only_view(p: &WaypointPolicy, enforced_by: Vec<String>) -> PolicyView {
+    PolicyView {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: "WAYPOINT".to_owned(),
+        action: meshbox::PolicyAction::try_from(p.action)
+            .map(|a| a.as_str_name().to_owned())
+            .unwrap_or_default(),
+        dry_run: false,
+        rules: Vec::new(),
+        converted_from: Vec::new(),
+        enforced_by,
+    }
+}
+
 pub async fn list_policies(State(state): State<ApiState>) -> Json<Vec<PolicyView>> {
-    type WithOrigins = (std::sync::Arc<Authorization>, Vec<crate::model::ObjectKey>);
-    let policies: Vec<WithOrigins> = state.store.read(|index| {
-        index
-            .authorizations()
-            .map(|(name, p)| (p.clone(), index.peer_authentication_origins(name)))
-            .collect()
-    });
+    type WithOrigins = (
+        std::sync::Arc<Authorization>,
+        Vec<crate::model::ObjectKey>,
+        Vec<String>,
+    );
+    type WaypointOnly = (std::sync::Arc<WaypointPolicy>, Vec<String>);
+    let (policies, waypoint_only): (Vec<WithOrigins>, Vec<WaypointOnly>) =
+        state.store.read(|index| {
+            let node = index
+                .authorizations()
+                .map(|(name, p)| {
+                    (
+                        p.clone(),
+                        index.peer_authentication_origins(name),
+                        index.policy_enforcement(name),
+                    )
+                })
+                .collect();
+            let waypoint = index
+                .waypoint_policies()
+                .filter(|(name, _)| index.authorization(name).is_none())
+                .map(|(name, p)| (p.clone(), index.policy_enforcement(name)))
+                .collect();
+            (node, waypoint)
+        });
+    let unenforced = state.store.read(|index| index.unenforced_policies());
+    let mut out: Vec<PolicyView> = policies
+        .into_iter()
+        .map(|(p, origins, enforced_by)| policy_view(&p, origins, enforced_by))
+        .chain(
+            waypoint_only
+                .into_iter()
+                .map(|(p, enforced_by)| waypoint_only_view(&p, enforced_by)),
+        )
+        .chain(
+            unenforced
+                .into_iter()
+                .map(|(namespace, name, action)| PolicyView {
+                    name,
+                    namespace,
+                    scope: "NONE".to_owned(),
+                    action,
+                    dry_run: false,
+                    rules: Vec::new(),
+                    converted_from: Vec::new(),
+                    enforced_by: Vec::new(),
+                }),
+        )
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Json(out)
+}
+
+/// An xDS client serving a waypoint.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointProxyView {
+    node_id: Option<String>,
+    /// Who authenticated the stream (a SPIFFE ID for a waypoint's token).
+    identity: String,
+    /// RFC 3339.
+    connected_since: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointView {
+    #[serde(flatten)]
+    waypoint: crate::model::WaypointInfo,
+    /// Connected xDS clients whose `WAYPOINT` node metadata names this
+    /// Gateway.
+    proxies: Vec<WaypointProxyView>,
+}
+
+pub async fn list_waypoints(State(state): State<ApiState>) -> Json<Vec<WaypointView>> {
+    let waypoints = state.store.read(|index| index.waypoints());
+    let connections = state.xds.connections();
     Json(
-        policies
+        waypoints
             .into_iter()
-            .map(|(p, origins)| policy_view(&p, origins))
+            .map(|waypoint| {
+                let name = format!("{}/{}", waypoint.namespace, waypoint.name);
+                let proxies = connections
+                    .iter()
+                    .filter(|c| c.waypoint.as_deref() == Some(name.as_str()))
+                    .map(|c| WaypointProxyView {
+                        node_id: c.node_id.clone(),
+                        identity: c.caller.clone(),
+                        connected_since: c.connected_since.clone(),
+                    })
+                    .collect();
+                WaypointView { waypoint, proxies }
+            })
             .collect(),
     )
 }
 
-pub async fn list_waypoints(
-    State(state): State<ApiState>,
-) -> Json<Vec<crate::model::WaypointInfo>> {
-    Json(state.store.read(|index| index.waypoints()))
-}
-
-/// HTTPRoutes, checked against the Services and waypoints known now. Shown
-/// only: no waypoint enforces them yet.
+/// HTTPRoutes, checked against the Services and waypoints known now (what
+/// waypoints get as `WaypointRoute`, in the model's terms).
 pub async fn list_routes(
     State(state): State<ApiState>,
     Query(filter): Query<NamespaceFilter>,

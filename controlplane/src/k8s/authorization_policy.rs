@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use super::nullable;
+use super::{OtherFields, nullable};
 
 /// `security.istio.io/v1` `AuthorizationPolicy`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -49,6 +49,10 @@ pub struct AuthorizationPolicySpec {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub rules: Vec<Rule>,
+    /// Fields meshbox does not know (a newer Istio's): reported, and they
+    /// make every rule fail closed.
+    #[serde(flatten)]
+    pub other: OtherFields,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -100,6 +104,8 @@ pub struct Rule {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub when: Vec<Condition>,
+    #[serde(flatten)]
+    pub other: OtherFields,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -107,6 +113,8 @@ pub struct Rule {
 pub struct RuleFrom {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
+    #[serde(flatten)]
+    pub other: OtherFields,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -114,6 +122,8 @@ pub struct RuleFrom {
 pub struct RuleTo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<Operation>,
+    #[serde(flatten)]
+    pub other: OtherFields,
 }
 
 macro_rules! string_lists {
@@ -126,6 +136,9 @@ macro_rules! string_lists {
                 #[serde(default, deserialize_with = "nullable", skip_serializing_if = "Vec::is_empty")]
                 pub $field: Vec<String>,
             )*
+            /// Fields meshbox does not know: they fail the rule closed.
+            #[serde(flatten)]
+            pub other: OtherFields,
         }
     };
 }
@@ -181,6 +194,8 @@ pub struct Condition {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub not_values: Vec<String>,
+    #[serde(flatten)]
+    pub other: OtherFields,
 }
 
 impl k8s_openapi::Resource for AuthorizationPolicy {

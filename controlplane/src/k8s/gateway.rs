@@ -1,11 +1,12 @@
 //! Gateway API's `Gateway` (`gateway.networking.k8s.io/v1`), reduced to what
 //! waypoint handling reads: class, listeners (for `allowedRoutes`), addresses
-//! and metadata labels such as `istio.io/waypoint-for`.
+//! and metadata labels such as `istio.io/waypoint-for`, and the status
+//! conditions the waypoint controller writes.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::{Deserialize, Serialize};
 
-use super::nullable;
+use super::{RouteCondition, nullable};
 
 /// `gateway.networking.k8s.io/v1` `Gateway`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -100,6 +101,14 @@ pub struct GatewayStatus {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub addresses: Vec<GatewayStatusAddress>,
+    /// `Accepted`, `Programmed`, ...: read leniently (a malformed condition
+    /// written by some other controller must not make the Gateway unreadable).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub conditions: Vec<RouteCondition>,
 }
 
 /// An address the gateway controller assigned: `type` is `IPAddress` (the

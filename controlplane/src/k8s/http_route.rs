@@ -260,6 +260,10 @@ pub struct RouteParentStatus {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub conditions: Vec<RouteCondition>,
+    /// Fields of newer API versions in another controller's entry: kept,
+    /// since the whole `parents` list is written back with ours.
+    #[serde(flatten)]
+    pub other: OtherFields,
 }
 
 /// A status condition. Lenient where `metav1.Condition` is strict (its

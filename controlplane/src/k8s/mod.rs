@@ -7,11 +7,22 @@
 //! uses; unknown fields are ignored so newer CRD versions still parse. Each
 //! implements `k8s_openapi::Resource`/`Metadata` by hand so `kube::Api` can
 //! watch them without pulling `kube`'s derive machinery into this module.
+//!
+//! Also the waypoint controller of Kubernetes mode: [`waypoint_deployer`]
+//! (pure: a waypoint Gateway in, the ServiceAccount, Service and Deployment
+//! that run meshbox's waypoint for it and the Gateway's status out) and
+//! [`waypoint_controller`] (applies them, with kube-runtime), and the
+//! HTTPRoute status writer: [`route_status`] (pure: a route and the mesh
+//! model in, its `status.parents` out) and [`route_status_controller`].
 
 mod authorization_policy;
 mod gateway;
 mod http_route;
 mod peer_authentication;
+pub mod route_status;
+pub mod route_status_controller;
+pub mod waypoint_controller;
+pub mod waypoint_deployer;
 
 pub use authorization_policy::{
     AuthorizationPolicy, AuthorizationPolicySpec, Condition, ExtensionProvider, Operation,

@@ -1,8 +1,9 @@
 //! The mesh model ("the index"): a pure, synchronous state machine that takes
 //! Kubernetes objects (add/update/delete, or a whole relist) and keeps the
 //! Istio workload-API resources derived from them — `istio.workload.Address`
-//! (Workload or Service) and `istio.security.Authorization` — together with
-//! per-object problems ("statuses") for people to read.
+//! (Workload or Service) and `istio.security.Authorization` — and meshbox's
+//! waypoint resources (`meshbox.v1.WaypointPolicy`, `WaypointRoute`),
+//! together with per-object problems ("statuses") for people to read.
 //!
 //! It never talks to an API server and never blocks, so it is tested by
 //! feeding objects and asserting outputs, in the manner of linkerd2's
@@ -12,8 +13,9 @@
 //! model reads (so status-only churn on a pod is a no-op), the reverse
 //! dependencies (service → selected pods, policy → selected pods, waypoint →
 //! users, IP → pods, label → pods) are kept in indexes, and an event only
-//! marks the derived resources it can affect as dirty. Dirty resources are
-//! rebuilt once per operation and compared with what was served before, so
+//! marks the derived resources it can affect as dirty (policies and routes
+//! are rebuilt after the workloads and services they depend on, which mark
+//! them). Dirty resources are rebuilt once per operation and compared with what was served before, so
 //! [`Changes`] lists exactly the resources whose value really changed.
 
 mod namespace;
@@ -23,6 +25,7 @@ mod route;
 mod selector;
 mod service;
 mod waypoint;
+mod waypoint_policy;
 mod workload;
 
 #[cfg(test)]
@@ -37,6 +40,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use meshbox_certs::SpiffeId;
+use meshbox_proto::meshbox::{WaypointPolicy, WaypointRoute};
 use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::Address;
 use serde::Serialize;
@@ -253,11 +257,18 @@ impl fmt::Display for ObjectKey {
 pub struct Changes {
     pub addresses: BTreeMap<String, Option<Arc<Address>>>,
     pub authorizations: BTreeMap<String, Option<Arc<Authorization>>>,
+    /// `meshbox.v1.WaypointPolicy`, for waypoints.
+    pub waypoint_policies: BTreeMap<String, Option<Arc<WaypointPolicy>>>,
+    /// `meshbox.v1.WaypointRoute`, for waypoints.
+    pub waypoint_routes: BTreeMap<String, Option<Arc<WaypointRoute>>>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.addresses.is_empty() && self.authorizations.is_empty()
+        self.addresses.is_empty()
+            && self.authorizations.is_empty()
+            && self.waypoint_policies.is_empty()
+            && self.waypoint_routes.is_empty()
     }
 }
 
@@ -283,6 +294,10 @@ pub struct WaypointInfo {
     /// Where dataplanes reach it: the hostname of its Service, or the
     /// addresses from the Gateway's status. Empty while it has none.
     pub addresses: Vec<String>,
+    /// The HTTPRoutes (`namespace/name`) sent to it.
+    pub routes: Vec<String>,
+    /// The AuthorizationPolicies (`namespace/name`) sent to it.
+    pub policies: Vec<String>,
 }
 
 /// Namespace + name, the key of every namespaced input.
@@ -348,6 +363,10 @@ struct Dirty {
     services: HashSet<Key>,
     namespaces: HashSet<String>,
     gateways: HashSet<Key>,
+    /// Rebuilt after pods: what a policy sends depends on its workloads.
+    policies: HashSet<Key>,
+    /// Rebuilt last: a route depends on Services and their waypoints.
+    routes: HashSet<Key>,
 }
 
 /// Each resource the current operation wrote: the value it had before (so
@@ -358,6 +377,8 @@ struct Dirty {
 struct Touched {
     addresses: TouchedMap<Address>,
     authorizations: TouchedMap<Authorization>,
+    waypoint_policies: TouchedMap<WaypointPolicy>,
+    waypoint_routes: TouchedMap<WaypointRoute>,
 }
 
 /// name → (before, now).
@@ -392,6 +413,15 @@ pub struct MeshIndex {
     peer_auths_by_ns: HashMap<String, BTreeSet<String>>,
     /// Service → the HTTPRoutes attached to it (whether or not it exists).
     routes_by_service: HashMap<Key, BTreeSet<Key>>,
+    /// Service → the HTTPRoutes that name it as a backend.
+    routes_by_backend: HashMap<Key, BTreeSet<Key>>,
+    /// Gateway → the policies whose targetRefs name it.
+    policies_by_gateway: HashMap<Key, BTreeSet<Key>>,
+    /// Service → the policies whose targetRefs name it.
+    policies_by_service: HashMap<Key, BTreeSet<Key>>,
+    /// Policies whose targetRefs name a GatewayClass (any waypoint's change
+    /// can move them).
+    class_policies: BTreeSet<Key>,
     pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
     services_by_vip: HashMap<IpAddr, BTreeSet<Key>>,
     /// node → identity → number of pods holding it there.
@@ -412,6 +442,8 @@ pub struct MeshIndex {
     // Outputs.
     addresses: BTreeMap<String, Arc<Address>>,
     authorizations: BTreeMap<String, Arc<Authorization>>,
+    waypoint_policies: BTreeMap<String, Arc<WaypointPolicy>>,
+    waypoint_routes: BTreeMap<String, Arc<WaypointRoute>>,
     statuses: BTreeMap<ObjectKey, Vec<String>>,
 
     dirty: Dirty,
@@ -438,6 +470,10 @@ impl MeshIndex {
             namespace_policies: HashMap::new(),
             peer_auths_by_ns: HashMap::new(),
             routes_by_service: HashMap::new(),
+            routes_by_backend: HashMap::new(),
+            policies_by_gateway: HashMap::new(),
+            policies_by_service: HashMap::new(),
+            class_policies: BTreeSet::new(),
             pods_by_ip: HashMap::new(),
             services_by_vip: HashMap::new(),
             identities_by_node: HashMap::new(),
@@ -453,6 +489,8 @@ impl MeshIndex {
             waypoint_dependents: HashMap::new(),
             addresses: BTreeMap::new(),
             authorizations: BTreeMap::new(),
+            waypoint_policies: BTreeMap::new(),
+            waypoint_routes: BTreeMap::new(),
             statuses: BTreeMap::new(),
             dirty: Dirty::default(),
             touched: Touched::default(),
@@ -706,17 +744,29 @@ impl MeshIndex {
         for key in pods {
             self.recompute_pod(&key);
         }
+        let policies: Vec<Key> = self.dirty.policies.drain().collect();
+        for key in policies {
+            self.recompute_policy(&key);
+        }
+        let routes: Vec<Key> = self.dirty.routes.drain().collect();
+        for key in routes {
+            self.recompute_route(&key);
+        }
         debug_assert!(
             self.dirty.pods.is_empty()
                 && self.dirty.services.is_empty()
                 && self.dirty.namespaces.is_empty()
-                && self.dirty.gateways.is_empty(),
+                && self.dirty.gateways.is_empty()
+                && self.dirty.policies.is_empty()
+                && self.dirty.routes.is_empty(),
             "rebuilding must not mark more work"
         );
 
         Changes {
             addresses: net_changes(std::mem::take(&mut self.touched.addresses)),
             authorizations: net_changes(std::mem::take(&mut self.touched.authorizations)),
+            waypoint_policies: net_changes(std::mem::take(&mut self.touched.waypoint_policies)),
+            waypoint_routes: net_changes(std::mem::take(&mut self.touched.waypoint_routes)),
         }
     }
 
@@ -733,6 +783,24 @@ impl MeshIndex {
         put(
             &mut self.authorizations,
             &mut self.touched.authorizations,
+            name,
+            value,
+        );
+    }
+
+    fn put_waypoint_policy(&mut self, name: String, value: Option<WaypointPolicy>) {
+        put(
+            &mut self.waypoint_policies,
+            &mut self.touched.waypoint_policies,
+            name,
+            value,
+        );
+    }
+
+    fn put_waypoint_route(&mut self, name: String, value: Option<WaypointRoute>) {
+        put(
+            &mut self.waypoint_routes,
+            &mut self.touched.waypoint_routes,
             name,
             value,
         );

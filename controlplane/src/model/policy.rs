@@ -25,7 +25,11 @@
 //!   source.principal/destination.ip/destination.port) cannot be enforced
 //!   at L4. In an `ALLOW` policy a rule using them matches nothing, so the
 //!   rule is left out; in a `DENY` policy the rule is kept without them,
-//!   which denies more than written. Both are reported.
+//!   which denies more than written. Both are reported. Where the
+//!   workloads use a waypoint, the waypoint enforces those rules in full and
+//!   node proxies let its traffic through (the `waypoint_policy` module).
+//! - Fields meshbox does not know (a newer Istio's) are invalid values, at
+//!   any level: the rule fails closed as below.
 //!
 //! - Workloads list, by `{namespace}/{name}`, the `NAMESPACE` policies of
 //!   their namespace and the `WORKLOAD_SELECTOR` policies that select them:
@@ -51,10 +55,14 @@ use meshbox_proto::security::{
 };
 
 use super::selector::Labels;
-use super::{Key, MeshIndex, ObjectKey, index_insert, index_remove};
+use super::waypoint_policy::WaypointSpec;
+use super::{Key, MeshIndex, index_insert, index_remove};
 use crate::k8s::{self, AuthorizationPolicy};
 
 const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+/// Reported when node proxies can enforce no rule of an ALLOW policy;
+/// replaced when a waypoint takes the policy over.
+pub(super) const ALLOW_ALL_CUT: &str = "no rule of this ALLOW policy can be enforced by node proxies, so it denies all traffic to the workloads it applies to";
 
 /// The outcome of translating one AuthorizationPolicy.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -65,6 +73,12 @@ pub struct TranslatedPolicy {
     pub selector: Option<BTreeMap<String, String>>,
     /// Problems and reductions, for the policy's status.
     pub messages: Vec<String>,
+    /// Whether some rule uses HTTP attributes that node proxies cannot
+    /// enforce (an ALLOW rule left out, a DENY rule reduced).
+    pub has_http_rules: bool,
+    /// Indexes into `authorization.rules` of the DENY rules enforced
+    /// without their HTTP attributes.
+    pub reduced_deny_rules: Vec<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,18 +149,28 @@ pub fn translate_policy(
         (None, false) => Scope::Namespace,
     };
 
+    let spec_unknown: Vec<String> = spec.other.keys().map(|f| format!("spec.{f}")).collect();
+    if !spec_unknown.is_empty() {
+        out.messages.push(format!(
+            "fields not supported by meshbox ({}); every rule fails closed",
+            spec_unknown.join(", ")
+        ));
+    }
     let mut rules = Vec::new();
     if !fail_closed {
         for (i, rule) in spec.rules.iter().enumerate() {
-            let (translated, messages) = translate_rule(mode, rule, i, namespace);
-            rules.extend(translated);
-            out.messages.extend(messages);
+            let translated = translate_rule(mode, rule, i, namespace, &spec_unknown);
+            out.has_http_rules |= translated.has_http;
+            if let Some(r) = translated.rule {
+                if mode == Mode::Deny && translated.has_http {
+                    out.reduced_deny_rules.push(rules.len());
+                }
+                rules.push(r);
+            }
+            out.messages.extend(translated.messages);
         }
         if mode == Mode::Allow && !spec.rules.is_empty() && rules.is_empty() {
-            out.messages.push(
-                "no rule of this ALLOW policy can be enforced by node proxies, so it denies all traffic to the workloads it applies to"
-                    .to_string(),
-            );
+            out.messages.push(ALLOW_ALL_CUT.to_string());
         }
     }
 
@@ -248,6 +272,14 @@ impl RuleContext<'_> {
         })
     }
 
+    /// Fields meshbox does not know: invalid, so the rule fails closed.
+    fn unknown(&mut self, prefix: &str, other: &k8s::OtherFields) {
+        for field in other.keys() {
+            self.invalid
+                .push(format!("{prefix}{field} is not supported"));
+        }
+    }
+
     fn http_fields(&mut self, path: &str, fields: &[(&str, &[String])]) {
         for (field, values) in fields {
             if !values.is_empty() {
@@ -261,6 +293,7 @@ impl RuleContext<'_> {
             self.invalid.push(format!("{path} is empty"));
             return Part::Any;
         };
+        self.unknown(&format!("{path}."), &s.other);
         self.http_fields(
             path,
             &[
@@ -312,6 +345,7 @@ impl RuleContext<'_> {
             self.invalid.push(format!("{path} is empty"));
             return Part::Any;
         };
+        self.unknown(&format!("{path}."), &o.other);
         self.http_fields(
             path,
             &[
@@ -332,6 +366,7 @@ impl RuleContext<'_> {
 
     fn condition(&mut self, path: &str, c: &k8s::Condition) -> Part {
         let path = format!("{path} (key {:?})", c.key);
+        self.unknown(&format!("{path}."), &c.other);
         let mut m = Match::default();
         match c.key.as_str() {
             "source.ip" | "remote.ip" => {
@@ -396,17 +431,36 @@ fn clause(parts: Vec<Part>) -> Result<Option<Clause>, String> {
     }
 }
 
+/// One translated rule: what node proxies get, whether HTTP attributes were
+/// cut from it, and what to report.
+struct TranslatedRule {
+    rule: Option<Rule>,
+    has_http: bool,
+    messages: Vec<String>,
+}
+
 fn translate_rule(
     mode: Mode,
     rule: &k8s::Rule,
     index: usize,
     policy_ns: &str,
-) -> (Option<Rule>, Vec<String>) {
+    spec_unknown: &[String],
+) -> TranslatedRule {
     let mut cx = RuleContext {
         policy_ns,
         http: Vec::new(),
-        invalid: Vec::new(),
+        invalid: spec_unknown
+            .iter()
+            .map(|f| format!("{f} is not supported"))
+            .collect(),
     };
+    cx.unknown("", &rule.other);
+    for (i, f) in rule.from.iter().enumerate() {
+        cx.unknown(&format!("from[{i}]."), &f.other);
+    }
+    for (i, t) in rule.to.iter().enumerate() {
+        cx.unknown(&format!("to[{i}]."), &t.other);
+    }
     let mut groups: Vec<Vec<Part>> = Vec::new();
     if !rule.from.is_empty() {
         groups.push(
@@ -456,7 +510,11 @@ fn translate_rule(
             "{prefix} omitted: {}; in an ALLOW policy such a rule matches nothing, which is more restrictive than written",
             reasons.join(" and ")
         ));
-        return (None, messages);
+        return TranslatedRule {
+            rule: None,
+            has_http: !cx.http.is_empty(),
+            messages,
+        };
     }
     if !cx.http.is_empty() {
         messages.push(format!(
@@ -470,11 +528,20 @@ fn translate_rule(
             cx.invalid.join("; ")
         ));
     }
+    let has_http = !cx.http.is_empty();
     if let Some(why) = never {
         messages.push(format!("{prefix} can never match: {why}"));
-        return (None, messages);
+        return TranslatedRule {
+            rule: None,
+            has_http,
+            messages,
+        };
     }
-    (Some(Rule { clauses }), messages)
+    TranslatedRule {
+        rule: Some(Rule { clauses }),
+        has_http,
+        messages,
+    }
 }
 
 fn string_match(v: &str) -> StringMatch {
@@ -567,15 +634,17 @@ fn cidr_protos(cidrs: Vec<Cidr>) -> Vec<CidrAddress> {
     cidrs.iter().map(|c| c.to_proto()).collect()
 }
 
-/// A translated policy as the index keeps it.
+/// A translated policy as the index keeps it: what node proxies get
+/// before it meets the workloads it applies to, and what waypoints get.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct PolicyState {
-    translated: TranslatedPolicy,
+    pub(super) translated: TranslatedPolicy,
+    pub(super) waypoint: WaypointSpec,
 }
 
 /// How a policy is listed on workloads.
 #[derive(Clone, Debug, PartialEq)]
-enum Listing {
+pub(super) enum Listing {
     None,
     Namespace,
     Selector(Labels),
@@ -588,7 +657,7 @@ impl PolicyState {
         self.translated.selector.as_ref()
     }
 
-    fn listing(&self) -> Listing {
+    pub(super) fn listing(&self) -> Listing {
         let Some(auth) = &self.translated.authorization else {
             return Listing::None;
         };
@@ -604,6 +673,7 @@ impl MeshIndex {
     pub(super) fn ingest_policy(&mut self, key: Key, policy: &AuthorizationPolicy) {
         let state = PolicyState {
             translated: translate_policy(policy, &key.ns, &key.name, &self.config.root_namespace),
+            waypoint: WaypointSpec::from_policy(policy, &key.ns, &self.config.root_namespace),
         };
         let old = self.policies.get(&key);
         if old == Some(&state) {
@@ -614,12 +684,8 @@ impl MeshIndex {
             self.unindex_policy(&key, &old);
         }
         self.index_policy(&key, &state);
-        self.put_authorization(key.to_string(), state.translated.authorization.clone());
-        self.set_status(
-            ObjectKey::authorization_policy(&key.ns, &key.name),
-            state.translated.messages.clone(),
-        );
         self.policies.insert(key.clone(), state);
+        self.dirty.policies.insert(key.clone());
         if listing_changed {
             self.mark_policy_pods(&key);
         }
@@ -630,11 +696,7 @@ impl MeshIndex {
             return;
         };
         self.unindex_policy(key, &old);
-        self.put_authorization(key.to_string(), None);
-        self.set_status(
-            ObjectKey::authorization_policy(&key.ns, &key.name),
-            Vec::new(),
-        );
+        self.dirty.policies.insert(key.clone());
         self.mark_policy_pods(key);
     }
 
@@ -648,6 +710,7 @@ impl MeshIndex {
                 .policy_selectors
                 .insert_selector(&key.ns, &sel, &key.name),
         }
+        self.index_policy_targets(key, &policy.waypoint);
     }
 
     fn unindex_policy(&mut self, key: &Key, policy: &PolicyState) {
@@ -658,6 +721,7 @@ impl MeshIndex {
                 .policy_selectors
                 .remove_selector(&key.ns, &sel, &key.name),
         }
+        self.unindex_policy_targets(key, &policy.waypoint);
     }
 
     /// Marks the workloads that listed the policy and those that list it

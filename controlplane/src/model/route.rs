@@ -1,9 +1,18 @@
 //! Gateway API `HTTPRoute`s attached to Services (GAMMA), checked into the
 //! form a waypoint will enforce, and indexed by the Services they attach to.
 //!
-//! Nothing here reaches a dataplane yet: the index is read by the REST API
-//! (`/api/v1/routes`) and its problems by `/api/v1/status`. The waypoint
-//! proxy that enforces routes is not built.
+//! Each route that attaches to a Service with a waypoint is sent to
+//! waypoints as a `meshbox.v1.WaypointRoute` (resource name
+//! `{namespace}/{name}`): parents resolved to `{waypoint, service resource
+//! name, port, consumer namespace}` (a Service without a waypoint gives no
+//! parent, and a route without parents is not sent), rules with their
+//! outcome, matches, header modifier and timeouts, and backends as Address
+//! resource names (`{ns}/{hostname}`) with the reason when one cannot be
+//! used. Because a route's parents and backends follow Services and their
+//! waypoints, every Service rebuild marks the routes attached to it or
+//! naming it as a backend, and they are rebuilt after it; the resource
+//! changes exactly when one of those does. The same view is shown by the
+//! REST API (`/api/v1/routes`), and its problems by `/api/v1/status`.
 //!
 //! Attachment:
 //! - A `parentRef` with group `""` and kind `Service` attaches the route to
@@ -40,6 +49,10 @@
 //! so those checks run when the routes are read rather than when a route is
 //! ingested: reads are rare (an API call), and the result can never be stale.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use meshbox_proto::meshbox as pb;
 use meshbox_proto::workload::address;
 use serde::Serialize;
 
@@ -207,6 +220,8 @@ struct Attachment {
 /// An HTTPRoute reduced and checked, as far as it can be on its own.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct RouteState {
+    /// `metadata.creationTimestamp`, Unix seconds (0 when absent).
+    created: i64,
     hostnames: Vec<String>,
     attachments: Vec<Attachment>,
     rules: Vec<CheckedRule>,
@@ -214,6 +229,16 @@ pub(super) struct RouteState {
 }
 
 impl RouteState {
+    /// The Services named as backends (usable or not).
+    fn backend_services(&self) -> BTreeSet<Key> {
+        self.rules
+            .iter()
+            .flat_map(|r| r.backends.iter())
+            .filter(|b| !b.name.is_empty())
+            .map(|b| Key::new(&b.namespace, &b.name))
+            .collect()
+    }
+
     fn from_route(ns: &str, route: &HttpRoute) -> Self {
         let spec = &route.spec;
         let mut problems = Vec::new();
@@ -245,6 +270,12 @@ impl RouteState {
             }
         }
         Self {
+            created: route
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second())
+                .unwrap_or(0),
             hostnames: spec.hostnames.clone(),
             attachments,
             rules,
@@ -699,10 +730,17 @@ pub fn parse_duration_ms(text: &str) -> Option<u64> {
 impl MeshIndex {
     pub(super) fn ingest_route(&mut self, key: Key, route: &HttpRoute) {
         let state = RouteState::from_route(&key.ns, route);
+        if self.routes.get(&key) == Some(&state) {
+            return;
+        }
         self.remove_route(&key);
         for a in &state.attachments {
             index_insert(&mut self.routes_by_service, &a.service, key.clone());
         }
+        for b in state.backend_services() {
+            index_insert(&mut self.routes_by_backend, &b, key.clone());
+        }
+        self.dirty.routes.insert(key.clone());
         self.routes.insert(key, state);
     }
 
@@ -711,7 +749,138 @@ impl MeshIndex {
             for a in &old.attachments {
                 index_remove(&mut self.routes_by_service, &a.service, key);
             }
+            for b in old.backend_services() {
+                index_remove(&mut self.routes_by_backend, &b, key);
+            }
+            self.dirty.routes.insert(key.clone());
         }
+    }
+
+    /// Marks the routes a Service's rebuild can change: attached to it, or
+    /// naming it as a backend.
+    pub(super) fn mark_service_routes(&mut self, service: &Key) {
+        let marked: Vec<Key> = self
+            .routes_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .chain(self.routes_by_backend.get(service).into_iter().flatten())
+            .cloned()
+            .collect();
+        self.dirty.routes.extend(marked);
+    }
+
+    /// Rebuilds the `WaypointRoute` of one HTTPRoute.
+    pub(super) fn recompute_route(&mut self, key: &Key) {
+        let value = self
+            .routes
+            .get(key)
+            .and_then(|state| self.waypoint_route(key, state));
+        self.put_waypoint_route(key.slash_name(), value);
+    }
+
+    /// What waypoints get for a route, or `None` when no parent has a
+    /// waypoint.
+    fn waypoint_route(&self, key: &Key, state: &RouteState) -> Option<pb::WaypointRoute> {
+        let info = self.route_info(key, state);
+        let parents: Vec<pb::RouteParent> = info
+            .parents
+            .iter()
+            .filter(|p| p.found)
+            .filter_map(|p| {
+                Some(pb::RouteParent {
+                    waypoint: p.waypoint.clone()?,
+                    service: self.service_resource_name(&Key::new(&p.namespace, &p.name)),
+                    port: p.port.map(u32::from).unwrap_or(0),
+                    consumer_namespace: if p.consumer {
+                        key.ns.clone()
+                    } else {
+                        String::new()
+                    },
+                })
+            })
+            .collect();
+        if parents.is_empty() {
+            return None;
+        }
+        Some(pb::WaypointRoute {
+            name: key.name.clone(),
+            namespace: key.ns.clone(),
+            parents,
+            rules: info.rules.iter().map(|r| self.wire_rule(r)).collect(),
+            created: state.created,
+        })
+    }
+
+    fn wire_rule(&self, rule: &CheckedRule) -> pb::RouteRule {
+        let kind = |k: MatchKind| match k {
+            MatchKind::Exact => pb::MatchKind::Exact,
+            MatchKind::PathPrefix => pb::MatchKind::PathPrefix,
+            MatchKind::RegularExpression => pb::MatchKind::RegularExpression,
+        } as i32;
+        let value = |v: &ValueMatch| pb::StringMatch {
+            kind: kind(v.kind),
+            name: v.name.clone(),
+            value: v.value.clone(),
+        };
+        let header = |h: &HeaderSetting| pb::HeaderValue {
+            name: h.name.clone(),
+            value: h.value.clone(),
+        };
+        pb::RouteRule {
+            matches: rule
+                .matches
+                .iter()
+                .map(|m| pb::RouteMatch {
+                    path: Some(pb::StringMatch {
+                        kind: kind(m.path.kind),
+                        name: String::new(),
+                        value: m.path.value.clone(),
+                    }),
+                    headers: m.headers.iter().map(value).collect(),
+                    query_params: m.query_params.iter().map(value).collect(),
+                    method: m.method.clone().unwrap_or_default(),
+                })
+                .collect(),
+            outcome: match rule.outcome {
+                RuleOutcome::Route => pb::RuleOutcome::Route,
+                RuleOutcome::MatchesNothing => pb::RuleOutcome::MatchesNothing,
+                RuleOutcome::Answer500 => pb::RuleOutcome::Answer500,
+            } as i32,
+            backends: rule
+                .backends
+                .iter()
+                .map(|b| pb::RouteBackend {
+                    service: if b.name.is_empty() {
+                        String::new()
+                    } else {
+                        self.service_resource_name(&Key::new(&b.namespace, &b.name))
+                    },
+                    port: b.port.map(u32::from).unwrap_or(0),
+                    weight: b.weight,
+                    error: b.error.clone().unwrap_or_default(),
+                })
+                .collect(),
+            request_header_modifier: rule.request_header_modifier.as_ref().map(|h| {
+                pb::HeaderModifier {
+                    set: h.set.iter().map(header).collect(),
+                    add: h.add.iter().map(header).collect(),
+                    remove: h.remove.clone(),
+                }
+            }),
+            request_timeout_ms: rule.timeouts.request_ms.unwrap_or(0),
+            backend_request_timeout_ms: rule.timeouts.backend_request_ms.unwrap_or(0),
+            name: rule.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Every served `WaypointRoute`, sorted by resource name.
+    pub fn waypoint_routes(&self) -> impl Iterator<Item = (&str, &Arc<pb::WaypointRoute>)> {
+        self.waypoint_routes.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn waypoint_route_resource(&self, name: &str) -> Option<Arc<pb::WaypointRoute>> {
+        self.waypoint_routes.get(name).cloned()
     }
 
     /// The HTTPRoutes attached to a Service, sorted.
@@ -732,6 +901,15 @@ impl MeshIndex {
         keys.into_iter()
             .filter_map(|key| Some(self.route_info(key, self.routes.get(key)?)))
             .collect()
+    }
+
+    /// `route` as given (which may be newer than the copy the index holds),
+    /// checked against the Services and waypoints known now: what the
+    /// route status writer reports for the generation it stamps.
+    pub fn check_route(&self, namespace: &str, route: &HttpRoute) -> RouteInfo {
+        let name = route.metadata.name.as_deref().unwrap_or_default();
+        let state = RouteState::from_route(namespace, route);
+        self.route_info(&Key::new(namespace, name), &state)
     }
 
     /// Problems of every route, for [`MeshIndex::statuses`].
@@ -809,7 +987,7 @@ impl MeshIndex {
     }
 
     /// The waypoint a Service's traffic goes through now, if any.
-    fn waypoint_of_service(&self, key: &Key) -> Option<&Key> {
+    pub(super) fn waypoint_of_service(&self, key: &Key) -> Option<&Key> {
         let served = self.addresses.get(&self.service_resource_name(key))?;
         match &served.r#type {
             Some(address::Type::Service(s)) if s.waypoint.is_some() => {

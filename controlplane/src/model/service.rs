@@ -370,8 +370,17 @@ impl MeshIndex {
         self.dirty.pods.extend(pods);
     }
 
-    /// Rebuilds one Service resource.
+    /// Rebuilds one Service resource, and marks the policies and routes
+    /// that depend on it.
     pub(super) fn recompute_service(&mut self, key: &Key) {
+        let before = self.waypoint_of_service(key).cloned();
+        self.rebuild_service(key);
+        let after = self.waypoint_of_service(key).cloned();
+        self.mark_service_policies(key, before != after);
+        self.mark_service_routes(key);
+    }
+
+    fn rebuild_service(&mut self, key: &Key) {
         let name = self.service_resource_name(key);
         let status_key = ObjectKey::service(&key.ns, &key.name);
         let old_dep = self.service_waypoint.remove(key);

@@ -175,6 +175,12 @@ impl GatewayState {
     }
 }
 
+impl GatewayState {
+    pub(super) fn is_waypoint_of_class(&self, class: &str) -> bool {
+        self.is_waypoint && self.class == class
+    }
+}
+
 /// Where a waypoint is reached, derived from the Gateway and its Service.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct GatewayDerived {
@@ -255,6 +261,7 @@ impl MeshIndex {
                 }
             }
         }
+        self.mark_gateway_policies(key);
         // A waypoint's own Service must not point at the waypoint.
         if self.services.contains_key(key) {
             self.dirty.services.insert(key.clone());
@@ -437,6 +444,7 @@ impl MeshIndex {
 
     /// Gateways recognised as waypoints, sorted by namespace and name.
     pub fn waypoints(&self) -> Vec<WaypointInfo> {
+        let mut config = self.waypoint_config_names();
         let mut out: Vec<WaypointInfo> = self
             .gateways
             .iter()
@@ -451,9 +459,19 @@ impl MeshIndex {
                     .get(key)
                     .map(|d| d.display.clone())
                     .unwrap_or_default(),
+                policies: Vec::new(),
+                routes: Vec::new(),
             })
             .collect();
         out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for w in &mut out {
+            if let Some((policies, routes)) =
+                config.remove(&super::concat(&[&w.namespace, "/", &w.name]))
+            {
+                w.policies = policies;
+                w.routes = routes;
+            }
+        }
         out
     }
 }

@@ -179,9 +179,12 @@ impl PodState {
 /// What a pod's workload was derived from, to undo it on the next rebuild.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(super) struct PodDerived {
-    services: BTreeSet<Key>,
-    policies: BTreeSet<Key>,
+    pub(super) services: BTreeSet<Key>,
+    pub(super) policies: BTreeSet<Key>,
     waypoint: Option<Key>,
+    /// The waypoint that carries the workload's traffic now (the one
+    /// `waypoint` names, when usable for workloads).
+    pub(super) workload_waypoint: Option<Key>,
 }
 
 impl MeshIndex {
@@ -265,6 +268,7 @@ impl MeshIndex {
         let services = self.pod_services(key, pod);
         let policies = self.pod_policies(key, pod);
         let choice = self.choose_waypoint(&pod.labels, &key.ns, Target::Workload);
+        let waypoint_usable = choice.address.is_some();
         let ns_labels = self.namespace_labels(&key.ns);
         let (canonical_name, canonical_revision) =
             canonical_service(&pod.labels, &pod.workload_name);
@@ -321,6 +325,7 @@ impl MeshIndex {
         let derived = PodDerived {
             services: services.into_keys().collect(),
             policies,
+            workload_waypoint: choice.dep.clone().filter(|_| waypoint_usable),
             waypoint: choice.dep,
         };
 
@@ -416,6 +421,13 @@ impl MeshIndex {
     /// (service → members, policy → members, waypoint → users) in step.
     fn set_pod_derived(&mut self, key: &Key, new: PodDerived) {
         let old = self.pod_derived.remove(key).unwrap_or_default();
+        if old != new {
+            // What a policy sends to waypoints, and so to node proxies,
+            // follows its workloads' waypoints and services.
+            self.dirty
+                .policies
+                .extend(old.policies.union(&new.policies).cloned());
+        }
         for s in old.services.difference(&new.services) {
             index_remove(&mut self.service_members, s, key);
         }

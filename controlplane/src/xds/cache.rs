@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use super::resource::{Encoded, Kind, NetIp};
+use super::resource::{Encoded, KINDS, Kind, NetIp};
 
 /// One line of the change log.
 #[derive(Debug)]
@@ -29,7 +29,7 @@ pub(crate) struct Change {
 #[derive(Debug)]
 pub(crate) struct Cache {
     generation: u64,
-    resources: [HashMap<Arc<str>, Arc<Encoded>>; 2],
+    resources: [HashMap<Arc<str>, Arc<Encoded>>; KINDS],
     by_ip: HashMap<NetIp, Vec<Arc<str>>>,
     /// Node name → workloads on it.
     by_node: HashMap<Arc<str>, HashSet<Arc<str>>>,

@@ -580,7 +580,7 @@ impl TypeState {
     fn ip_key(&self, name: &str) -> Option<NetIp> {
         match self.kind {
             Kind::Address => NetIp::parse(name),
-            Kind::Authorization => None,
+            Kind::Authorization | Kind::WaypointPolicy | Kind::WaypointRoute => None,
         }
     }
 

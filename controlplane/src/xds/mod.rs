@@ -2,7 +2,11 @@
 //! (`envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`)
 //! serving Istio's ambient types `istio.workload.Address` and
 //! `istio.security.Authorization`, so our dataplane and a stock Istio
-//! ztunnel can both follow the mesh.
+//! ztunnel can both follow the mesh, and meshbox's own
+//! `meshbox.v1.WaypointPolicy` and `meshbox.v1.WaypointRoute` for waypoints.
+//! Every type follows the same protocol; a type is only sent on a stream
+//! that asked for it, so node proxies (which never ask for the waypoint
+//! types) never get them, and any authenticated client may.
 //!
 //! Boundaries: this module receives already-translated resources through
 //! [`XdsServer::update`] (the model and its translation live elsewhere),

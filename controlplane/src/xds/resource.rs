@@ -27,15 +27,28 @@ use prost::Message;
 pub(crate) enum Kind {
     Address,
     Authorization,
+    /// meshbox's own, for waypoints (node dataplanes never subscribe).
+    WaypointPolicy,
+    WaypointRoute,
 }
 
+/// How many resource types there are (the length of per-type arrays).
+pub(crate) const KINDS: usize = 4;
+
 impl Kind {
-    pub(crate) const ALL: [Kind; 2] = [Kind::Address, Kind::Authorization];
+    pub(crate) const ALL: [Kind; KINDS] = [
+        Kind::Address,
+        Kind::Authorization,
+        Kind::WaypointPolicy,
+        Kind::WaypointRoute,
+    ];
 
     pub(crate) fn type_url(self) -> &'static str {
         match self {
             Kind::Address => meshbox_proto::ADDRESS_TYPE_URL,
             Kind::Authorization => meshbox_proto::AUTHORIZATION_TYPE_URL,
+            Kind::WaypointPolicy => meshbox_proto::WAYPOINT_POLICY_TYPE_URL,
+            Kind::WaypointRoute => meshbox_proto::WAYPOINT_ROUTE_TYPE_URL,
         }
     }
 
@@ -136,6 +149,12 @@ impl Encoded {
         // already deterministic.
         let value = authorization.encode_to_vec();
         Self::build(Kind::Authorization, name, value, Box::default())
+    }
+
+    /// A waypoint's message (`WaypointPolicy` or `WaypointRoute`). Neither
+    /// has a map field, so prost's encoding is deterministic.
+    pub(crate) fn waypoint<M: Message>(kind: Kind, name: Arc<str>, message: &M) -> Encoded {
+        Self::build(kind, name, message.encode_to_vec(), Box::default())
     }
 
     fn build(kind: Kind, name: Arc<str>, value: Vec<u8>, ips: Box<[NetIp]>) -> Encoded {

@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use meshbox_proto::meshbox::{WaypointPolicy, WaypointRoute};
 use meshbox_proto::security::Authorization;
 use meshbox_proto::workload::Address;
 use meshbox_proto::xds::DeltaDiscoveryRequest;
@@ -89,6 +90,42 @@ impl XdsServer {
             });
             changes.push((Kind::Authorization, name, encoded));
         }
+        self.apply(changes, encodings);
+    }
+
+    /// Feeds waypoint resource changes, as [`XdsServer::update`] does for
+    /// the workload API: `WaypointPolicy` and `WaypointRoute` resources,
+    /// both named `{namespace}/{name}`. Only clients that subscribe to
+    /// these types (waypoints) are sent them.
+    pub fn update_waypoints(
+        &self,
+        policies: impl IntoIterator<Item = (String, Option<Arc<WaypointPolicy>>)>,
+        routes: impl IntoIterator<Item = (String, Option<Arc<WaypointRoute>>)>,
+    ) {
+        let mut encodings = 0u64;
+        let mut changes: Vec<(Kind, Arc<str>, Option<Arc<Encoded>>)> = Vec::new();
+        for (name, policy) in policies {
+            let name: Arc<str> = name.into();
+            let encoded = policy.map(|p| {
+                encodings += 1;
+                Arc::new(Encoded::waypoint(Kind::WaypointPolicy, name.clone(), &*p))
+            });
+            changes.push((Kind::WaypointPolicy, name, encoded));
+        }
+        for (name, route) in routes {
+            let name: Arc<str> = name.into();
+            let encoded = route.map(|r| {
+                encodings += 1;
+                Arc::new(Encoded::waypoint(Kind::WaypointRoute, name.clone(), &*r))
+            });
+            changes.push((Kind::WaypointRoute, name, encoded));
+        }
+        self.apply(changes, encodings);
+    }
+
+    /// Applies encoded changes under one short write lock and wakes the
+    /// streams if anything changed.
+    fn apply(&self, changes: Vec<(Kind, Arc<str>, Option<Arc<Encoded>>)>, encodings: u64) {
         self.shared.metrics.encoded(encodings);
         let generation = {
             let mut cache = self.shared.write_cache();

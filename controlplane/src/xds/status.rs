@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::Peer;
-use super::resource::Kind;
+use super::resource::{KINDS, Kind};
 use super::shorten;
 
 const MAX_CLIENT_TEXT: usize = 256;
@@ -31,6 +31,10 @@ pub struct ConnectionInfo {
     pub remote_addr: Option<String>,
     /// RFC 3339.
     pub connected_since: String,
+    /// The Gateway (`namespace/name`) a waypoint client says it serves, in
+    /// its `WAYPOINT` node metadata; absent for node dataplanes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
     pub types: Vec<TypeInfo>,
 }
 
@@ -65,7 +69,8 @@ pub struct NackInfo {
 struct Live {
     node_id: Option<String>,
     node_name: Option<String>,
-    types: [Option<TypeInfo>; 2],
+    waypoint: Option<String>,
+    types: [Option<TypeInfo>; KINDS],
 }
 
 /// The shared view of one stream.
@@ -116,6 +121,18 @@ impl StreamStatus {
         }
     }
 
+    /// Records the `WAYPOINT` node metadata (the first one given counts).
+    /// It is the client's claim, shown as such: which resources a stream
+    /// gets does not depend on it.
+    pub(crate) fn record_waypoint(&self, waypoint: Option<&str>) {
+        let mut live = self.live();
+        if live.waypoint.is_none()
+            && let Some(w) = waypoint.filter(|w| !w.is_empty())
+        {
+            live.waypoint = Some(shorten(w, MAX_CLIENT_TEXT).to_owned());
+        }
+    }
+
     /// The client's node: the authenticated one, else the `NODE_NAME` it
     /// sent (the same as the status API shows).
     pub(crate) fn node(&self) -> Option<String> {
@@ -144,6 +161,7 @@ impl StreamStatus {
                 .connected_since
                 .format(&Rfc3339)
                 .unwrap_or_else(|_| self.connected_since.unix_timestamp().to_string()),
+            waypoint: live.waypoint.clone(),
             types,
         }
     }

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use super::codec::Outbound;
 use super::delta::{self, Ack, Handled, TypeState};
-use super::resource::Kind;
+use super::resource::{KINDS, Kind};
 use super::shared::Shared;
 use super::shorten;
 use super::status::StreamStatus;
@@ -48,6 +48,9 @@ const ERROR_DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_UNKNOWN_TYPES_LOGGED: usize = 8;
 /// Node metadata key Istio's ztunnel uses for the node it runs on.
 const NODE_NAME: &str = "NODE_NAME";
+/// Node metadata key a meshbox waypoint uses for the Gateway it serves
+/// (`{namespace}/{name}`).
+const WAYPOINT: &str = "WAYPOINT";
 
 pub(crate) type ResponseTx = mpsc::Sender<Result<Outbound, Status>>;
 
@@ -153,7 +156,7 @@ async fn deliver_error(tx: &ResponseTx, status: Status) {
 }
 
 struct Stream {
-    types: [TypeState; 2],
+    types: [TypeState; KINDS],
     /// Whether the client's node has been handed to the type states.
     node_known: bool,
     next_seq: u64,
@@ -168,15 +171,17 @@ struct Stream {
 impl Stream {
     fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
         if let Some(node) = &req.node {
-            let node_name = node
-                .metadata
-                .as_ref()
-                .and_then(|m| m.fields.get(NODE_NAME))
-                .and_then(|v| match &v.kind {
-                    Some(ValueKind::StringValue(s)) => Some(s.as_str()),
-                    _ => None,
-                });
-            self.status.record_node(&node.id, node_name);
+            let text = |key: &str| {
+                node.metadata
+                    .as_ref()
+                    .and_then(|m| m.fields.get(key))
+                    .and_then(|v| match &v.kind {
+                        Some(ValueKind::StringValue(s)) => Some(s.as_str()),
+                        _ => None,
+                    })
+            };
+            self.status.record_node(&node.id, text(NODE_NAME));
+            self.status.record_waypoint(text(WAYPOINT));
         }
         if !self.node_known
             && let Some(node) = self.status.node()

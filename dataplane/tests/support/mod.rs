@@ -42,26 +42,12 @@ pub fn cni_plugin() -> PathBuf {
     .unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// The `waypoint` binary, from the `waypoint/` crate (see [`sibling`]): it
-/// links this crate, so it is stale whenever this crate's sources are newer.
+/// The `waypoint` binary, from the `waypoint/` crate (see [`sibling`]).
 pub fn waypoint_binary() -> PathBuf {
     let dir = Path::new(BIN)
         .parent()
         .expect("the dataplane binary is in a directory");
-    sibling::sibling_binary(
-        dir,
-        "waypoint",
-        "meshbox-waypoint",
-        &[
-            "waypoint/src",
-            "waypoint/Cargo.toml",
-            "dataplane/src",
-            "dataplane/Cargo.toml",
-            "certs/src",
-            "proto/proto",
-        ],
-    )
-    .unwrap_or_else(|error| panic!("{error}"))
+    sibling::waypoint_binary(dir).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// A spawned child's piped stdout and stderr, each to be read on a thread

@@ -28,6 +28,28 @@ pub fn controlplane_binary(dir: &Path) -> Result<PathBuf, String> {
     )
 }
 
+/// The `waypoint` binary in `dir`: it links the dataplane, so it is stale
+/// whenever the dataplane's sources are newer too.
+pub fn waypoint_binary(dir: &Path) -> Result<PathBuf, String> {
+    sibling_binary(
+        dir,
+        "waypoint",
+        "meshbox-waypoint",
+        &[
+            "waypoint/src",
+            "waypoint/Cargo.toml",
+            "dataplane/src",
+            "dataplane/Cargo.toml",
+            "certs/src",
+            "certs/Cargo.toml",
+            "proto/src",
+            "proto/proto",
+            "proto/build.rs",
+            "proto/Cargo.toml",
+        ],
+    )
+}
+
 /// `dir/name`, built from `package`, provided it exists and is newer than
 /// every file under `sources` (paths from the repository root). List only
 /// what goes into the binary: test or bench sources would look newer

@@ -86,6 +86,21 @@ impl Req {
         };
         authorize(&request, &compiled)
     }
+
+    /// The same request as a connection that is not HTTP.
+    fn decide_tcp(&self, policies: &[PolicySpec]) -> Decision {
+        let compiled: Vec<Policy> = policies.iter().map(Policy::compile).collect();
+        let request = Request {
+            source_identity: self.identity.as_ref(),
+            source_ip: self.ip,
+            destination_port: self.port,
+            method: "",
+            path: "",
+            host: "",
+            headers: &self.headers,
+        };
+        authorize_tcp(&request, &compiled)
+    }
 }
 
 fn id(s: &str) -> SpiffeId {
@@ -1594,4 +1609,72 @@ mod properties {
             }
         }
     }
+}
+
+// ---- connections that are not HTTP ----
+
+#[test]
+fn tcp_allow_rules_needing_http_match_nothing_and_deny_rules_deny_more() {
+    let get_only = to(vec![OperationSpec {
+        methods: strs(&["GET"]),
+        ..Default::default()
+    }]);
+    let from_frontend = SourceSpec {
+        principals: strs(&["cluster.local/ns/shop/sa/frontend"]),
+        ..Default::default()
+    };
+    let req = Req::default();
+    // ALLOW GET: over HTTP a GET passes; as TCP the rule cannot match.
+    let allow = [policy("a", ActionSpec::Allow, vec![get_only.clone()])];
+    assert!(req.decide(&allow).is_allowed());
+    assert_eq!(req.decide_tcp(&allow).reason, Reason::NoAllowPolicyMatched);
+    // ALLOW from frontend (L4 only) works for TCP as for HTTP.
+    let allow_l4 = [policy(
+        "a",
+        ActionSpec::Allow,
+        vec![from(vec![from_frontend.clone()])],
+    )];
+    assert!(req.decide_tcp(&allow_l4).is_allowed());
+    // DENY POST from frontend: a GET over HTTP passes, but as TCP the
+    // method cannot be told, so the rule is judged on its source alone.
+    let deny = [policy(
+        "d",
+        ActionSpec::Deny,
+        vec![RuleSpec {
+            from: vec![from_frontend],
+            to: vec![OperationSpec {
+                methods: strs(&["POST"]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    )];
+    assert!(req.decide(&deny).is_allowed());
+    assert!(!req.decide_tcp(&deny).is_allowed());
+    assert!(
+        req.clone()
+            .with_identity("spiffe://cluster.local/ns/shop/sa/other")
+            .decide_tcp(&deny)
+            .is_allowed(),
+        "the source part still has to match"
+    );
+    // A header condition is HTTP-only too.
+    let deny_header = [policy(
+        "d",
+        ActionSpec::Deny,
+        vec![when(vec![cond("request.headers[x-admin]", &["1"], &[])])],
+    )];
+    assert!(req.decide(&deny_header).is_allowed());
+    assert!(!req.decide_tcp(&deny_header).is_allowed());
+    // Ports are L4: honoured either way.
+    let deny_port = [policy(
+        "d",
+        ActionSpec::Deny,
+        vec![to(vec![OperationSpec {
+            ports: strs(&["9999"]),
+            ..Default::default()
+        }])],
+    )];
+    assert!(req.decide_tcp(&deny_port).is_allowed());
+    assert!(!req.clone().port(9999).decide_tcp(&deny_port).is_allowed());
 }

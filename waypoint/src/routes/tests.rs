@@ -395,7 +395,7 @@ fn header_modifier_sets_adds_and_removes() {
 }
 
 #[test]
-fn dot_segments_are_removed_before_matching() {
+fn paths_are_normalised_before_matching() {
     for (raw, normal) in [
         ("/a/b", "/a/b"),
         ("/a/./b", "/a/b"),
@@ -404,6 +404,13 @@ fn dot_segments_are_removed_before_matching() {
         ("/a/b/..", "/a/"),
         ("/a/.", "/a/"),
         ("//a", "//a"),
+        ("/%61dmin", "/admin"),
+        ("/a/%2e%2e/admin", "/admin"),
+        ("/a/%2E./admin", "/admin"),
+        ("/a%2fb", "/a%2Fb"),
+        ("/100%", "/100%"),
+        ("/%zz", "/%zz"),
+        ("/caf\u{e9}/%7euser", "/caf\u{e9}/~user"),
     ] {
         assert_eq!(normalize_path(raw), normal, "{raw}");
     }

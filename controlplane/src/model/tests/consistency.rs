@@ -105,6 +105,11 @@ fn random_object(rng: &mut Rng) -> Object {
             if rng.chance(20) {
                 p = set(p, "/spec/containers/0/ports/0/name", json!("other"));
             }
+            if rng.chance(20) {
+                // Workloads behind a waypoint (when wp0 serves workloads)
+                // exercise what policies send to waypoints.
+                p = set(p, "/metadata/labels/istio.io~1use-waypoint", json!("wp0"));
+            }
             pod_from(p)
         }
         3 => {
@@ -142,7 +147,7 @@ fn random_object(rng: &mut Rng) -> Object {
             let mut gw = waypoint_json(
                 ns,
                 name,
-                json!({"istio.io/waypoint-for": rng.pick(&["service", "workload", "all", "none"])}),
+                json!({"istio.io/waypoint-for": rng.pick(&["service", "workload", "all", "all", "none"])}),
             );
             if rng.chance(20) {
                 gw = set(gw, "/spec/gatewayClassName", json!("other"));
@@ -154,7 +159,7 @@ fn random_object(rng: &mut Rng) -> Object {
                     json!({"namespaces": {"from": rng.pick(&["All", "Same"])}}),
                 );
             }
-            if rng.chance(30) {
+            if rng.chance(60) {
                 gw = set(gw, "/status/addresses", json!([{"value": "10.96.9.9"}]));
             }
             gateway_from(gw)
@@ -230,7 +235,23 @@ fn random_object(rng: &mut Rng) -> Object {
                 json!([{"from": [{"source": {"namespaces": ["ns0"]}}], "to": [{"operation": {"ports": ["80"], "methods": ["GET"]}}]}]),
                 json!([{"when": [{"key": "source.ip", "values": ["10.0.0.0/8"]}]}]),
             ];
-            spec.insert("rules".into(), rng.pick(&choices));
+            // Rules with HTTP attributes half the time: on workloads with
+            // a waypoint they are what the waypoint takes over.
+            let rules = if rng.chance(50) {
+                choices[2].clone()
+            } else {
+                rng.pick(&choices)
+            };
+            spec.insert("rules".into(), rules);
+            if rng.chance(30) {
+                let service = rng.pick(&["s0", "s1"]);
+                let target = rng.pick(&[
+                    json!({"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "wp0"}),
+                    json!({"group": "gateway.networking.k8s.io", "kind": "GatewayClass", "name": "istio-waypoint"}),
+                    json!({"group": "", "kind": "Service", "name": service}),
+                ]);
+                spec.insert("targetRefs".into(), json!([target]));
+            }
             policy(ns, name, Value::Object(spec))
         }
     }
@@ -239,6 +260,8 @@ fn random_object(rng: &mut Rng) -> Object {
 type Snapshot = (
     BTreeMap<String, Arc<meshbox_proto::workload::Address>>,
     BTreeMap<String, Arc<meshbox_proto::security::Authorization>>,
+    BTreeMap<String, Arc<meshbox_proto::meshbox::WaypointPolicy>>,
+    BTreeMap<String, Arc<meshbox_proto::meshbox::WaypointRoute>>,
 );
 
 fn snapshot(idx: &MeshIndex) -> Snapshot {
@@ -249,7 +272,23 @@ fn snapshot(idx: &MeshIndex) -> Snapshot {
         idx.authorizations()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect(),
+        idx.waypoint_policies()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        idx.waypoint_routes()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
     )
+}
+
+/// Replays one change map onto a mirror of what is served.
+fn replay<T>(mirror: &mut BTreeMap<String, Arc<T>>, changes: BTreeMap<String, Option<Arc<T>>>) {
+    for (k, v) in changes {
+        match v {
+            Some(v) => mirror.insert(k, v),
+            None => mirror.remove(&k),
+        };
+    }
 }
 
 fn assert_same_as_fresh(idx: &MeshIndex, world: &BTreeMap<ObjectKey, Object>, context: &str) {
@@ -265,6 +304,8 @@ fn assert_same_as_fresh(idx: &MeshIndex, world: &BTreeMap<ObjectKey, Object>, co
         "{context}: address names"
     );
     assert_eq!(a.1, b.1, "{context}: authorizations");
+    assert_eq!(a.2, b.2, "{context}: waypoint policies");
+    assert_eq!(a.3, b.3, "{context}: waypoint routes");
     assert_eq!(idx.statuses(), fresh.statuses(), "{context}: statuses");
     assert_eq!(idx.waypoints(), fresh.waypoints(), "{context}: waypoints");
     assert_eq!(idx.routes(), fresh.routes(), "{context}: routes");
@@ -362,18 +403,10 @@ proptest! {
                     idx.replace_all(world.values().cloned().collect())
                 }
             };
-            for (k, v) in changes.addresses {
-                match v {
-                    Some(v) => mirror.0.insert(k, v),
-                    None => mirror.0.remove(&k),
-                };
-            }
-            for (k, v) in changes.authorizations {
-                match v {
-                    Some(v) => mirror.1.insert(k, v),
-                    None => mirror.1.remove(&k),
-                };
-            }
+            replay(&mut mirror.0, changes.addresses);
+            replay(&mut mirror.1, changes.authorizations);
+            replay(&mut mirror.2, changes.waypoint_policies);
+            replay(&mut mirror.3, changes.waypoint_routes);
             let context = format!("step {step} ({op:?})");
             assert_eq!(mirror, snapshot(&idx), "{context}: replayed changes");
             if step % 40 == 39 {

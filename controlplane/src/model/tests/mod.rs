@@ -8,6 +8,7 @@ mod peer_authentication;
 mod policies;
 mod routes;
 mod services;
+mod waypoint_config;
 mod waypoints;
 mod workloads;
 
@@ -189,6 +190,8 @@ pub(super) fn apply_all(idx: &mut MeshIndex, objs: Vec<Object>) -> Changes {
         let c = idx.apply(o);
         all.addresses.extend(c.addresses);
         all.authorizations.extend(c.authorizations);
+        all.waypoint_policies.extend(c.waypoint_policies);
+        all.waypoint_routes.extend(c.waypoint_routes);
     }
     all
 }

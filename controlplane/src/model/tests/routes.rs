@@ -65,7 +65,15 @@ fn route_statuses(idx: &MeshIndex) -> Vec<String> {
 fn a_route_attaches_to_its_service_and_detaches_when_deleted() {
     let mut idx = mesh();
     let changes = idx.apply(route("app", "split", split_spec()));
-    assert!(changes.is_empty(), "routes reach no dataplane yet");
+    assert!(
+        changes.addresses.is_empty() && changes.authorizations.is_empty(),
+        "a route changes nothing node proxies get"
+    );
+    assert_eq!(
+        changes.waypoint_routes.keys().collect::<Vec<_>>(),
+        ["app/split"],
+        "waypoints get it"
+    );
     assert_eq!(
         idx.service_routes("app", "web"),
         [ObjectKey::http_route("app", "split")]

@@ -560,6 +560,8 @@ fn waypoints_are_listed() {
                 class: "istio-waypoint".into(),
                 traffic_type: WaypointFor::Workload,
                 addresses: vec!["wp.app.svc.cluster.local".into()],
+                routes: vec![],
+                policies: vec![],
             },
             WaypointInfo {
                 namespace: "infra".into(),
@@ -567,6 +569,8 @@ fn waypoints_are_listed() {
                 class: "meshbox-waypoint".into(),
                 traffic_type: WaypointFor::Service,
                 addresses: vec![],
+                routes: vec![],
+                policies: vec![],
             },
         ]
     );
