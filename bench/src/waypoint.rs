@@ -600,9 +600,12 @@ impl Bench {
             for path in Via::ALL {
                 let client = self.client(path).clone();
                 let url = format!("http://{}/index.html", Self::target(path, false));
+                let what = || format!("HTTP/1.1 {} ({url})", path.label());
                 // A short warm-up (pools, nginx workers), not measured.
-                wrk(&client, &url, 1)?;
-                let (w, delta) = self.on(path, || wrk(&client, &url, self.seconds))?;
+                wrk(&client, &url, 1).with_context(what)?;
+                let (w, delta) = self
+                    .on(path, || wrk(&client, &url, self.seconds))
+                    .with_context(what)?;
                 ensure!(
                     w.errors as f64 <= 0.01 * w.requests as f64 && w.non_2xx == 0,
                     "wrk ({}): {} socket errors and {} non-2xx responses in {} requests",
@@ -641,8 +644,11 @@ impl Bench {
                 let client = self.client(path).clone();
                 let url = format!("http://{}/index.html", Self::target(path, true));
                 let log = self.work.join(format!("h2load-{}-{round}.tsv", path.id()));
-                h2load(&client, &url, 1, &log)?;
-                let (h, delta) = self.on(path, || h2load(&client, &url, self.seconds, &log))?;
+                let what = || format!("HTTP/2 {} ({url})", path.label());
+                h2load(&client, &url, 1, &log).with_context(what)?;
+                let (h, delta) = self
+                    .on(path, || h2load(&client, &url, self.seconds, &log))
+                    .with_context(what)?;
                 ensure!(
                     h.failed as f64 <= 0.01 * h.succeeded as f64 && h.non_2xx == 0,
                     "h2load ({}): {} failed and {} non-2xx of {} requests",
