@@ -10,8 +10,9 @@
 //! process, which then stops them in order instead of racing them.
 //!
 //! Names carry a prefix and this process's id (`mbx-<pid>-<pod>`,
-//! `mbxbr<pid>`; the capture benchmark uses `mbc`), so a later run
-//! recognises what a killed run left behind ([`sweep_stale`]).
+//! `mbxbr<pid>`; the capture benchmark uses `mbc`, the waypoint one `mbw`),
+//! so a later run recognises what a killed run left behind
+//! ([`sweep_stale`]).
 
 use std::io::Read;
 use std::net::Ipv4Addr;
@@ -325,8 +326,8 @@ pub fn in_netns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
 }
 
 /// The name prefixes of this crate's labs (`bench dataplane`: `mbx`,
-/// `bench capture`: `mbc`).
-const PREFIXES: [&str; 2] = ["mbx", "mbc"];
+/// `bench capture`: `mbc`, `bench waypoint`: `mbw`).
+const PREFIXES: [&str; 3] = ["mbx", "mbc", "mbw"];
 
 /// Removes namespaces and links that an earlier run of this program left
 /// behind when it was killed without a chance to clean up (its pid, part

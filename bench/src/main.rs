@@ -5,8 +5,8 @@
 //! part and writes one report (report.md with tables, report.json, SVG
 //! charts) to `--out`; `bench all --quick` is the short version CI runs,
 //! checked against machine-speed-independent bounds (see `checks`). Each
-//! part also runs alone (`bench ca|model|xds|capture|dataplane`), with the
-//! same code and the same report.
+//! part also runs alone (`bench ca|model|xds|capture|dataplane|waypoint`),
+//! with the same code and the same report.
 
 mod alloc;
 mod ca;
@@ -21,6 +21,7 @@ mod numbers;
 mod report;
 mod section;
 mod stats;
+mod waypoint;
 mod xds;
 
 use std::future::Future;
@@ -63,13 +64,19 @@ enum What {
     /// Pod-to-pod traffic through in-pod capture and two node dataplanes vs
     /// the same traffic without the mesh (root; iperf3, wrk, nginx).
     Dataplane(dataplane::DataplaneArgs),
+    /// HTTP/1.1 and HTTP/2 through the waypoint (client node → waypoint →
+    /// server node) vs the same pods L4-only and vs direct; the waypoint's
+    /// CPU and memory at 1 000 requests/s and with idle connections (root;
+    /// wrk, h2load, nginx).
+    Waypoint(waypoint::WaypointArgs),
     /// (internal) the client side of `xds`, run as a child process.
     #[command(hide = true)]
     XdsClients(xds::ClientArgs),
-    /// (internal) hold idle connections open, for `dataplane`.
+    /// (internal) hold idle connections open, for `dataplane` and `waypoint`.
     #[command(hide = true)]
     Hold(dataplane::HoldArgs),
-    /// (internal) open-loop HTTP/1.1 requests at a fixed rate, for `dataplane`.
+    /// (internal) open-loop HTTP/1.1 requests at a fixed rate, for
+    /// `dataplane` and `waypoint`.
     #[command(hide = true)]
     Rate(dataplane::RateArgs),
 }
@@ -81,6 +88,7 @@ enum Part {
     Xds,
     Capture,
     Dataplane,
+    Waypoint,
 }
 
 #[derive(Args)]
@@ -195,6 +203,19 @@ async fn run_parts(
                 )
                 .await
             }
+            Part::Waypoint => {
+                let args = match what.take() {
+                    Some(What::Waypoint(a)) => a,
+                    _ => part_args("waypoint", quick)?,
+                };
+                part(
+                    "waypoint",
+                    waypoint::NAME,
+                    waypoint::unavailable(),
+                    waypoint::run(args),
+                )
+                .await
+            }
         };
         sections.push(section);
         if lab::interrupted() {
@@ -222,6 +243,7 @@ fn main() -> anyhow::Result<()> {
                 Part::Xds,
                 Part::Capture,
                 Part::Dataplane,
+                Part::Waypoint,
             ]
             .into_iter()
             .filter(|p| !args.skip.contains(p))
@@ -234,6 +256,7 @@ fn main() -> anyhow::Result<()> {
         What::Xds(a) => (vec![Part::Xds], a.quick, Some(What::Xds(a))),
         What::Capture(a) => (vec![Part::Capture], a.quick, Some(What::Capture(a))),
         What::Dataplane(a) => (vec![Part::Dataplane], a.quick, Some(What::Dataplane(a))),
+        What::Waypoint(a) => (vec![Part::Waypoint], a.quick, Some(What::Waypoint(a))),
     };
     let started = Instant::now();
     let mut meta = Meta::start(quick);

@@ -4,9 +4,10 @@
 //! heap per pod, memory per idle connection, ...) present and passing, no
 //! part failed. Never a wall-clock threshold.
 //!
-//! The capture and dataplane parts need root, network namespaces and tools
-//! (iperf3, wrk, nginx, the CNI plugins); without them they are skipped
-//! with the reason printed — except in CI (`CI` set), which must run them.
+//! The capture, dataplane and waypoint parts need root, network namespaces
+//! and tools (iperf3, wrk, h2load, nginx, the CNI plugins); without them
+//! they are skipped with the reason printed — except in CI (`CI` set),
+//! which must run them.
 //! The meshbox binaries the parts start are the ones next to the bench
 //! binary: `cargo test --workspace` builds them; alone, run
 //! `cargo build --workspace` first.
@@ -65,7 +66,10 @@ fn quick_mode_holds_every_regression_check() {
     assert_eq!(report["meta"]["quick"], true);
     let sections = report["sections"].as_array().expect("sections");
     let ids: Vec<&str> = sections.iter().filter_map(|s| s["id"].as_str()).collect();
-    assert_eq!(ids, ["ca", "model", "xds", "capture", "dataplane"]);
+    assert_eq!(
+        ids,
+        ["ca", "model", "xds", "capture", "dataplane", "waypoint"]
+    );
     let in_ci = std::env::var_os("CI").is_some();
     for s in sections {
         let (id, status) = (s["id"].as_str().unwrap_or(""), s["status"].as_str());

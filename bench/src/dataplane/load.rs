@@ -221,3 +221,57 @@ async fn request(
     .context("no response within 10 s")??;
     Ok(response)
 }
+
+/// `bench hold --connect ADDR --http2 PATH`: opens `count` HTTP/2
+/// connections (prior knowledge, as gRPC clients and h2load speak it),
+/// [`super::HOLD_BATCH`] at a time, each complete once one GET of `path`
+/// was answered 2xx; prints `ready COUNT SECONDS` and holds them until
+/// killed. An HTTP/2 connection is what an L7 proxy keeps per idle client
+/// (its HTTP/1.1 keep-alive connections are closed after the header read
+/// timeout), so this is the waypoint's idle-connection test.
+pub async fn hold_connect_http2(addr: SocketAddr, count: usize, path: &str) -> anyhow::Result<()> {
+    use hyper::client::conn::http2;
+    use hyper_util::rt::TokioExecutor;
+    let uri: http::Uri = format!("http://{addr}{path}")
+        .parse()
+        .with_context(|| format!("--http2 {path:?}"))?;
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(count);
+    while held.len() < count {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..super::HOLD_BATCH.min(count - held.len()) {
+            let uri = uri.clone();
+            batch.spawn(async move {
+                tokio::time::timeout(Duration::from_secs(30), async move {
+                    let stream = tokio::net::TcpStream::connect(addr).await?;
+                    stream.set_nodelay(true)?;
+                    let (mut sender, connection) =
+                        http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+                    let connection = tokio::spawn(connection);
+                    let response = sender
+                        .send_request(http::Request::get(uri).body(Empty::<Bytes>::new())?)
+                        .await?;
+                    let status = response.status();
+                    response.into_body().collect().await?;
+                    anyhow::ensure!(status.is_success(), "answered {status}");
+                    anyhow::Ok((sender, connection))
+                })
+                .await
+                .context("no answer within 30 s")?
+            });
+        }
+        while let Some(result) = batch.join_next().await {
+            match result? {
+                Ok(connection) => held.push(connection),
+                Err(error) => {
+                    println!("error after {} connections: {error:#}", held.len());
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+    println!("ready {} {}", held.len(), start.elapsed().as_secs_f64());
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}

@@ -36,7 +36,7 @@
 mod dedicated;
 mod load;
 
-pub use load::{RateArgs, rate};
+pub use load::{RateArgs, RateResult, rate};
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -101,6 +101,10 @@ pub struct HoldArgs {
     connect: Option<SocketAddr>,
     #[arg(long, default_value_t = 0)]
     count: usize,
+    /// With `--connect`: each connection is HTTP/2 (prior knowledge) and
+    /// GETs this path once before it idles, instead of waiting for a byte.
+    #[arg(long, value_name = "PATH")]
+    http2: Option<String>,
 }
 
 const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
@@ -112,15 +116,15 @@ const MESH_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 11);
 const MESH_SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 12);
 const DIRECT_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 21);
 const DIRECT_SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 22);
-const NGINX_PORT: u16 = 8080;
+pub(crate) const NGINX_PORT: u16 = 8080;
 const IPERF_PORT: u16 = 5201;
 const HOLD_PORT: u16 = 7000;
 const NAMESPACE: &str = "bench";
 const DIRECT_NAMESPACE: &str = "bench-direct";
 /// Connections opened concurrently by the idle-connection client.
-const HOLD_BATCH: usize = 200;
+pub(crate) const HOLD_BATCH: usize = 200;
 /// Steps of the idle-connection test (memory is read after each).
-const HOLD_STEPS: usize = 4;
+pub(crate) const HOLD_STEPS: usize = 4;
 /// File descriptors wanted for the dataplanes and the connection holders
 /// (capped at this process's hard limit).
 const NOFILE: u64 = 65_536;
@@ -1038,7 +1042,7 @@ impl Bench {
 }
 
 /// `prlimit`'s argument: NOFILE file descriptors, or as many as allowed.
-fn nofile() -> String {
+pub(crate) fn nofile() -> String {
     let hard = std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|l| {
@@ -1076,7 +1080,7 @@ http {{
     )
 }
 
-fn pod_yaml(
+pub(crate) fn pod_yaml(
     out: &mut String,
     namespace: &str,
     name: &str,
@@ -1237,14 +1241,14 @@ fn iperf(client: &Pod, server: &Pod, streams: u32, seconds: u64) -> anyhow::Resu
     Ok(result)
 }
 
-struct Wrk {
-    rps: f64,
-    requests: u64,
-    errors: u64,
-    non_2xx: u64,
-    p50_ms: f64,
-    p90_ms: f64,
-    p99_ms: f64,
+pub(crate) struct Wrk {
+    pub rps: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub non_2xx: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
 }
 
 fn wrk(
@@ -1272,7 +1276,7 @@ fn wrk(
     parse_wrk(&String::from_utf8_lossy(&out.stdout))
 }
 
-fn parse_wrk(text: &str) -> anyhow::Result<Wrk> {
+pub(crate) fn parse_wrk(text: &str) -> anyhow::Result<Wrk> {
     let mut w = Wrk {
         rps: 0.0,
         requests: 0,
@@ -1330,7 +1334,10 @@ fn duration_ms(v: &str) -> anyhow::Result<f64> {
 pub async fn hold(args: HoldArgs) -> anyhow::Result<()> {
     match (args.listen, args.connect) {
         (Some(addr), None) => hold_listen(addr).await,
-        (None, Some(addr)) => hold_connect(addr, args.count).await,
+        (None, Some(addr)) => match args.http2 {
+            Some(path) => load::hold_connect_http2(addr, args.count, &path).await,
+            None => hold_connect(addr, args.count).await,
+        },
         _ => bail!("give one of --listen and --connect"),
     }
 }
