@@ -221,6 +221,7 @@ async fn connect(
         source_workload,
         target,
         destination,
+        metrics: Default::default(),
     });
     let io = Prefixed::new(prefix, io);
     match detected {

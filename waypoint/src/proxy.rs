@@ -34,7 +34,7 @@ use crate::policies::PolicyTable;
 use crate::routes::{
     Action, RequestHead, RouteProblem, RouteTable, Rule, Selected, normalize_path,
 };
-use crate::telemetry::{Metered, RequestRecord, Telemetry};
+use crate::telemetry::{HandleCache, Metered, RequestRecord, Telemetry};
 use crate::upstream::{Body, Upstreams};
 
 /// Istio's default retry policy: two more tries, on a failed connection or
@@ -101,6 +101,8 @@ pub struct Tunnel {
     pub source_workload: Option<Arc<Workload>>,
     pub target: SocketAddr,
     pub destination: Destination,
+    /// Its requests' metric series.
+    pub metrics: Arc<HandleCache>,
 }
 
 impl Waypoint {
@@ -268,6 +270,7 @@ pub async fn handle(
     strip_hop_by_hop(response.headers_mut());
     let record = RequestRecord {
         telemetry: wp.telemetry.clone(),
+        cache: tunnel.metrics.clone(),
         start,
         method,
         path: target,
