@@ -1039,8 +1039,8 @@ impl Bench {
             "Idle connections: `bench hold --http2`, HTTP/2 connections opened {HOLD_BATCH} at a \
              time through the waypoint, each making one GET and then idling; memory per \
              connection is the slope of the waypoint's RSS over {HOLD_STEPS} steps. HTTP/2 \
-             because HTTP/1.1 keep-alive connections do not stay idle at the waypoint: it closes \
-             them after its header read timeout (10 s by default)."
+             because HTTP/1.1 keep-alive connections do not stay idle at the waypoint for long: \
+             it closes them after its header read timeout (60 s by default)."
         ));
         s.note(format!(
             "Cross-check (each meshed test against the proxies' own counters): {}.",

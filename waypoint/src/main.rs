@@ -29,6 +29,13 @@ enum Command {
         settings: Settings,
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// Threads serving connections. One by default: in `bench waypoint`
+        /// one thread cost 20% less CPU per request than two, with the
+        /// same request rates, since a request no longer wakes another
+        /// thread at each hop. Scale out with replicas, or raise this.
+        #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        worker_threads: u16,
     },
 }
 
@@ -37,12 +44,14 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             settings,
             log_format,
+            worker_threads,
         } => {
             init_logging(log_format);
             let config = Config::from_settings(&settings)?;
             let drain_timeout = config.drain_timeout;
             raise_open_files_limit();
             tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(usize::from(worker_threads))
                 .enable_all()
                 .build()?
                 .block_on(async move {
