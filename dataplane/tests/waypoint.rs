@@ -935,3 +935,62 @@ spec:
         .wait_for_log(&["denied by authorization policy", "sa/sleep"])
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_retries_a_503_elsewhere_and_times_out_a_slow_backend() {
+    let timeout_route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-timeouts, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    timeouts: {request: 300ms}
+    backendRefs: [{name: reviews, port: 9080}]
+  - backendRefs: [{name: reviews, port: 9080}]
+---
+"#;
+    let l7 = L7Mesh::start("waypoint-retry", 32, timeout_route).await;
+    wait_for_l7_config(&l7.waypoint, 0, 1).await;
+    let mut conn = l7.http1(l7.reviews()).await;
+    // reviews-v1 answers this path 503: Istio's default retry sends the
+    // request (it has no body) to another endpoint, so every one succeeds.
+    for _ in 0..6 {
+        let (status, body) = conn.send("GET", "/fail-on/reviews-v1", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("reviews-v2 "), "{body}");
+    }
+    // A request with a body is not replayed: its 503 comes back.
+    let mut saw_503 = false;
+    for _ in 0..6 {
+        let r = conn
+            .request("POST", "/fail-on/reviews-v1", &[], Some("x"))
+            .await
+            .unwrap();
+        saw_503 |= r.status == 503;
+    }
+    assert!(
+        saw_503,
+        "a POST with a body reached reviews-v1 and was not retried"
+    );
+
+    // The route's request timeout: 504 after about 300 ms, not the app's 2 s.
+    let started = std::time::Instant::now();
+    let (status, body) = conn.send("GET", "/slow/2000", &[]).await;
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut conn = l7.http1(l7.reviews()).await;
+    assert_eq!(conn.send("GET", "/slow/50", &[]).await.0, 200);
+    l7.waypoint
+        .wait_for_log(&[
+            "request",
+            "path=/slow/2000",
+            "response_code=504",
+            "flags=UT",
+        ])
+        .await;
+}

@@ -969,7 +969,8 @@ pub mod hbone {
 }
 
 /// An HTTP app (HTTP/1.1 and HTTP/2 by prior knowledge) that answers every
-/// request `200 {name} {method} {path-and-query}`, echoes each request
+/// request `200 {name} {method} {path-and-query}` (after N ms for
+/// `/slow/N`; `503` for `/fail-on/{name}`), echoes each request
 /// header whose name starts with `x-` as `echo-{name}`, and the authority it
 /// was asked for (`:authority`, else Host) as `echo-authority`.
 pub async fn http_app(addr: SocketAddr, name: &str) -> tokio::task::JoinHandle<()> {
@@ -987,6 +988,10 @@ pub async fn http_app(addr: SocketAddr, name: &str) -> tokio::task::JoinHandle<(
                 let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
                     let name = name.clone();
                     async move {
+                        let path = req.uri().path().to_owned();
+                        if let Some(ms) = path.strip_prefix("/slow/").and_then(|n| n.parse().ok()) {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
                         let target = req
                             .uri()
                             .path_and_query()
@@ -1008,6 +1013,9 @@ pub async fn http_app(addr: SocketAddr, name: &str) -> tokio::task::JoinHandle<(
                             authority.and_then(|a| hyper::header::HeaderValue::from_str(&a).ok())
                         {
                             response.headers_mut().insert("echo-authority", value);
+                        }
+                        if path.strip_prefix("/fail-on/") == Some(name.as_str()) {
+                            *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                         }
                         // HTTP/2 carries the authority once: a Host header
                         // next to `:authority` is what nginx refuses.
