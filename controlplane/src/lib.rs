@@ -8,6 +8,8 @@
 //!   watchers), through the shared [`store`];
 //! - [`cluster`]: what the control plane keeps in the cluster (its CA
 //!   Secret, the root-certificate ConfigMaps);
+//! - [`route_status`]: HTTPRoute status written back to Kubernetes, from
+//!   the model's checks;
 //! - [`xds`]: the Delta ADS server streaming workload and authorization
 //!   resources to dataplanes (ours or Istio's ztunnel);
 //! - [`ca`]: the certificate authority service (Istio's `CreateCertificate`
@@ -33,6 +35,7 @@ pub mod k8s;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod route_status;
 pub mod run;
 pub mod serving;
 pub mod source;

@@ -11,16 +11,14 @@
 //! Also the waypoint controller of Kubernetes mode: [`waypoint_deployer`]
 //! (pure: a waypoint Gateway in, the ServiceAccount, Service and Deployment
 //! that run meshbox's waypoint for it and the Gateway's status out) and
-//! [`waypoint_controller`] (applies them, with kube-runtime), and the
-//! HTTPRoute status writer: [`route_status`] (pure: a route and the mesh
-//! model in, its `status.parents` out) and [`route_status_controller`].
+//! [`waypoint_controller`] (applies them, with kube-runtime). The HTTPRoute
+//! status writer reads the model, so it is a module of its own
+//! (`route_status`, at the crate root), above both.
 
 mod authorization_policy;
 mod gateway;
 mod http_route;
 mod peer_authentication;
-pub mod route_status;
-pub mod route_status_controller;
 pub mod waypoint_controller;
 pub mod waypoint_deployer;
 

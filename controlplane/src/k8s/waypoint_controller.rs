@@ -157,7 +157,7 @@ fn gateway_ref(gateway: &Gateway) -> String {
     )
 }
 
-pub(super) fn now() -> String {
+pub(crate) fn now() -> String {
     let now = time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);

@@ -1,6 +1,6 @@
 //! Kubernetes mode's route status writer: keeps each HTTPRoute's
 //! `status.parents` entries of [`CONTROLLER_NAME`] saying what meshbox makes
-//! of the route (see [`route_status`](super::route_status)).
+//! of the route (see [`route_status`](super)).
 //!
 //! - Server-side apply to the status subresource with the waypoint
 //!   controller's field manager, forced, and only when the status differs:
@@ -32,10 +32,10 @@ use kube::runtime::watcher;
 use meshbox_proto::workload::address;
 use tokio::sync::mpsc;
 
-use super::HttpRoute;
-use super::route_status::{CONTROLLER_NAME, desired_status, status_apply_body};
-use super::waypoint_controller::now;
-use super::waypoint_deployer::FIELD_MANAGER;
+use super::{CONTROLLER_NAME, desired_status, status_apply_body};
+use crate::k8s::HttpRoute;
+use crate::k8s::waypoint_controller::now;
+use crate::k8s::waypoint_deployer::FIELD_MANAGER;
 use crate::model::Changes;
 use crate::store::MeshStore;
 

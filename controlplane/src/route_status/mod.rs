@@ -1,6 +1,6 @@
 //! The status meshbox gives an `HTTPRoute` in Kubernetes mode, as pure
 //! functions: the route and the mesh model in, `status.parents` out.
-//! [`route_status_controller`](super::route_status_controller) writes it.
+//! [`controller`] writes it.
 //!
 //! One entry per parentRef meshbox is responsible for, with
 //! [`CONTROLLER_NAME`]:
@@ -24,13 +24,15 @@
 //! rule closed. They are listed in `Accepted`'s message, as
 //! `/api/v1/routes` lists them.
 
+pub mod controller;
+
 use std::collections::BTreeSet;
 
 use meshbox_proto::workload::address;
 use serde_json::json;
 
-use super::{HttpBackendRef, HttpRoute, HttpRouteStatus, ParentReference, RouteCondition};
-use super::{OtherFields, RouteParentStatus};
+use crate::k8s::{HttpBackendRef, HttpRoute, HttpRouteStatus, ParentReference, RouteCondition};
+use crate::k8s::{OtherFields, RouteParentStatus};
 use crate::model::{MeshIndex, RouteInfo, RouteParentInfo};
 
 /// Who wrote an entry of `status.parents`. meshbox's own name, not Istio's
