@@ -55,16 +55,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     meshbox_certs::install_crypto_provider();
     let sockets = Sockets::probe(config.packet_mark);
 
-    let xds_channel = channel(&config.xds, sockets.clone())
-        .await
-        .context("setting up the xDS connection")?;
-    let ca_channel = if config.ca == config.xds {
-        xds_channel.clone()
-    } else {
-        channel(&config.ca, sockets.clone())
-            .await
-            .context("setting up the CA connection")?
-    };
+    let (xds_channel, ca_channel) = channels(&config.xds, &config.ca, &sockets).await?;
 
     let mut metadata = vec![("CLUSTER_ID", config.cluster_id.clone())];
     if let Some(node) = config.node_name() {
@@ -284,9 +275,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(running)
 }
 
+/// The xDS and CA channels: one channel when both are the same endpoint (one
+/// port serves both). The waypoint uses it too.
+pub async fn channels(
+    xds: &Endpoint,
+    ca: &Endpoint,
+    sockets: &Sockets,
+) -> anyhow::Result<(Channel, Channel)> {
+    let xds_channel = channel(xds, sockets.clone())
+        .await
+        .context("setting up the xDS connection")?;
+    let ca_channel = if ca == xds {
+        xds_channel.clone()
+    } else {
+        channel(ca, sockets.clone())
+            .await
+            .context("setting up the CA connection")?
+    };
+    Ok((xds_channel, ca_channel))
+}
+
 /// A lazily connected channel to a control-plane endpoint, over TLS when
-/// the address is https, every socket marked. The waypoint uses it too.
-pub async fn channel(endpoint: &Endpoint, sockets: Sockets) -> anyhow::Result<Channel> {
+/// the address is https, every socket marked.
+async fn channel(endpoint: &Endpoint, sockets: Sockets) -> anyhow::Result<Channel> {
     let uri: Uri = endpoint
         .uri
         .parse()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use meshbox_dataplane::admin as dp_admin;
-use meshbox_dataplane::app::channel;
+use meshbox_dataplane::app::channels;
 use meshbox_dataplane::identity::{CaClient, CertificateManager};
 use meshbox_dataplane::mesh::Mesh;
 use meshbox_dataplane::proxy::pool::{Pool, PoolSettings};
@@ -79,16 +79,7 @@ fn placeholder_workload(config: &Config) -> Workload {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     meshbox_certs::install_crypto_provider();
     let sockets = Sockets::probe(config.packet_mark);
-    let xds_channel = channel(&config.xds, sockets.clone())
-        .await
-        .context("setting up the xDS connection")?;
-    let ca_channel = if config.ca == config.xds {
-        xds_channel.clone()
-    } else {
-        channel(&config.ca, sockets.clone())
-            .await
-            .context("setting up the CA connection")?
-    };
+    let (xds_channel, ca_channel) = channels(&config.xds, &config.ca, &sockets).await?;
     let metadata = vec![
         ("CLUSTER_ID", config.cluster_id.clone()),
         ("NAMESPACE", config.namespace.clone()),
@@ -141,7 +132,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let wp = Arc::new(Waypoint {
         gateway: config.gateway.clone(),
-        namespace: config.namespace.clone(),
         identity: config.identity.clone(),
         trust_domain: config.trust_domain.clone(),
         mesh: mesh.clone(),

@@ -30,6 +30,9 @@ pub struct Enforced {
 #[derive(Clone, Debug, Default)]
 pub struct PolicyTable {
     pub policies: Vec<Enforced>,
+    /// Some policy is bound to workloads (decided once per table, not per
+    /// request).
+    endpoint_bound: bool,
 }
 
 impl PolicyTable {
@@ -68,7 +71,11 @@ impl PolicyTable {
             .collect();
         // Decisions name the first matching policy: keep that stable.
         policies.sort_by_key(|e| e.policy.key());
-        Self { policies }
+        let endpoint_bound = policies.iter().any(|e| !e.workloads.is_empty());
+        Self {
+            policies,
+            endpoint_bound,
+        }
     }
 
     /// Policies for a request to `service` (if it was addressed to one) or
@@ -106,7 +113,7 @@ impl PolicyTable {
     }
 
     pub fn has_endpoint_policies(&self) -> bool {
-        self.policies.iter().any(|e| !e.workloads.is_empty())
+        self.endpoint_bound
     }
 }
 

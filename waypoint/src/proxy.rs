@@ -60,7 +60,6 @@ pub struct HttpLimits {
 pub struct Waypoint {
     /// `namespace/name` of the Gateway.
     pub gateway: String,
-    pub namespace: String,
     pub identity: SpiffeId,
     pub trust_domain: String,
     pub mesh: Arc<Mesh>,
